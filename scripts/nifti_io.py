@@ -1,0 +1,66 @@
+"""Small NIfTI helpers shared by the generator, the handlers and the reports: atomic writes and checked reads."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+__all__ = ["atomic_write_text", "read_volume", "save_nifti"]
+
+
+def _atomic_target(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=".tmp" + suffix, dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, dtype=np.float32) -> Path:
+    """Write ``array`` as NIfTI to ``path`` through a temporary file in the same folder and an atomic rename,
+    so that a crash never leaves a partial file under the final name."""
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        image = nib.Nifti1Image(np.asarray(array, dtype=dtype), np.asarray(affine, dtype=float))
+        image.set_qform(image.affine, code=1)
+        image.set_sform(image.affine, code=1)
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write text to ``path`` atomically (temporary file + rename)."""
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a 3D NIfTI as float32 with its affine; errors name the file and say what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        image = nib.load(str(path))
+        data = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as err:  # nibabel raises many types for damaged files
+        raise ValueError(f"{path}: not a readable NIfTI image ({type(err).__name__}: {err})") from err
+    data = np.squeeze(data) if data.ndim > 3 and all(s == 1 for s in data.shape[3:]) else data
+    if data.ndim != 3:
+        raise ValueError(f"{path}: expected a 3D image, got shape {data.shape}")
+    return data, image.affine
