@@ -7,13 +7,14 @@ import csv
 import io
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 
 from scripts.nifti_io import atomic_write_text, read_volume
 
-__all__ = ["check_image", "validate_items", "class_weights", "check_positive_int"]
+__all__ = ["check_finite_float", "check_image", "check_positive_int", "class_weights", "require_file", "validate_items"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,3 +80,10 @@ def check_finite_float(value, key: str, low: float = -math.inf, high: float = ma
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= float(value) <= high):
         raise ValueError(f"config key '{key}' must be a number in [{low}, {high}], got {value!r}")
     return float(value)
+
+
+def require_file(path: str, how: str) -> str:
+    """Return ``path`` if it is a file, else raise FileNotFoundError saying which command creates it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found; create it with: {how}")
+    return path

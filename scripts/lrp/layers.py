@@ -1,0 +1,63 @@
+"""Linear operators the rules act on: a convolution or fully connected layer with (possibly BN-folded) weights,
+as the pair "forward with given weights" / "transpose (gradient w.r.t. the input) with given weights"."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["LinearOp", "linear_op"]
+
+_CONV = {1: (F.conv1d, torch.nn.grad.conv1d_input), 2: (F.conv2d, torch.nn.grad.conv2d_input),
+         3: (F.conv3d, torch.nn.grad.conv3d_input)}
+
+
+@dataclass
+class LinearOp:
+    """``forward(x, w, b)`` and ``transpose(s, w, input_shape)`` of one conv/linear layer; ``weight``/``bias`` are
+    the layer's effective parameters (BatchNorm folded in when it follows the layer)."""
+
+    module: nn.Module
+    name: str
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    kwargs: dict = field(default_factory=dict)
+
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.module, nn.modules.conv._ConvNd)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.is_conv:
+            return _CONV[weight.ndim - 2][0](x, weight, bias, **self.kwargs)
+        return F.linear(x, weight, bias)
+
+    def transpose(self, s: torch.Tensor, weight: torch.Tensor, input_shape) -> torch.Tensor:
+        if self.is_conv:
+            return _CONV[weight.ndim - 2][1](tuple(input_shape), weight, s, **self.kwargs)
+        return s @ weight
+
+
+def linear_op(module: nn.Module, name: str, batchnorm: nn.Module | None = None) -> LinearOp:
+    """Effective weights of ``module`` (Conv/Linear), with ``batchnorm`` folded in if given. New tensors are
+    returned; the module, its parameters and its state_dict are never touched."""
+    with torch.no_grad():
+        weight = module.weight.detach().clone()
+        bias = module.bias.detach().clone() if module.bias is not None else None
+        if batchnorm is not None:
+            scale = torch.ones_like(batchnorm.running_var) if batchnorm.weight is None else batchnorm.weight.detach()
+            shift = torch.zeros_like(batchnorm.running_mean) if batchnorm.bias is None else batchnorm.bias.detach()
+            factor = scale / torch.sqrt(batchnorm.running_var + batchnorm.eps)
+            weight = weight * factor.view(-1, *([1] * (weight.ndim - 1)))
+            base = bias if bias is not None else torch.zeros_like(batchnorm.running_mean)
+            bias = (base - batchnorm.running_mean) * factor + shift
+    kwargs = {}
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise NotImplementedError(f"LRP: {name} ({type(module).__name__}) uses padding={module.padding!r}, "
+                                      f"padding_mode={module.padding_mode!r}; only numeric zero padding is supported")
+        kwargs = dict(stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups)
+    return LinearOp(module, name, weight, bias, kwargs)

@@ -1,0 +1,195 @@
+"""LRP rules for linear layers (conv / fully connected), written as explicit forward/transpose computations.
+
+Every rule follows zennit's definitions exactly (same stabiliser, same handling of biases and of negative
+inputs), so its maps can be checked against zennit:
+
+- stabiliser: ``z + eps * sign(z)`` with ``sign(0) = +1`` (:func:`stabilize`).
+- :class:`AlphaBeta` (alpha - beta = 1, beta >= 0): positive part ``x+ w+ + b+ + x- w-``, negative part
+  ``x+ w- + b- + x- w+``; the ``x-`` terms are skipped when the input is non-negative (they are exactly 0).
+- :class:`Epsilon`, :class:`ZPlus` (= alpha1beta0), and first-layer rules :class:`ZBox` (z^B with low/high),
+  :class:`WSquare`, :class:`Flat`.
+
+A rule's ``stats(op, x)`` holds the layer quantities that do not depend on the relevance (denominators); the
+engine caches them so that several presets sharing a rule kind, and several targets, reuse them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scripts.lrp.layers import LinearOp
+
+__all__ = ["AlphaBeta", "Epsilon", "Flat", "Rule", "WSquare", "ZBox", "ZPlus", "stabilize"]
+
+
+def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """zennit's stabiliser: add ``eps`` with the sign of ``z`` (``+eps`` where ``z == 0``)."""
+    return z + torch.where(z >= 0, eps, -eps).to(z.dtype)
+
+
+def _cat_bias(*biases):
+    if all(b is None for b in biases):
+        return None
+    ref = next(b for b in biases if b is not None)
+    return torch.cat([b if b is not None else torch.zeros_like(ref) for b in biases])
+
+
+class Rule:
+    """Base class: ``backward(op, x, relevance, stats) -> input relevance``."""
+
+    kind: str = "rule"  # rules with the same kind share cached stats
+
+    def stats(self, op: LinearOp, x: torch.Tensor):
+        return None
+
+    def cache_key(self) -> tuple:
+        """Rules with equal keys compute equal ``stats`` for the same layer input."""
+        return (self.kind,)
+
+    def backward(self, op: LinearOp, x: torch.Tensor, relevance: torch.Tensor, stats) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+class AlphaBeta(Rule):
+    """alpha-beta rule: ``alpha * positive share - beta * negative share`` with alpha - beta = 1, beta >= 0.
+
+    Both denominators come from one call: output channels ``[w+; w-]``; for signed input (a first layer on
+    standardised images) the input is stacked as channels ``[x+, x-]`` against ``[[w+, w-], [w-, w+]]``, which
+    also keeps single-channel 3D input on the fast convolution path. The stats do not depend on alpha/beta, so
+    every alpha-beta preset reuses them."""
+
+    kind = "alphabeta"
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6):
+        if alpha < 0 or beta < 0:
+            raise ValueError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
+        if abs((alpha - beta) - 1.0) > 1e-12:
+            raise ValueError(f"alpha - beta must equal 1, got alpha={alpha}, beta={beta}")
+        self.alpha, self.beta, self.stabilizer = float(alpha), float(beta), float(stabilizer)
+
+    def cache_key(self):
+        return (self.kind, self.stabilizer)
+
+    def stats(self, op: LinearOp, x: torch.Tensor):
+        w_pos, w_neg = op.weight.clamp(min=0), op.weight.clamp(max=0)
+        bias = None if op.bias is None else torch.cat([op.bias.clamp(min=0), op.bias.clamp(max=0)])
+        signed = bool((x < 0).any())
+        if signed:
+            if op.kwargs.get("groups", 1) != 1:
+                raise NotImplementedError(f"LRP alpha-beta on signed input: grouped convolution {op.name} is not supported")
+            weight = torch.cat([torch.cat([w_pos, w_neg], 1), torch.cat([w_neg, w_pos], 1)])
+            x = torch.cat([x.clamp(min=0), x.clamp(max=0)], 1)
+        else:
+            weight = torch.cat([w_pos, w_neg])
+        z = op.forward(x, weight, bias)
+        return {"inv": stabilize(z, self.stabilizer).reciprocal_(), "weight": weight, "signed": signed}
+
+    def backward(self, op, x, relevance, st):
+        n = op.weight.shape[0]
+        inv = st["inv"]
+        if self.beta == 0.0:
+            s = relevance * inv[:, :n]
+            weight = st["weight"][:n]
+        else:
+            s = torch.empty_like(inv)
+            torch.mul(relevance, inv[:, :n], out=s[:, :n])
+            torch.mul(relevance, inv[:, n:], out=s[:, n:])
+            if self.alpha != 1.0:
+                s[:, :n] *= self.alpha
+            s[:, n:] *= -self.beta
+            weight = st["weight"]
+        if not st["signed"]:
+            return x * op.transpose(s, weight, x.shape)
+        shape = (x.shape[0], 2 * x.shape[1]) + tuple(x.shape[2:])
+        g_pos, g_neg = op.transpose(s, weight, shape).chunk(2, 1)
+        return x.clamp(min=0).mul_(g_pos).add_(x.clamp(max=0).mul_(g_neg))
+
+
+class ZPlus(AlphaBeta):
+    """z+ rule (zennit's ZPlus): identical to alpha=1, beta=0."""
+
+    def __init__(self, stabilizer: float = 1e-6):
+        super().__init__(1.0, 0.0, stabilizer)
+
+
+class Epsilon(Rule):
+    """epsilon rule: ``R_in = x * W^T (R / (z + eps sign z))``."""
+
+    kind = "epsilon"
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = float(epsilon)
+
+    def cache_key(self):
+        return (self.kind, self.epsilon)
+
+    def stats(self, op, x):
+        return stabilize(op.forward(x, op.weight, op.bias), self.epsilon).reciprocal_()
+
+    def backward(self, op, x, relevance, inv):
+        return x * op.transpose(relevance * inv, op.weight, x.shape)
+
+
+class ZBox(Rule):
+    """z^B rule for inputs bounded by ``low`` <= x <= ``high`` (floats, or tensors broadcastable to one sample).
+    ``low``/``high`` = "auto" take each sample's own minimum/maximum."""
+
+    kind = "zbox"
+
+    def cache_key(self):
+        return (self.kind, repr(self.low), repr(self.high))
+
+    def __init__(self, low=-1.0, high=1.0, stabilizer: float = 1e-6):
+        self.low, self.high, self.stabilizer = low, high, float(stabilizer)
+
+    def _bounds(self, x):
+        dims = tuple(range(1, x.ndim))
+        low = x.amin(dim=dims, keepdim=True) if self.low == "auto" else torch.as_tensor(self.low, dtype=x.dtype, device=x.device)
+        high = x.amax(dim=dims, keepdim=True) if self.high == "auto" else torch.as_tensor(self.high, dtype=x.dtype, device=x.device)
+        return low.expand_as(x), high.expand_as(x)
+
+    def stats(self, op, x):
+        low, high = self._bounds(x)
+        w_pos, w_neg = op.weight.clamp(min=0), op.weight.clamp(max=0)
+        b = op.bias
+        z = op.forward(x, op.weight, b)
+        z = z - op.forward(low, w_pos, b.clamp(min=0) if b is not None else None)
+        z = z - op.forward(high, w_neg, b.clamp(max=0) if b is not None else None)
+        return {"z": z, "low": low, "high": high, "w_pos": w_pos, "w_neg": w_neg}
+
+    def backward(self, op, x, relevance, st):
+        s = relevance / stabilize(st["z"], self.stabilizer)
+        return (x * op.transpose(s, op.weight, x.shape) - st["low"] * op.transpose(s, st["w_pos"], x.shape)
+                - st["high"] * op.transpose(s, st["w_neg"], x.shape))
+
+
+class WSquare(Rule):
+    """w^2 rule (first layer, unbounded input): relevance spread by squared weights."""
+
+    kind = "wsquare"
+
+    def __init__(self, stabilizer: float = 1e-6):
+        self.stabilizer = float(stabilizer)
+
+    def _params(self, op):
+        return op.weight**2, (op.bias**2 if op.bias is not None else None)
+
+    def stats(self, op, x):
+        weight, bias = self._params(op)
+        return {"z": op.forward(torch.ones_like(x), weight, bias), "weight": weight}
+
+    def backward(self, op, x, relevance, st):
+        return op.transpose(relevance / stabilize(st["z"], self.stabilizer), st["weight"], x.shape)
+
+
+class Flat(WSquare):
+    """flat rule (first layer): relevance spread uniformly over the receptive field."""
+
+    kind = "flat"
+
+    def _params(self, op):
+        return torch.ones_like(op.weight), (torch.ones_like(op.bias) if op.bias is not None else None)
