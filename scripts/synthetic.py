@@ -84,7 +84,7 @@ class Phenotype:
 def draw_phenotype(rng: np.random.Generator, preterm_fraction: float = 0.22) -> Phenotype:
     preterm = rng.random() < preterm_fraction
     if preterm:
-        birth_age = 23.0 + 13.99 * rng.beta(2.2, 1.2)
+        birth_age = 23.0 + 13.99 * rng.beta(1.6, 1.2)
         scan_age = rng.uniform(37.5, 45.0)
     else:
         birth_age = float(np.clip(rng.normal(39.6, 1.3), 37.0, 42.0))
@@ -97,11 +97,11 @@ def draw_phenotype(rng: np.random.Generator, preterm_fraction: float = 0.22) -> 
         scan_age=round(float(scan_age), 2),
         sex=str(rng.choice(["female", "male"])),
         ventricle_natural=float(0.4 + 0.35 * natural[0]),
-        ventricle_effect=float(3.2 * effect[0]),
+        ventricle_effect=float(5.0 * effect[0]),
         csf_natural=float(0.3 + 0.25 * natural[1]),
-        csf_effect=float(1.6 * effect[1]),
+        csf_effect=float(2.4 * effect[1]),
         sulcal_natural=float(11.0 + 0.6 * (scan_age - 40.0) + 0.6 * natural[2]),
-        sulcal_effect=float(5.0 * effect[2]),
+        sulcal_effect=float(6.0 * effect[2]),
     )
 
 

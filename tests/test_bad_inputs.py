@@ -1,0 +1,127 @@
+"""Bad input gets a clear error naming the file or key; inference can skip bad cases and list them."""
+
+import csv
+import gzip
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import TINY, run_bundle
+from scripts.checks import check_positive_int, class_weights, validate_items
+from scripts.datalist import ensure_datalist, load_split
+
+
+def _bad_files(folder, good):
+    """A set of damaged NIfTI files next to a copy of a good one; returns {name: (path, expected message)}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = nib.load(good).get_fdata().astype(np.float32)
+    affine = nib.load(good).affine
+    cases = {}
+    p = folder / "flat2d.nii.gz"
+    nib.save(nib.Nifti1Image(data[:, :, 40], affine), p)
+    cases["2d"] = (p, "expected a 3D image")
+    p = folder / "four_d.nii.gz"
+    nib.save(nib.Nifti1Image(np.stack([data, data], -1), affine), p)
+    cases["4d"] = (p, "expected a 3D image")
+    p = folder / "nan.nii.gz"
+    bad = data.copy()
+    bad[60, 40, 40] = np.nan
+    nib.save(nib.Nifti1Image(bad, affine), p)
+    cases["nan"] = (p, "NaN or Inf")
+    p = folder / "inf.nii.gz"
+    bad = data.copy()
+    bad[60, 40, 40] = np.inf
+    nib.save(nib.Nifti1Image(bad, affine), p)
+    cases["inf"] = (p, "NaN or Inf")
+    p = folder / "truncated.nii.gz"
+    raw = open(good, "rb").read()
+    p.write_bytes(raw[: len(raw) // 2])
+    cases["truncated"] = (p, "not a readable NIfTI")
+    p = folder / "zero_bytes.nii.gz"
+    p.write_bytes(b"")
+    cases["zero_bytes"] = (p, "not a readable NIfTI")
+    p = folder / "not_nifti.nii.gz"
+    p.write_bytes(gzip.compress(b"this is not an image"))
+    cases["not_nifti"] = (p, "not a readable NIfTI")
+    p = folder / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros_like(data), affine), p)
+    cases["all_zero"] = (p, "every voxel is zero")
+    cases["missing"] = (folder / "missing.nii.gz", "not found")
+    return cases
+
+
+@pytest.fixture(scope="module")
+def bad_cases(tmp_path_factory, cohort):
+    return _bad_files(tmp_path_factory.mktemp("bad"), cohort / "images" / "sub-0001.nii.gz")
+
+
+@pytest.mark.parametrize("case", ["2d", "4d", "nan", "inf", "truncated", "zero_bytes", "not_nifti", "all_zero", "missing"])
+def test_each_bad_image_names_the_file(bad_cases, case):
+    path, message = bad_cases[case]
+    with pytest.raises((ValueError, FileNotFoundError)) as err:
+        validate_items([{"image": str(path), "subject": case}])
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def _datalist(tmp_path, cohort, items):
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"training": items, "test": items[:1]}))
+    return str(path)
+
+
+def test_datalist_errors_name_file_and_key(tmp_path, cohort):
+    good = {"image": str(cohort / "images" / "sub-0001.nii.gz"), "label": 0, "fold": 0}
+    with pytest.raises(FileNotFoundError, match="nope.nii.gz"):
+        load_split(_datalist(tmp_path, cohort, [good, dict(good, image="nope.nii.gz", fold=1)]), "train", 0)
+    with pytest.raises(ValueError, match=r"sub-0001.*label 2"):
+        load_split(_datalist(tmp_path, cohort, [dict(good, label=2), dict(good, fold=1)]), "train", 1)
+    with pytest.raises(ValueError, match="no 'label'"):
+        load_split(_datalist(tmp_path, cohort, [{"image": good["image"], "fold": 0}]), "validation", 0)
+    with pytest.raises(ValueError, match="fold=5 is out of range"):
+        load_split(_datalist(tmp_path, cohort, [good]), "train", 5)
+    with pytest.raises(TypeError, match="config key 'fold'"):
+        load_split(_datalist(tmp_path, cohort, [good]), "train", "0")
+    bad_json = tmp_path / "broken.json"
+    bad_json.write_text("{ not json")
+    with pytest.raises(ValueError, match=r"broken.json is not valid JSON"):
+        load_split(str(bad_json), "train", 0)
+    with pytest.raises(ValueError, match="needs an 'image' key"):
+        load_split(_datalist(tmp_path, cohort, [{"label": 0, "fold": 0}]), "validation", 0)
+    with pytest.raises(ValueError, match="every class needs"):
+        class_weights([{"label": 0}, {"label": 0}])
+    with pytest.raises(ValueError, match="config key 'num_epochs'"):
+        check_positive_int("3", "num_epochs")
+    with pytest.raises(FileNotFoundError, match="datalist .*absent.json not found"):
+        ensure_datalist(str(tmp_path / "absent.json"), str(cohort))
+
+
+def test_class_weights_favour_the_rare_class():
+    weights = class_weights([{"label": 0}] * 6 + [{"label": 1}] * 2)
+    assert weights == [8 / 12, 8 / 4]
+    assert class_weights([{"label": 0}] * 6 + [{"label": 1}] * 2, factor=2.0)[1] == 4.0
+
+
+def test_inference_skips_bad_cases_and_lists_them(tmp_path, cohort, trained, bad_cases):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in ("sub-0001", "sub-0002"):
+        shutil.copy(cohort / "images" / f"{name}.nii.gz", folder)
+    for case in ("truncated", "nan", "2d"):
+        shutil.copy(bad_cases[case][0], folder)
+    out = tmp_path / "out"
+    proc = run_bundle("inference", "configs/inference.json", "--dataset_dir", str(folder), "--ckpt_dir",
+                      str(trained[0]), "--output_dir", str(out), "--lrp_presets", "['a2b1']", *TINY, check=False)
+    # default: stop at the first bad file (sorted order), naming it and what is wrong
+    assert proc.returncode != 0 and f"{folder / 'flat2d.nii.gz'}: expected a 3D image" in proc.stdout + proc.stderr
+    assert not (out / "predictions.csv").exists()
+    run_bundle("inference", "configs/inference.json", "--dataset_dir", str(folder), "--ckpt_dir", str(trained[0]),
+               "--output_dir", str(out), "--lrp_presets", "['a2b1']", "--skip_bad", "true", *TINY)
+    skipped = list(csv.DictReader((out / "skipped.csv").open()))
+    assert sorted(r["subject"] for r in skipped) == ["flat2d", "nan", "truncated"]
+    assert all(r["image"] in r["reason"] for r in skipped)
+    predicted = sorted(row[0].split("/")[-1] for row in csv.reader((out / "predictions.csv").open()))
+    assert predicted == ["sub-0001.nii.gz", "sub-0002.nii.gz"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["sub-0001", "sub-0002"]
