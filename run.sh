@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: creates .venv, installs what is needed, then
+#   bash run.sh train   - generates the synthetic cohort, trains, evaluates on the held-out split and writes
+#                         predictions + relevance maps (eval/)
+#   bash run.sh test    - runs every test
+#   bash run.sh setup   - only the environment
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+VENV=.venv
+
+setup() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        "$PY" -m venv "$VENV"
+    fi
+    local pip="$VENV/bin/python -m pip install --disable-pip-version-check -q"
+    # the CPU wheel of torch 2.13.0 first, so that nothing below pulls another torch build
+    $pip "torch==2.13.0"
+    $pip -r requirements.txt
+    if [ "${1:-}" = "dev" ]; then
+        $pip -r requirements-dev.txt
+        # zennit (test oracle) imports torchvision only for its ResNet canonizers; PyPI torchvision does not
+        # import beside the torch 2.13.0 CPU wheel, so zennit goes in without dependencies (tests/zennit_oracle.py)
+        $pip --no-deps "zennit==0.5.1"
+    fi
+}
+
+case "${1:-}" in
+    setup)
+        setup dev ;;
+    train)
+        setup
+        B="$VENV/bin/python -m monai.bundle run"
+        $B training --config_file configs/train.json
+        $B evaluating --config_file "['configs/train.json','configs/evaluate.json']"
+        $B inference --config_file configs/inference.json ;;
+    test)
+        setup dev
+        shift || true
+        "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests "$@" ;;
+    *)
+        echo "usage: bash run.sh {train|test|setup}" >&2
+        exit 2 ;;
+esac
