@@ -240,3 +240,15 @@ def test_full_size_network_runs_float32():
     for result in maps.values():
         assert result.relevance.shape == x.shape and result.relevance.dtype == torch.float32
         assert torch.isfinite(result.relevance).all()
+
+
+def test_single_map_call_releases_the_trace(small_net):
+    from scripts.lrp.propagation import Trace
+
+    x = torch.randn(1, 1, 32, 24, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    once = Trace(small_net, x, cache=False, consume=True)
+    result = once.relevance("a2b1")
+    assert all(step.x is None for step in once.steps)
+    with pytest.raises(RuntimeError, match="single map"):
+        once.relevance("a2b1")
+    assert torch.allclose(result.relevance, LRP(small_net).trace(x).relevance("a2b1").relevance, atol=1e-12)

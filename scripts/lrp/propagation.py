@@ -88,7 +88,9 @@ class LRP:
         return Trace(self.model, x, cache)
 
     def __call__(self, x: torch.Tensor, composite="a2b1", target="pred") -> Explanation:
-        return self.trace(x, cache=False).relevance(composite, target)
+        """One map, with the least memory: nothing is cached and every stored activation is released as soon
+        as the backward pass has gone below it."""
+        return Trace(self.model, x, cache=False, consume=True).relevance(composite, target)
 
 
 def _check_input(model: nn.Module, x: torch.Tensor) -> None:
@@ -109,8 +111,10 @@ def _check_input(model: nn.Module, x: torch.Tensor) -> None:
 class Trace:
     """A recorded forward pass of ``model`` on ``x``: the chain of layers with their inputs."""
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, cache: bool = True):
+    def __init__(self, model: nn.Module, x: torch.Tensor, cache: bool = True, consume: bool = False):
         model = _unwrap(model)
+        self.consume = consume
+        self._consumed = False
         _check_input(model, x)
         for name, module in model.named_modules():
             if isinstance(module, _BATCHNORM) and module.training:
@@ -222,6 +226,9 @@ class Trace:
         """Relevance of ``target`` for every input voxel under ``composite`` (a preset name, (alpha, beta) or a
         :class:`Composite`)."""
         comp: Composite = get_composite(composite)
+        if self._consumed:
+            raise RuntimeError("this trace was made for a single map (consume=True) and has been used; trace again")
+        self._consumed = self.consume
         with torch.no_grad():
             relevance, classes, start, steps, is_diff = self._start(target, self.steps)
             linear_idx = [k for k, s in enumerate(steps) if s.kind == "linear"]
@@ -237,15 +244,21 @@ class Trace:
                     modified = is_diff and k == linear_idx[-1]
                     key = (k, modified) + rule.cache_key()
                     stats = self._stats.get(key)
-                    if stats is None:
-                        stats = rule.stats(step.op, step.x)
-                        if self.cache:
-                            self._stats[key] = stats
-                    relevance = rule.backward(step.op, step.x, relevance, stats)
+                    if stats is None and not self.cache and hasattr(rule, "backward_once"):
+                        relevance = rule.backward_once(step.op, step.x, relevance)
+                    else:
+                        if stats is None:
+                            stats = rule.stats(step.op, step.x)
+                            if self.cache:
+                                self._stats[key] = stats
+                        relevance = rule.backward(step.op, step.x, relevance, stats, reuse=self.cache)
+                    del stats
                 elif step.kind == "avgpool":
                     relevance = self._pool_backward(step, relevance, normalise=True)
                 elif step.kind == "maxpool":
                     relevance = self._pool_backward(step, relevance, normalise=False)
+                if self.consume:  # release what lies above the current layer
+                    step.x = step.out = None
             dims = tuple(range(1, relevance.ndim))
             total = relevance.sum(dim=dims)
             conservation = total / torch.where(start == 0, torch.ones_like(start), start)
@@ -257,7 +270,7 @@ class Trace:
         module = step.module
         backward = _AVGPOOL_BACKWARD.get(type(module))
         if normalise and backward is not None and step.out is not None:
-            s = relevance * stabilize(step.out, _POOL_STABILIZER).reciprocal_()
+            s = relevance / stabilize(step.out, _POOL_STABILIZER)
             grad = backward(s, step.x, _tuple(module.kernel_size, step.x), _tuple(module.stride or module.kernel_size, step.x),
                             _tuple(module.padding, step.x), module.ceil_mode, module.count_include_pad,
                             module.divisor_override)

@@ -27,6 +27,13 @@ def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
     return z + torch.where(z >= 0, eps, -eps).to(z.dtype)
 
 
+def stabilized_reciprocal_(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """``1 / stabilize(z, eps)`` computed in place, one channel at a time to keep temporaries small."""
+    for channel in z.unbind(1) if z.ndim > 2 else (z,):
+        channel.add_(torch.where(channel >= 0, eps, -eps).to(z.dtype))
+    return z.reciprocal_()
+
+
 def _cat_bias(*biases):
     if all(b is None for b in biases):
         return None
@@ -46,7 +53,8 @@ class Rule:
         """Rules with equal keys compute equal ``stats`` for the same layer input."""
         return (self.kind,)
 
-    def backward(self, op: LinearOp, x: torch.Tensor, relevance: torch.Tensor, stats) -> torch.Tensor:
+    def backward(self, op: LinearOp, x: torch.Tensor, relevance: torch.Tensor, stats, reuse: bool = True) -> torch.Tensor:
+        """``reuse=False``: ``stats`` will not be used again and may be overwritten (saves memory)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -74,6 +82,42 @@ class AlphaBeta(Rule):
     def cache_key(self):
         return (self.kind, self.stabilizer)
 
+    def _halves(self, op: LinearOp, x: torch.Tensor):
+        """(input as the rule sees it, [(weight, bias) of the positive part, of the negative part], signed)."""
+        w_pos, w_neg = op.weight.clamp(min=0), op.weight.clamp(max=0)
+        b_pos = None if op.bias is None else op.bias.clamp(min=0)
+        b_neg = None if op.bias is None else op.bias.clamp(max=0)
+        signed = bool((x < 0).any())
+        if signed:
+            if op.kwargs.get("groups", 1) != 1:
+                raise NotImplementedError(f"LRP alpha-beta on signed input: grouped convolution {op.name} is not supported")
+            x = torch.cat([x.clamp(min=0), x.clamp(max=0)], 1)
+            return x, [(torch.cat([w_pos, w_neg], 1), b_pos), (torch.cat([w_neg, w_pos], 1), b_neg)], signed
+        return x, [(w_pos, b_pos), (w_neg, b_neg)], signed
+
+    @staticmethod
+    def _input_relevance(x, grad, signed):
+        if not signed:
+            return grad.mul_(x)
+        g_pos, g_neg = grad.chunk(2, 1)
+        return x.clamp(min=0).mul_(g_pos).add_(x.clamp(max=0).mul_(g_neg))
+
+    def backward_once(self, op: LinearOp, x: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+        """Same result as ``backward(op, x, R, stats(op, x))`` when the stats are not kept: the positive and the
+        negative part are computed one after the other, in place, which halves the temporary memory."""
+        xin, halves, signed = self._halves(op, x)
+        grad = None
+        for (weight, bias), coef in zip(halves, (self.alpha, -self.beta)):
+            if coef == 0.0:
+                continue
+            s = stabilized_reciprocal_(op.forward(xin, weight, bias), self.stabilizer).mul_(relevance)
+            if coef != 1.0:
+                s.mul_(coef)
+            part = op.transpose(s, weight, xin.shape)
+            del s
+            grad = part if grad is None else grad.add_(part)
+        return self._input_relevance(x, grad, signed)
+
     def stats(self, op: LinearOp, x: torch.Tensor):
         w_pos, w_neg = op.weight.clamp(min=0), op.weight.clamp(max=0)
         bias = None if op.bias is None else torch.cat([op.bias.clamp(min=0), op.bias.clamp(max=0)])
@@ -86,27 +130,24 @@ class AlphaBeta(Rule):
         else:
             weight = torch.cat([w_pos, w_neg])
         z = op.forward(x, weight, bias)
-        return {"inv": stabilize(z, self.stabilizer).reciprocal_(), "weight": weight, "signed": signed}
+        return {"inv": stabilized_reciprocal_(z, self.stabilizer), "weight": weight, "signed": signed}
 
-    def backward(self, op, x, relevance, st):
+    def backward(self, op, x, relevance, st, reuse=True):
         n = op.weight.shape[0]
         inv = st["inv"]
         if self.beta == 0.0:
             s = relevance * inv[:, :n]
             weight = st["weight"][:n]
         else:
-            s = torch.empty_like(inv)
+            s = torch.empty_like(inv) if reuse else inv
             torch.mul(relevance, inv[:, :n], out=s[:, :n])
             torch.mul(relevance, inv[:, n:], out=s[:, n:])
             if self.alpha != 1.0:
                 s[:, :n] *= self.alpha
             s[:, n:] *= -self.beta
             weight = st["weight"]
-        if not st["signed"]:
-            return x * op.transpose(s, weight, x.shape)
-        shape = (x.shape[0], 2 * x.shape[1]) + tuple(x.shape[2:])
-        g_pos, g_neg = op.transpose(s, weight, shape).chunk(2, 1)
-        return x.clamp(min=0).mul_(g_pos).add_(x.clamp(max=0).mul_(g_neg))
+        shape = (x.shape[0], 2 * x.shape[1]) + tuple(x.shape[2:]) if st["signed"] else x.shape
+        return self._input_relevance(x, op.transpose(s, weight, shape), st["signed"])
 
 
 class ZPlus(AlphaBeta):
@@ -128,9 +169,9 @@ class Epsilon(Rule):
         return (self.kind, self.epsilon)
 
     def stats(self, op, x):
-        return stabilize(op.forward(x, op.weight, op.bias), self.epsilon).reciprocal_()
+        return stabilized_reciprocal_(op.forward(x, op.weight, op.bias), self.epsilon)
 
-    def backward(self, op, x, relevance, inv):
+    def backward(self, op, x, relevance, inv, reuse=True):
         return x * op.transpose(relevance * inv, op.weight, x.shape)
 
 
@@ -161,7 +202,7 @@ class ZBox(Rule):
         z = z - op.forward(high, w_neg, b.clamp(max=0) if b is not None else None)
         return {"z": z, "low": low, "high": high, "w_pos": w_pos, "w_neg": w_neg}
 
-    def backward(self, op, x, relevance, st):
+    def backward(self, op, x, relevance, st, reuse=True):
         s = relevance / stabilize(st["z"], self.stabilizer)
         return (x * op.transpose(s, op.weight, x.shape) - st["low"] * op.transpose(s, st["w_pos"], x.shape)
                 - st["high"] * op.transpose(s, st["w_neg"], x.shape))
@@ -182,7 +223,7 @@ class WSquare(Rule):
         weight, bias = self._params(op)
         return {"z": op.forward(torch.ones_like(x), weight, bias), "weight": weight}
 
-    def backward(self, op, x, relevance, st):
+    def backward(self, op, x, relevance, st, reuse=True):
         return op.transpose(relevance / stabilize(st["z"], self.stabilizer), st["weight"], x.shape)
 
 

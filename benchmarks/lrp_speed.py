@@ -1,0 +1,172 @@
+"""Benchmark: one relevance map of the paper's network at 1x1x128x96x96, measured side by side in one process.
+
+    python benchmarks/lrp_speed.py [--repeats 5] [--device cpu|cuda] [--threads 2]
+
+Methods: plain forward, forward+backward (autograd gradient of the target logit), this engine (a1b0, a2b1,
+epsilon_a2b1, and 3 presets from one traced forward), zennit (a2b1, a1b0; BN folded by zennit's canonizer) and
+captum (its LRP, alpha1beta0 rules set by hand; it has no defaults for Conv3d/AvgPool3d/BatchNorm3d).
+Prints the median time of ``--repeats`` runs, the ratio to the forward pass and the peak extra memory
+(CPU: peak RSS above the level before the call, via /proc; CUDA: torch.cuda.max_memory_allocated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from scripts.lrp import LRP  # noqa: E402
+from scripts.network import PretermCNN  # noqa: E402
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    return 0
+
+
+def measure(fn, device, repeats):
+    fn()  # warm-up
+    times, peaks = [], []
+    for _ in range(repeats):
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM)
+            base = _rss_kb("VmRSS:") * 1024
+        start = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kb("VmHWM:") * 1024
+        peaks.append(peak - base)
+        del out
+    return statistics.median(times), max(peaks)
+
+
+def folded(net):
+    from scripts.lrp.layers import linear_op
+
+    net = copy.deepcopy(net)
+    mods = list(net)
+    for i, m in enumerate(mods):
+        if isinstance(m, nn.BatchNorm3d):
+            op = linear_op(mods[i - 1], str(i - 1), m)
+            mods[i - 1].weight.data.copy_(op.weight)
+            mods[i - 1].bias.data.copy_(op.bias)
+            net[i] = nn.Identity()
+    return net.eval()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--skip-references", action="store_true", help="only this engine and the baselines")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    net = PretermCNN().to(device).eval()
+    x = torch.randn(1, 1, 128, 96, 96, device=device)
+    target = 1
+    rows = []
+
+    def forward():
+        with torch.no_grad():
+            return net(x)
+
+    def forward_backward():
+        xg = x.clone().requires_grad_(True)
+        out = net(xg)
+        (grad,) = torch.autograd.grad(out[:, target].sum(), xg)
+        return grad
+
+    lrp = LRP(net)
+    rows.append(("forward", *measure(forward, device, args.repeats)))
+    rows.append(("forward+backward (gradient)", *measure(forward_backward, device, args.repeats)))
+    for preset in ("a1b0", "a2b1", "epsilon_a2b1"):
+        rows.append((f"this engine {preset}", *measure(lambda p=preset: lrp(x, p, target), device, args.repeats)))
+
+    def three_presets():
+        trace = lrp.trace(x)
+        return [trace.relevance(p, target).relevance for p in ("a1b0", "a2b1", "a3b2")]
+
+    rows.append(("this engine a1b0+a2b1+a3b2, one forward", *measure(three_presets, device, args.repeats)))
+
+    if not args.skip_references:
+        from zennit_oracle import import_zennit
+
+        if import_zennit() is not None:
+            from zennit.attribution import Gradient
+            from zennit.canonizers import SequentialMergeBatchNorm
+            from zennit.composites import LayerMapComposite, layer_map_base
+            from zennit.rules import AlphaBeta
+            from zennit.types import Convolution, Linear
+
+            for alpha, beta in ((2, 1), (1, 0)):
+                rule = AlphaBeta(alpha, beta)
+                comp = LayerMapComposite(layer_map_base() + [(Convolution, rule), (Linear, rule)],
+                                         canonizers=[SequentialMergeBatchNorm()])
+                zen_net = copy.deepcopy(net)
+
+                def zennit_map(comp=comp, zen_net=zen_net):
+                    with Gradient(model=zen_net, composite=comp) as attributor:
+                        _, rel = attributor(x, torch.eye(2, device=device)[[target]])
+                    return rel
+
+                rows.append((f"zennit a{alpha}b{beta}", *measure(zennit_map, device, args.repeats)))
+        try:
+            from captum.attr import LRP as CaptumLRP
+            from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule, IdentityRule
+
+            cap_net = folded(net)
+            for m in cap_net.modules():
+                if isinstance(m, (nn.Conv3d, nn.Linear)):
+                    m.rule = Alpha1_Beta0_Rule()
+                elif isinstance(m, nn.AvgPool3d):
+                    m.rule = EpsilonRule(epsilon=1e-6)
+                elif isinstance(m, (nn.Flatten, nn.Identity)):
+                    m.rule = IdentityRule()
+            cap = CaptumLRP(cap_net)
+            rows.append(("captum a1b0 (BN folded by hand)", *measure(lambda: cap.attribute(x, target=target), device, args.repeats)))
+        except Exception as err:  # captum missing or failing: say so, keep the other numbers
+            print(f"captum skipped: {type(err).__name__}: {err}")
+
+    fwd = rows[0][1]
+    fb_mem = rows[1][2]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
+    print(f"\nLRP benchmark: PretermCNN (8,16,32,64,64), input 1x1x128x96x96, {device.type} ({name}), "
+          f"torch {torch.__version__}, median of {args.repeats}\n")
+    print("| method | time (s) | x forward | peak extra memory (MB) | x forward+backward memory |")
+    print("|---|---|---|---|---|")
+    for label, t, mem in rows:
+        print(f"| {label} | {t:.3f} | {t / fwd:.2f} | {mem / 2**20:.0f} | {mem / max(fb_mem, 1):.2f} |")
+    by = {label: t for label, t, _ in rows}
+    if "zennit a2b1" in by:
+        print(f"\nzennit a2b1 / this engine a2b1: {by['zennit a2b1'] / by['this engine a2b1']:.2f}x")
+    if "captum a1b0 (BN folded by hand)" in by:
+        print(f"captum a1b0 / this engine a1b0: {by['captum a1b0 (BN folded by hand)'] / by['this engine a1b0']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
