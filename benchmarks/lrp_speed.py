@@ -6,18 +6,17 @@ Methods: plain forward, forward+backward (autograd gradient of the target logit)
 epsilon_a2b1, and 3 presets from one traced forward), zennit (a2b1, a1b0; BN folded by zennit's canonizer) and
 captum (its LRP, alpha1beta0 rules set by hand; it has no defaults for Conv3d/AvgPool3d/BatchNorm3d).
 Prints the median time of ``--repeats`` runs, the ratio to the forward pass and the peak extra memory
-(CPU: peak RSS above the level before the call, via /proc; CUDA: torch.cuda.max_memory_allocated).
+(CPU: peak RSS above the level before the call, via /proc, with glibc's mmap threshold fixed so that freed
+tensors leave the process; CUDA: torch.cuda.max_memory_allocated).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,34 +28,16 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from scripts.lrp import LRP  # noqa: E402
 from scripts.network import PretermCNN  # noqa: E402
-
-
-def _rss_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1])
-    return 0
+from scripts.profiling import measure_call, reexec_with_returning_malloc  # noqa: E402
 
 
 def measure(fn, device, repeats):
     fn()  # warm-up
     times, peaks = [], []
     for _ in range(repeats):
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM)
-            base = _rss_kb("VmRSS:") * 1024
-        start = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kb("VmHWM:") * 1024
-        peaks.append(peak - base)
+        out, seconds, peak = measure_call(fn, device)
+        times.append(seconds)
+        peaks.append(peak)
         del out
     return statistics.median(times), max(peaks)
 
@@ -76,6 +57,7 @@ def folded(net):
 
 
 def main(argv=None):
+    reexec_with_returning_malloc()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

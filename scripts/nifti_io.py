@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-__all__ = ["atomic_write_text", "read_volume", "save_nifti"]
+__all__ = ["atomic_target_for", "atomic_write_text", "read_volume", "save_nifti"]
 
 
 def _atomic_target(path: Path):
@@ -20,33 +21,36 @@ def _atomic_target(path: Path):
     return Path(tmp)
 
 
-def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, dtype=np.float32) -> Path:
-    """Write ``array`` as NIfTI to ``path`` through a temporary file in the same folder and an atomic rename,
-    so that a crash never leaves a partial file under the final name."""
+@contextmanager
+def atomic_target_for(path: str | os.PathLike):
+    """Yield a temporary path next to ``path``; on success it is renamed to ``path``, on error removed."""
     path = Path(path)
     tmp = _atomic_target(path)
     try:
-        image = nib.Nifti1Image(np.asarray(array, dtype=dtype), np.asarray(affine, dtype=float))
-        image.set_qform(image.affine, code=1)
-        image.set_sform(image.affine, code=1)
-        nib.save(image, tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, dtype=np.float32) -> Path:
+    """Write ``array`` as NIfTI to ``path`` through a temporary file in the same folder and an atomic rename,
+    so that a crash never leaves a partial file under the final name."""
+    path = Path(path)
+    image = nib.Nifti1Image(np.asarray(array, dtype=dtype), np.asarray(affine, dtype=float))
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=1)
+    with atomic_target_for(path) as tmp:
+        nib.save(image, tmp)
     return path
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
     """Write text to ``path`` atomically (temporary file + rename)."""
     path = Path(path)
-    tmp = _atomic_target(path)
-    try:
+    with atomic_target_for(path) as tmp:
         tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -1,0 +1,284 @@
+"""Measure the explanations of a trained model on held-out synthetic subjects: localisation against the
+generator's ground truth, faithfulness by region perturbation, and cost -- LRP presets against gradient-based
+maps and MONAI's explainers (GradCAM, OcclusionSensitivity, SmoothGrad).
+
+    python -m scripts.explain_eval --output docs/results            # default model and cohort
+    python -m scripts.explain_eval --reduced --output /tmp/x ...    # small settings (CI)
+
+Writes ``explanations.csv`` (one row per subject and method), ``explanations.md`` (means per method),
+``perturbation_curves.png`` and ``maps_panel.png`` into ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scripts.explanation_metrics import aopc, mass_accuracy, patch_scores, perturbation_curve, pointing_game, region_share
+from scripts.lrp import LRP
+from scripts.nifti_io import atomic_write_text
+from scripts.profiling import measure_call, reexec_with_returning_malloc
+
+logger = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
+LRP_METHODS = ("lrp_a1b0", "lrp_a2b1", "lrp_epsilon_a2b1", "lrp_zbox_a2b1")
+OTHER_METHODS = ("gradient_x_input", "gradient", "smoothgrad", "gradcam", "occlusion")
+TARGET = 1  # preterm
+
+
+def _load(config_file: str, overrides: dict, ckpt: str | None):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(config_file)
+    parser.update({"bundle_root": str(ROOT), **overrides})
+    network = parser.get_parsed_content("network_def").eval()
+    ckpt_path = ckpt or parser.get_parsed_content("ckpt_path")
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    network.load_state_dict(state, strict=True)
+    datalist = parser.get_parsed_content("datalist_file")
+    return parser, network, datalist
+
+
+def _items(datalist: str, split: str, max_subjects: int):
+    from scripts.datalist import load_split
+
+    items = [it for it in load_split(datalist, split, -1) if it["label"] == 1]
+    for it in items:
+        for key in ("tissue", "phenotype"):
+            if key not in it:
+                raise ValueError(f"datalist {datalist}: subject {it['subject']} has no '{key}' map; the evaluation "
+                                 "needs the synthetic cohort's tissue and phenotype maps")
+    if not items:
+        raise ValueError(f"datalist {datalist}: split {split!r} has no preterm subject to explain")
+    return items[:max_subjects] if max_subjects > 0 else items
+
+
+def _transform(axcodes: str, spatial_shape):
+    from monai.transforms import (Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd, Orientationd,
+                                  ResizeWithPadOrCropd, Spacingd)
+
+    keys = ["image", "tissue", "phenotype"]
+    return Compose([
+        LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys), Orientationd(keys=keys, axcodes=axcodes),
+        Spacingd(keys=keys, pixdim=(1.0, 1.0, 1.0), mode=("bilinear", "nearest", "nearest")),
+        NormalizeIntensityd(keys="image", nonzero=True), ResizeWithPadOrCropd(keys=keys, spatial_size=spatial_shape),
+    ])
+
+
+def _last_conv_block(network) -> str:
+    names = [name for name, m in network.named_modules() if isinstance(m, torch.nn.ReLU)]
+    convs = [i for i, (name, m) in enumerate(network.named_modules()) if isinstance(m, torch.nn.Conv3d)]
+    if not convs:
+        raise ValueError("GradCAM needs a Conv3d layer")
+    after = [name for i, (name, m) in enumerate(network.named_modules()) if i > convs[-1] and isinstance(m, torch.nn.ReLU)]
+    return (after or names)[0]
+
+
+def compute_map(method: str, network, x: torch.Tensor, settings: dict):
+    """(map as (D, H, W) numpy array, LRP conservation or None)."""
+    if method.startswith("lrp_"):
+        result = LRP(network)(x, method[4:], target=TARGET)
+        return result.relevance[0, 0].numpy(), float(result.conservation[0])
+    if method in ("gradient", "gradient_x_input"):
+        xg = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(network(xg)[0, TARGET], xg)
+        out = grad * x if method == "gradient_x_input" else grad.abs()
+        return out[0, 0].detach().numpy(), None
+    if method == "smoothgrad":
+        from monai.visualize import SmoothGrad
+
+        sg = SmoothGrad(network, stdev_spread=0.15, n_samples=settings["smoothgrad_samples"], magnitude=True)
+        return sg(x, index=TARGET)[0, 0].detach().numpy(), None
+    if method == "gradcam":
+        from monai.visualize import GradCAM
+
+        cam = GradCAM(nn_module=network, target_layers=_last_conv_block(network))
+        return cam(x, class_idx=TARGET)[0, 0].detach().numpy(), None
+    if method == "occlusion":
+        from monai.visualize import OcclusionSensitivity
+
+        occ = OcclusionSensitivity(nn_module=network, mask_size=settings["occlusion_mask"], n_batch=4, overlap=0.0,
+                                   mode="mean_img")
+        with torch.no_grad():
+            logit = float(network(x)[0, TARGET])
+        occ_map, _ = occ(x)
+        return (logit - occ_map[0, TARGET]).detach().numpy(), None  # drop of the preterm logit when occluded
+    raise ValueError(f"unknown method {method!r}")
+
+
+def evaluate(args) -> list[dict]:
+    torch.manual_seed(0)
+    parser, network, datalist = _load(args.config_file, args.override, args.ckpt)
+    spatial = parser.get_parsed_content("spatial_shape")
+    transform = _transform(parser.get_parsed_content("axcodes"), spatial)
+    items = _items(datalist, args.split, args.subjects)
+    methods = [m for m in LRP_METHODS + OTHER_METHODS if m in args.methods]
+    settings = {"smoothgrad_samples": args.smoothgrad_samples, "occlusion_mask": args.occlusion_mask}
+    rng = np.random.default_rng(0)
+    rows, curves, panel = [], {}, {}
+
+    def score(x):
+        with torch.no_grad():
+            return float(network(x)[0, TARGET])
+
+    for n, item in enumerate(items):
+        data = transform({k: item[k] for k in ("image", "tissue", "phenotype")})
+        x = data["image"].as_tensor()[None].float()
+        tissue = data["tissue"][0].numpy().round().astype(int)
+        brain = tissue > 0
+        regions = {"csf": np.isin(tissue, (1, 5)), "phenotype": data["phenotype"][0].numpy() > 0.5}
+        brain_patches = patch_scores(torch.as_tensor(brain.astype(np.float32)), args.patch).flatten() > 0
+        candidates = torch.nonzero(brain_patches).flatten()
+        random_curves = [
+            perturbation_curve(score, x, candidates[torch.as_tensor(rng.permutation(len(candidates)))], args.patch,
+                               args.steps, args.per_step)
+            for _ in range(args.random_orders)
+        ]
+        curves.setdefault("random", []).append(np.mean(random_curves, axis=0))
+        for method in methods:
+            (relevance, conservation), seconds, peak = measure_call(lambda: compute_map(method, network, x, settings))
+            order = torch.argsort(patch_scores(torch.as_tensor(relevance), args.patch).flatten(), descending=True)
+            curve = perturbation_curve(score, x, order, args.patch, args.steps, args.per_step)
+            curves.setdefault(method, []).append(curve)
+            row = {"subject": item["subject"], "birth_age": item.get("birth_age", ""), "method": method,
+                   "seconds": seconds, "peak_mb": peak / 2**20 if peak >= 0 else float("nan"),
+                   "aopc": aopc(curve), "aopc_random": float(np.mean([aopc(c) for c in random_curves])),
+                   "conservation_error": abs(1 - conservation) if conservation is not None else float("nan")}
+            for name, region in regions.items():
+                row[f"mass_{name}"] = mass_accuracy(relevance, region)
+                row[f"chance_{name}"] = region_share(region, brain)
+                row[f"pointing_{name}"] = pointing_game(relevance, region, tolerance=1)
+            rows.append(row)
+            if n == 0:
+                panel[method] = relevance
+        if n == 0:
+            panel["_image"] = x[0, 0].numpy()
+            panel["_phenotype"] = regions["phenotype"]
+        logger.info("explained %s (%d/%d)", item["subject"], n + 1, len(items))
+    return rows, curves, panel
+
+
+COLUMNS = ["method", "mass_csf", "chance_csf", "mass_phenotype", "chance_phenotype", "pointing_csf",
+           "pointing_phenotype", "aopc", "aopc_random", "seconds", "peak_mb", "conservation_error"]
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        out.append({"method": method, **{c: float(np.nanmean([r[c] for r in mine])) if not all(np.isnan(r[c]) for r in mine)
+                                         else float("nan") for c in COLUMNS[1:]}, "n": len(mine)})
+    return out
+
+
+def write_outputs(rows, curves, panel, output: Path, steps_fraction: str) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(buf.getvalue(), output / "explanations.csv")
+    summary = summarise(rows)
+    lines = [
+        f"Explanation evaluation: target = preterm logit, {summary[0]['n']} preterm subjects; "
+        f"mass = share of positive relevance inside the region (chance = the region's share of the brain); "
+        f"pointing = most relevant voxel inside the region (1 voxel tolerance); AOPC = mean drop of the preterm "
+        f"logit while {steps_fraction}, most relevant first vs random order; seconds / peak MB = one map on the "
+        f"CPU; conservation error = |1 - sum(R)/logit| (LRP only).", "",
+        "| method | mass CSF+ventricles | chance | mass phenotype | chance | pointing CSF | pointing phenotype | "
+        "AOPC | AOPC random | seconds | peak MB | conservation error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        lines.append("| " + " | ".join([s["method"]] + [f"{s[c]:.3f}" if c not in ("seconds",) else f"{s[c]:.2f}"
+                                                         for c in COLUMNS[1:]]).replace("nan", "-") + " |")
+    atomic_write_text("\n".join(lines) + "\n", output / "explanations.md")
+    _figures(curves, panel, output)
+
+
+def _figures(curves, panel, output: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from scripts.nifti_io import atomic_target_for
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, values in curves.items():
+        mean = np.mean(values, axis=0)
+        ax.plot(np.arange(len(mean)), mean, label=method, lw=2.5 if method == "random" else 1.5,
+                ls="--" if method == "random" else "-", color="k" if method == "random" else None)
+    ax.set_xlabel("perturbation step (patches replaced by the brain mean)")
+    ax.set_ylabel("preterm logit")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("Region perturbation, most relevant patches first")
+    fig.tight_layout()
+    with atomic_target_for(output / "perturbation_curves.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+    methods = [m for m in panel if not m.startswith("_")]
+    image = panel["_image"]
+    z = int(np.argmax(panel["_phenotype"].sum(axis=(0, 1)))) if panel["_phenotype"].any() else image.shape[2] // 2
+    fig, axes = plt.subplots(1, len(methods) + 1, figsize=(2.2 * (len(methods) + 1), 2.8))
+    axes[0].imshow(image[:, :, z].T, cmap="gray", origin="lower")
+    axes[0].contour(panel["_phenotype"][:, :, z].T, levels=[0.5], colors="y", linewidths=0.5, origin="lower")
+    axes[0].set_title("input + phenotype", fontsize=7)
+    for ax, method in zip(axes[1:], methods):
+        m = panel[method][:, :, z]
+        lim = float(np.abs(m).max()) or 1.0
+        ax.imshow(m.T, cmap="bwr", vmin=-lim, vmax=lim, origin="lower")
+        ax.set_title(method, fontsize=7)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    with atomic_target_for(output / "maps_panel.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    if argv is None:
+        reexec_with_returning_malloc("scripts.explain_eval")
+    ap = argparse.ArgumentParser(prog="python -m scripts.explain_eval", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config_file", default=str(ROOT / "configs" / "inference.json"))
+    ap.add_argument("--ckpt", default=None, help="checkpoint (default: the config's ckpt_path)")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--subjects", type=int, default=0, help="at most this many preterm subjects (0: all)")
+    ap.add_argument("--methods", nargs="+", default=list(LRP_METHODS + OTHER_METHODS))
+    ap.add_argument("--patch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--per-step", type=int, default=10, help="patches replaced per step")
+    ap.add_argument("--random-orders", type=int, default=3)
+    ap.add_argument("--smoothgrad-samples", type=int, default=16)
+    ap.add_argument("--occlusion-mask", type=int, default=16)
+    ap.add_argument("--reduced", action="store_true", help="small settings for CI (fewer steps and samples)")
+    ap.add_argument("--override", type=json.loads, default={}, help='config overrides as JSON, e.g. \'{"fold": 0}\'')
+    ap.add_argument("--output", default=str(ROOT / "docs" / "results"))
+    args = ap.parse_args(argv)
+    if args.reduced:
+        args.steps, args.per_step, args.random_orders = 4, 4, 1
+        args.smoothgrad_samples, args.occlusion_mask = 2, 24
+    unknown = set(args.methods) - set(LRP_METHODS + OTHER_METHODS)
+    if unknown:
+        ap.error(f"unknown methods {sorted(unknown)}; choose from {LRP_METHODS + OTHER_METHODS}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    rows, curves, panel = evaluate(args)
+    fraction = f"{args.steps} steps x {args.per_step} patches of {args.patch}^3 voxels are replaced by 0 (the brain mean)"
+    write_outputs(rows, curves, panel, Path(args.output), fraction)
+    print((Path(args.output) / "explanations.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
