@@ -117,7 +117,7 @@ class Trace:
         self._consumed = False
         _check_input(model, x)
         for name, module in model.named_modules():
-            if isinstance(module, _BATCHNORM) and module.training:
+            if isinstance(module, (_BATCHNORM, nn.modules.dropout._DropoutNd)) and module.training:
                 raise RuntimeError(f"LRP needs the model in eval mode: {name or 'model'} ({type(module).__name__}) "
                                    "is in training mode; call model.eval() first")
         self.cache = cache
