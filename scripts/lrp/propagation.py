@@ -14,6 +14,7 @@ for bias-free networks (up to the stabiliser).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,10 @@ class _Step:
     op: LinearOp | None = None
 
 
+def _ref(tensor):
+    return weakref.ref(tensor) if isinstance(tensor, torch.Tensor) else (lambda: None)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         model = model.module
@@ -122,12 +127,23 @@ class Trace:
                                    "is in training mode; call model.eval() first")
         self.cache = cache
         self._stats: dict = {}
-        records: list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]] = []
+        # Per leaf module: (name, module, takes the previous module's output?, works in place?, input kept,
+        # output kept, input shape). Only what a rule needs is held, so intermediate tensors are freed during the
+        # forward pass as without the trace; the chain is checked in the hook while both tensors are alive.
+        records: list[tuple] = []
         names = {m: n for n, m in model.named_modules()}
         handles = []
+        last = [_ref(x)]
 
         def hook(module, inputs, output):
-            records.append((names[module], module, inputs[0] if inputs else None, output))
+            inp = inputs[0] if inputs else None
+            chained = inp is not None and inp is last[0]()
+            inplace = output is inp
+            last[0] = _ref(output)
+            keep_in = inp if isinstance(module, _LINEAR + _AVGPOOL + _MAXPOOL) else None
+            keep_out = output if isinstance(module, _AVGPOOL) else None
+            shape = tuple(inp.shape) if isinstance(module, nn.Flatten) else None
+            records.append((names[module], module, chained, inplace, keep_in, keep_out, shape))
 
         try:
             for module in model.modules():
@@ -138,19 +154,19 @@ class Trace:
         finally:
             for handle in handles:
                 handle.remove()
-        self.steps = self._build_steps(records, x)
+        self.steps = self._build_steps(records, self.logits is last[0]())
         self.input = x
 
-    def _build_steps(self, records, x) -> list[_Step]:
+    @staticmethod
+    def _build_steps(records, output_is_last: bool) -> list[_Step]:
         if not records:
             raise UnsupportedModuleError("the model has no submodules to propagate through")
         steps: list[_Step] = []
-        previous_output = x
         previous_name = "the model input"
         i = 0
         while i < len(records):
-            name, module, inp, out = records[i]
-            if inp is not previous_output:
+            name, module, chained, _, keep_in, keep_out, shape = records[i]
+            if not chained:
                 raise UnsupportedModuleError(
                     f"module {name} ({type(module).__name__}) does not take the output of {previous_name} as its "
                     "input: the network is not a plain chain of modules (a residual add, a concatenation or a "
@@ -158,11 +174,11 @@ class Trace:
                 )
             if isinstance(module, _LINEAR):
                 bn = None
-                if i + 1 < len(records) and isinstance(records[i + 1][1], _BATCHNORM) and records[i + 1][2] is out:
+                if i + 1 < len(records) and isinstance(records[i + 1][1], _BATCHNORM) and records[i + 1][2]:
                     bn = records[i + 1][1]
                     i += 1
-                    name_out, out = records[i][0], records[i][3]
-                steps.append(_Step("linear", name, module, x=inp, op=linear_op(module, name, bn)))
+                    name_out = records[i][0]
+                steps.append(_Step("linear", name, module, x=keep_in, op=linear_op(module, name, bn)))
                 if bn is not None:
                     name = name_out
             elif isinstance(module, _BATCHNORM):
@@ -172,20 +188,20 @@ class Trace:
             elif isinstance(module, _PASS):
                 steps.append(_Step("pass", name, module))
             elif isinstance(module, nn.Flatten):
-                steps.append(_Step("flatten", name, module, input_shape=tuple(inp.shape)))
+                steps.append(_Step("flatten", name, module, input_shape=shape))
             elif isinstance(module, _AVGPOOL):
                 nxt = records[i + 1] if i + 1 < len(records) else None
-                reusable = nxt is None or nxt[3] is not nxt[2]  # the next module does not overwrite it in place
-                steps.append(_Step("avgpool", name, module, x=inp, out=out if reusable else None))
+                reusable = nxt is None or not nxt[3]  # the next module does not overwrite it in place
+                steps.append(_Step("avgpool", name, module, x=keep_in, out=keep_out if reusable else None))
             elif isinstance(module, _MAXPOOL):
-                steps.append(_Step("maxpool", name, module, x=inp))
+                steps.append(_Step("maxpool", name, module, x=keep_in))
             else:
                 raise UnsupportedModuleError(
                     f"module {name} ({type(module).__name__}) has no LRP rule here; supported: Conv/Linear "
                     "(+BatchNorm), ReLU, Dropout, Identity, AvgPool, MaxPool, Flatten")
-            previous_output, previous_name = out, f"{name} ({type(module).__name__})"
+            previous_name = f"{name} ({type(module).__name__})"
             i += 1
-        if previous_output is not self.logits:
+        if not output_is_last:
             raise UnsupportedModuleError(
                 f"the model output is not the output of its last module {previous_name}: forward() changes it "
                 "after the last module (e.g. a functional softmax), which LRP here cannot follow")

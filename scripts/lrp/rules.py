@@ -22,6 +22,10 @@ from scripts.lrp.layers import LinearOp
 __all__ = ["AlphaBeta", "Epsilon", "Flat", "Rule", "WSquare", "ZBox", "ZPlus", "stabilize"]
 
 
+ONCE_BLOCK_ELEMENTS = 1 << 24  # at most 64 MiB of float32 per block of output channels in AlphaBeta.backward_once;
+# smaller blocks lower the peak memory of a single map further but cost one more (slow) transposed conv each
+
+
 def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
     """zennit's stabiliser: add ``eps`` with the sign of ``z`` (``+eps`` where ``z == 0``)."""
     return z + torch.where(z >= 0, eps, -eps).to(z.dtype)
@@ -104,18 +108,26 @@ class AlphaBeta(Rule):
 
     def backward_once(self, op: LinearOp, x: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
         """Same result as ``backward(op, x, R, stats(op, x))`` when the stats are not kept: the positive and the
-        negative part are computed one after the other, in place, which halves the temporary memory."""
+        negative part are computed one after the other, in blocks of output channels of at most
+        ``ONCE_BLOCK_ELEMENTS`` elements, in place -- the temporaries stay small whatever the layer size."""
         xin, halves, signed = self._halves(op, x)
+        channels = op.weight.shape[0]
+        blocks = max(1, -(-relevance.numel() // ONCE_BLOCK_ELEMENTS))
+        block = -(-channels // min(blocks, channels))  # equal blocks
         grad = None
         for (weight, bias), coef in zip(halves, (self.alpha, -self.beta)):
             if coef == 0.0:
                 continue
-            s = stabilized_reciprocal_(op.forward(xin, weight, bias), self.stabilizer).mul_(relevance)
-            if coef != 1.0:
-                s.mul_(coef)
-            part = op.transpose(s, weight, xin.shape)
-            del s
-            grad = part if grad is None else grad.add_(part)
+            for start in range(0, weight.shape[0], block):
+                w = weight[start:start + block]
+                b = None if bias is None else bias[start:start + block]
+                s = stabilized_reciprocal_(op.forward(xin, w, b), self.stabilizer).mul_(relevance[:, start:start + block])
+                if coef != 1.0:
+                    s.mul_(coef)
+                part = op.transpose(s, w, xin.shape)
+                del s
+                grad = part if grad is None else grad.add_(part)
+                del part
         return self._input_relevance(x, grad, signed)
 
     def stats(self, op: LinearOp, x: torch.Tensor):
