@@ -6,15 +6,13 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import math
 import os
-from pathlib import Path
 
 import numpy as np
 
 from scripts.nifti_io import atomic_write_text, read_volume
 
-__all__ = ["check_finite_float", "check_image", "check_positive_int", "class_weights", "require_file", "validate_items"]
+__all__ = ["check_image", "check_positive_int", "class_weights", "require_file", "validate_items"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +72,6 @@ def check_positive_int(value, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()) or value < 1:
         raise ValueError(f"config key '{key}' must be a positive integer, got {value!r}")
     return int(value)
-
-
-def check_finite_float(value, key: str, low: float = -math.inf, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= float(value) <= high):
-        raise ValueError(f"config key '{key}' must be a number in [{low}, {high}], got {value!r}")
-    return float(value)
 
 
 def require_file(path: str, how: str) -> str:

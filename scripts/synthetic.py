@@ -27,7 +27,7 @@ from scipy import ndimage
 from scripts.nifti_io import atomic_write_text, read_volume, save_nifti
 from scripts.splits import assign_splits
 from scripts.synthetic_anatomy import (
-    BACKGROUND, BRAINSTEM, CEREBELLUM, CGM, CSF, DGM, HIPPO, SHAPE, VENTRICLES, WM,
+    BACKGROUND, BRAINSTEM, CEREBELLUM, CGM, CSF, DGM, HIPPO, VENTRICLES, WM,
     Template, build_template, builtin_template,
 )
 

@@ -125,3 +125,11 @@ def test_inference_skips_bad_cases_and_lists_them(tmp_path, cohort, trained, bad
     predicted = sorted(row[0].split("/")[-1] for row in csv.reader((out / "predictions.csv").open()))
     assert predicted == ["sub-0001.nii.gz", "sub-0002.nii.gz"]
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["sub-0001", "sub-0002"]
+
+
+def test_config_override_of_the_wrong_type_names_the_key(tmp_path, cohort):
+    proc = run_bundle("training", "configs/train.json", "--dataset_dir", str(cohort), "--ckpt_dir", str(tmp_path / "m"),
+                      "--output_dir", str(tmp_path / "o"), "--num_epochs", "two", *TINY, check=False)
+    assert proc.returncode != 0
+    assert "config key 'num_epochs' must be a positive integer, got 'two'" in proc.stdout + proc.stderr
+    assert not (tmp_path / "m" / "model.pt").exists()

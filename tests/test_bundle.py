@@ -2,7 +2,6 @@
 train -> evaluate -> inference run on NIfTI files."""
 
 import csv
-import json
 from pathlib import Path
 
 import nibabel as nib

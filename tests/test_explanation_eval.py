@@ -5,7 +5,6 @@ import csv
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from scripts.explanation_metrics import aopc, mass_accuracy, patch_scores, perturbation_curve, pointing_game, region_share
 

@@ -131,17 +131,10 @@ class AlphaBeta(Rule):
         return self._input_relevance(x, grad, signed)
 
     def stats(self, op: LinearOp, x: torch.Tensor):
-        w_pos, w_neg = op.weight.clamp(min=0), op.weight.clamp(max=0)
-        bias = None if op.bias is None else torch.cat([op.bias.clamp(min=0), op.bias.clamp(max=0)])
-        signed = bool((x < 0).any())
-        if signed:
-            if op.kwargs.get("groups", 1) != 1:
-                raise NotImplementedError(f"LRP alpha-beta on signed input: grouped convolution {op.name} is not supported")
-            weight = torch.cat([torch.cat([w_pos, w_neg], 1), torch.cat([w_neg, w_pos], 1)])
-            x = torch.cat([x.clamp(min=0), x.clamp(max=0)], 1)
-        else:
-            weight = torch.cat([w_pos, w_neg])
-        z = op.forward(x, weight, bias)
+        xin, ((w_pos, b_pos), (w_neg, b_neg)), signed = self._halves(op, x)
+        weight = torch.cat([w_pos, w_neg])  # one call gives both denominators
+        bias = None if b_pos is None else torch.cat([b_pos, b_neg])
+        z = op.forward(xin, weight, bias)
         return {"inv": stabilized_reciprocal_(z, self.stabilizer), "weight": weight, "signed": signed}
 
     def backward(self, op, x, relevance, st, reuse=True):
