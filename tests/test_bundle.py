@@ -103,3 +103,20 @@ def test_missing_checkpoint_says_how_to_create_it(tmp_path, cohort):
                       str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "o"), *TINY, check=False)
     assert proc.returncode != 0
     assert "model.pt not found; create it with: python -m monai.bundle run training" in proc.stderr + proc.stdout
+
+
+def test_seeded_training_and_inference_are_repeatable(tmp_path, cohort, trained):
+    ckpt_dir, _ = trained
+    run_bundle("training", "configs/train.json", "--dataset_dir", str(cohort), "--ckpt_dir", str(tmp_path / "models"),
+               "--output_dir", str(tmp_path / "train_out"), "--num_epochs", "2", *TINY)
+    first = torch.load(ckpt_dir / "model.pt", weights_only=True)
+    second = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    maps = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        run_bundle("inference", "configs/inference.json", "--dataset_dir", str(cohort), "--ckpt_dir", str(ckpt_dir),
+                   "--output_dir", str(out), "--lrp_presets", "['a2b1']", *TINY)
+        maps.append({p.name: nib.load(p).get_fdata() for p in sorted(out.rglob("*_relevance_a2b1.nii.gz"))})
+    assert maps[0].keys() == maps[1].keys() and maps[0]
+    assert all(np.array_equal(maps[0][k], maps[1][k]) for k in maps[0])
