@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from scripts.lrp import LRP  # noqa: E402
+from scripts.lrp.layers import bn_folded_copy  # noqa: E402
 from scripts.network import PretermCNN  # noqa: E402
 from scripts.profiling import measure_call, reexec_with_returning_malloc  # noqa: E402
 
@@ -42,20 +43,6 @@ def measure(fn, device, repeats):
         peaks.append(peak)
         del out
     return statistics.median(times), max(peaks)
-
-
-def folded(net):
-    from scripts.lrp.layers import linear_op
-
-    net = copy.deepcopy(net)
-    mods = list(net)
-    for i, m in enumerate(mods):
-        if isinstance(m, nn.BatchNorm3d):
-            op = linear_op(mods[i - 1], str(i - 1), m)
-            mods[i - 1].weight.data.copy_(op.weight)
-            mods[i - 1].bias.data.copy_(op.bias)
-            net[i] = nn.Identity()
-    return net.eval()
 
 
 def main(argv=None):
@@ -125,7 +112,7 @@ def main(argv=None):
             from captum.attr import LRP as CaptumLRP
             from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule, IdentityRule
 
-            cap_net = folded(net)
+            cap_net = bn_folded_copy(net)
             for m in cap_net.modules():
                 if isinstance(m, (nn.Conv3d, nn.Linear)):
                     m.rule = Alpha1_Beta0_Rule()

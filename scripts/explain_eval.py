@@ -75,12 +75,13 @@ def _transform(axcodes: str, spatial_shape):
 
 
 def _last_conv_block(network) -> str:
-    names = [name for name, m in network.named_modules() if isinstance(m, torch.nn.ReLU)]
-    convs = [i for i, (name, m) in enumerate(network.named_modules()) if isinstance(m, torch.nn.Conv3d)]
-    if not convs:
-        raise ValueError("GradCAM needs a Conv3d layer")
-    after = [name for i, (name, m) in enumerate(network.named_modules()) if i > convs[-1] and isinstance(m, torch.nn.ReLU)]
-    return (after or names)[0]
+    """Name of the activation closing the last conv block (the first ReLU after the last Conv3d)."""
+    modules = list(network.named_modules())
+    last_conv = max((i for i, (_, m) in enumerate(modules) if isinstance(m, torch.nn.Conv3d)), default=None)
+    relu = next((name for name, m in modules[(last_conv or 0) + 1:] if isinstance(m, torch.nn.ReLU)), None)
+    if last_conv is None or relu is None:
+        raise ValueError("GradCAM needs a Conv3d followed by a ReLU module")
+    return relu
 
 
 def compute_map(method: str, network, x: torch.Tensor, settings: dict):

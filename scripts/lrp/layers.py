@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LinearOp", "linear_op"]
+__all__ = ["LinearOp", "bn_folded_copy", "linear_op"]
 
 _CONV = {1: (F.conv1d, torch.nn.grad.conv1d_input), 2: (F.conv2d, torch.nn.grad.conv2d_input),
          3: (F.conv3d, torch.nn.grad.conv3d_input)}
@@ -61,3 +61,23 @@ def linear_op(module: nn.Module, name: str, batchnorm: nn.Module | None = None) 
                                       f"padding_mode={module.padding_mode!r}; only numeric zero padding is supported")
         kwargs = dict(stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups)
     return LinearOp(module, name, weight, bias, kwargs)
+
+
+def bn_folded_copy(model: nn.Sequential) -> nn.Sequential:
+    """A copy of a Sequential with every BatchNorm folded into the conv/linear layer before it and replaced by
+    Identity (the reference network for comparisons with other LRP implementations); ``model`` is untouched."""
+    import copy
+
+    folded = copy.deepcopy(model).eval()
+    layers = list(folded)
+    for i, module in enumerate(layers):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            op = linear_op(layers[i - 1], str(i - 1), module)
+            with torch.no_grad():
+                layers[i - 1].weight.copy_(op.weight)
+                if layers[i - 1].bias is None:
+                    layers[i - 1].bias = nn.Parameter(op.bias)
+                else:
+                    layers[i - 1].bias.copy_(op.bias)
+            folded[i] = nn.Identity()
+    return folded

@@ -155,7 +155,6 @@ class Trace:
             for handle in handles:
                 handle.remove()
         self.steps = self._build_steps(records, self.logits is last[0]())
-        self.input = x
 
     @staticmethod
     def _build_steps(records, output_is_last: bool) -> list[_Step]:
@@ -177,10 +176,9 @@ class Trace:
                 if i + 1 < len(records) and isinstance(records[i + 1][1], _BATCHNORM) and records[i + 1][2]:
                     bn = records[i + 1][1]
                     i += 1
-                    name_out = records[i][0]
                 steps.append(_Step("linear", name, module, x=keep_in, op=linear_op(module, name, bn)))
-                if bn is not None:
-                    name = name_out
+                if bn is not None:  # the chain continues from the BatchNorm's output
+                    name, module = records[i][0], bn
             elif isinstance(module, _BATCHNORM):
                 raise UnsupportedModuleError(
                     f"module {name} ({type(module).__name__}) does not follow a convolution or linear layer, so it "
