@@ -12,31 +12,48 @@ import numpy as np
 
 from scripts.nifti_io import atomic_write_text, read_volume
 
-__all__ = ["check_image", "check_positive_int", "class_weights", "require_file", "validate_items"]
+__all__ = ["check_bool", "check_image", "check_shape", "check_positive_int", "class_weights", "require_file", "validate_items"]
 
 logger = logging.getLogger(__name__)
 
 
-def check_image(path: str) -> None:
-    """Raise ValueError/FileNotFoundError naming ``path`` unless it is a readable, finite, non-empty 3D NIfTI."""
-    data, _ = read_volume(path)
+EXTENT_TOLERANCE = 2.5  # physical size may differ from spatial_shape * pixdim by at most this factor per axis
+
+
+def check_image(path: str, spatial_shape=None, pixdim=None) -> None:
+    """Raise ValueError/FileNotFoundError naming ``path`` unless it is a readable, finite, non-empty 3D NIfTI
+    (and, given the network's ``spatial_shape`` and ``pixdim``, covers about the same field of view)."""
+    data, affine = read_volume(path)
     finite = np.isfinite(data)
     if not finite.all():
         bad = int((~finite).sum())
         raise ValueError(f"{path}: {bad} voxels are NaN or Inf")
     if not np.any(data):
         raise ValueError(f"{path}: every voxel is zero (empty image)")
+    if spatial_shape is not None:
+        voxel = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+        extent = np.sort(np.asarray(data.shape) * voxel)
+        expected = np.sort(np.asarray(spatial_shape, dtype=float) * np.asarray(pixdim or [1.0] * 3, dtype=float))
+        ratio = extent / expected
+        if np.any(ratio > EXTENT_TOLERANCE) or np.any(ratio < 1 / EXTENT_TOLERANCE):
+            raise ValueError(
+                f"{path}: the image covers {' x '.join(f'{e:.0f}' for e in np.asarray(data.shape) * voxel)} mm "
+                f"({' x '.join(map(str, data.shape))} voxels), far from the network's field of view of "
+                f"{' x '.join(f'{e:.0f}' for e in np.asarray(spatial_shape) * np.asarray(pixdim or [1.0] * 3))} mm; "
+                "inputs must be skull-stripped and registered to the 40-week template (docs/README.md, data)")
 
 
-def validate_items(items: list[dict], skip_bad: bool = False, report: str | None = None, keys=("image",)) -> list[dict]:
-    """Check every item's images. With ``skip_bad`` the bad items are dropped and listed (subject, file, reason)
-    in ``report`` (a CSV); otherwise the first bad item raises."""
+def validate_items(items: list[dict], skip_bad: bool = False, report: str | None = None, keys=("image",),
+                   spatial_shape=None, pixdim=None) -> list[dict]:
+    """Check every item's images (``check_image``). With ``skip_bad`` the bad items are dropped and listed
+    (subject, file, reason) in ``report`` (a CSV); otherwise the first bad item raises. An empty list stays empty
+    (e.g. every subject already finished)."""
     good, bad = [], []
     for item in items:
         try:
             for key in keys:
                 if key in item:
-                    check_image(item[key])
+                    check_image(item[key], spatial_shape, pixdim)
         except (OSError, ValueError) as err:
             if not skip_bad:
                 raise
@@ -50,7 +67,7 @@ def validate_items(items: list[dict], skip_bad: bool = False, report: str | None
         writer.writerow(["subject", "image", "reason"])
         writer.writerows(bad)
         atomic_write_text(buf.getvalue(), report)
-    if not good:
+    if items and not good:
         raise ValueError(f"no usable input: all {len(items)} items failed their checks" + (f" (see {report})" if report else ""))
     return good
 
@@ -79,3 +96,23 @@ def require_file(path: str, how: str) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found; create it with: {how}")
     return path
+
+
+def check_bool(value, key: str) -> bool:
+    """Validate a true/false config override (the CLI passes ``--resume true`` as the string 'true')."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"config key '{key}' must be true or false, got {value!r}")
+
+
+def check_shape(value, key: str, ndim: int = 3) -> list[int]:
+    """Validate a config override that must be ``ndim`` positive integers (e.g. ``spatial_shape``)."""
+    ok = isinstance(value, (list, tuple)) and len(value) == ndim and all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    if not ok:
+        raise ValueError(f"config key '{key}' must be a list of {ndim} positive integers, got {value!r}")
+    return list(value)

@@ -8,7 +8,7 @@ import logging
 import os
 from pathlib import Path
 
-__all__ = ["NIFTI_SUFFIXES", "ensure_datalist", "load_split", "subject_name"]
+__all__ = ["NIFTI_SUFFIXES", "check_study_datalist", "ensure_datalist", "load_split", "subject_name"]
 
 logger = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -107,9 +107,11 @@ def load_split(
     if split in ("train", "validation") and fold >= 0:
         folds = {item.get("fold") for item in training if isinstance(item, dict)}
         if None in folds:
-            raise ValueError(f"datalist {path}: training items lack a 'fold' field; set fold=-1 or add folds")
+            raise ValueError(f"datalist {path}: training items lack a 'fold' field; set fold=-1 (no validation) or "
+                             f"add folds with: python -m scripts.splits --datalist {path}")
         if fold not in folds:
-            raise ValueError(f"fold={fold} is out of range for datalist {path} (folds present: {sorted(folds)})")
+            raise ValueError(f"config key 'fold': fold={fold} is out of range for datalist {path} "
+                             f"(folds present: {sorted(folds)}; fold=-1 trains on all training items)")
     if split == "train":
         chosen = [it for it in training if fold < 0 or it.get("fold") != fold]
     elif split == "validation":
@@ -138,9 +140,9 @@ def _check_item(item, base: Path, datalist: Path, require_label: bool, check_fil
     if check_files and not image.is_file():
         raise FileNotFoundError(f"datalist {datalist}: image file {image} not found")
     out.setdefault("subject", subject_name(image))
-    if require_label:
-        if "label" not in out:
-            raise ValueError(f"datalist {datalist}: item {out['subject']} ({image}) has no 'label'")
+    if require_label and "label" not in out:
+        raise ValueError(f"datalist {datalist}: item {out['subject']} ({image}) has no 'label'")
+    if "label" in out:  # checked whenever present: outputs copy it
         label = out["label"]
         if isinstance(label, bool) or label not in (0, 1):
             raise ValueError(
@@ -148,3 +150,43 @@ def _check_item(item, base: Path, datalist: Path, require_label: bool, check_fil
             )
         out["label"] = int(label)
     return out
+
+
+def check_study_datalist(datalist: str) -> dict:
+    """Check that a datalist can carry the cross-validated study: every training item has a fold, every fold
+    holds both classes, and the test split is not empty. Returns the folds and class counts; errors say how
+    to fix the datalist (``python -m scripts.splits``)."""
+    path = Path(datalist)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder of images; the study needs a datalist JSON with labels and folds")
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist {path} not found")
+    data = _read_json(path)
+    fix = f"python -m scripts.splits --datalist {path}"
+    training, test = data.get("training"), data.get("test")
+    if not isinstance(training, list) or not training:
+        raise ValueError(f"datalist {path} has no 'training' items")
+    items = [_check_item(it, path.parent, path, True, False) for it in training]
+    if any("fold" not in it for it in items):
+        raise ValueError(f"datalist {path}: training items lack a 'fold' field; add stratified folds with: {fix}")
+    folds = sorted({it["fold"] for it in items})
+    if any(isinstance(f, bool) or not isinstance(f, int) or f < 0 for f in folds):
+        raise ValueError(f"datalist {path}: 'fold' values must be integers >= 0, got {folds}; redo them with: {fix}")
+    if len(folds) < 2:
+        raise ValueError(f"datalist {path}: cross-validation needs at least 2 folds, found {folds}; redo them with: {fix}")
+    for fold in folds:
+        counts = [sum(1 for it in items if it["fold"] == fold and it["label"] == c) for c in (0, 1)]
+        for c, name in ((0, "term"), (1, "preterm")):
+            if counts[c] == 0:
+                raise ValueError(f"datalist {path}: fold {fold} has no {name} subject (term/preterm: {counts}); "
+                                 f"use fewer folds: {fix} --folds {max(2, len(folds) // 2)}")
+    if not isinstance(test, list) or not test:
+        raise ValueError(f"datalist {path}: the test split is empty; hold out a stratified test split with: "
+                         f"{fix} --test-fraction 0.1")
+    test_items = [_check_item(it, path.parent, path, True, False) for it in test]
+    test_counts = [sum(1 for it in test_items if it["label"] == c) for c in (0, 1)]
+    if 0 in test_counts:
+        raise ValueError(f"datalist {path}: the test split holds only one class (term/preterm: {test_counts}); "
+                         f"redo the split with: {fix} --test-fraction 0.1")
+    return {"folds": folds, "training": [sum(1 for it in items if it["label"] == c) for c in (0, 1)],
+            "test": test_counts}

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scripts.checks import check_shape
+from scripts.errors import report_input_errors
 from scripts.explanation_metrics import aopc, mass_accuracy, patch_scores, perturbation_curve, pointing_game, region_share
 from scripts.lrp import LRP
 from scripts.nifti_io import atomic_write_text
@@ -40,6 +42,7 @@ def _load(config_file: str, overrides: dict, ckpt: str | None):
     parser = ConfigParser()
     parser.read_config(config_file)
     parser.update({"bundle_root": str(ROOT), **overrides})
+    check_shape(parser.get_parsed_content("spatial_shape"), "spatial_shape")
     network = parser.get_parsed_content("network_def").eval()
     ckpt_path = ckpt or parser.get_parsed_content("ckpt_path")
     state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -48,10 +51,13 @@ def _load(config_file: str, overrides: dict, ckpt: str | None):
     return parser, network, datalist
 
 
-def _items(datalist: str, split: str, max_subjects: int):
+def _items(datalist: str, split: str, max_subjects: int, spatial_shape, pixdim):
+    from scripts.checks import validate_items
     from scripts.datalist import load_split
 
     items = [it for it in load_split(datalist, split, -1) if it["label"] == 1]
+    validate_items(items, keys=("image",), spatial_shape=spatial_shape, pixdim=pixdim)
+    validate_items(items, keys=("tissue", "phenotype"))
     for it in items:
         for key in ("tissue", "phenotype"):
             if key not in it:
@@ -62,14 +68,14 @@ def _items(datalist: str, split: str, max_subjects: int):
     return items[:max_subjects] if max_subjects > 0 else items
 
 
-def _transform(axcodes: str, spatial_shape):
+def _transform(axcodes: str, spatial_shape, pixdim):
     from monai.transforms import (Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd, Orientationd,
                                   ResizeWithPadOrCropd, Spacingd)
 
     keys = ["image", "tissue", "phenotype"]
     return Compose([
         LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys), Orientationd(keys=keys, axcodes=axcodes),
-        Spacingd(keys=keys, pixdim=(1.0, 1.0, 1.0), mode=("bilinear", "nearest", "nearest")),
+        Spacingd(keys=keys, pixdim=pixdim, mode=("bilinear", "nearest", "nearest")),
         NormalizeIntensityd(keys="image", nonzero=True), ResizeWithPadOrCropd(keys=keys, spatial_size=spatial_shape),
     ])
 
@@ -119,9 +125,10 @@ def compute_map(method: str, network, x: torch.Tensor, settings: dict):
 def evaluate(args) -> list[dict]:
     torch.manual_seed(0)
     parser, network, datalist = _load(args.config_file, args.override, args.ckpt)
-    spatial = parser.get_parsed_content("spatial_shape")
-    transform = _transform(parser.get_parsed_content("axcodes"), spatial)
-    items = _items(datalist, args.split, args.subjects)
+    spatial = check_shape(parser.get_parsed_content("spatial_shape"), "spatial_shape")
+    pixdim = parser.get_parsed_content("pixdim")
+    transform = _transform(parser.get_parsed_content("axcodes"), spatial, pixdim)
+    items = _items(datalist, args.split, args.subjects, spatial, pixdim)
     methods = [m for m in LRP_METHODS + OTHER_METHODS if m in args.methods]
     settings = {"smoothgrad_samples": args.smoothgrad_samples, "occlusion_mask": args.occlusion_mask}
     rng = np.random.default_rng(0)
@@ -248,6 +255,7 @@ def _figures(curves, panel, output: Path) -> None:
     plt.close(fig)
 
 
+@report_input_errors
 def main(argv=None) -> int:
     if argv is None:
         reexec_with_returning_malloc("scripts.explain_eval")

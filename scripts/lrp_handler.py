@@ -8,14 +8,13 @@ each configured preset and writes, per subject (file name without extensions):
     <output_dir>/<subject>/<subject>_relevance_<preset>_orig.nii.gz  (optional: resampled to the original image
                                                                     through MONAI's inverse transforms)
 
-and one row per subject and preset into ``<output_dir>/relevance.csv`` (rewritten atomically after each batch).
-Under torch.distributed every rank writes the subjects of its own shard; rank 0 writes the merged table.
+and one row per subject and preset into ``<output_dir>/relevance.csv`` (rewritten atomically after each batch;
+rows of an earlier run with the same ``run_key`` are kept, so a resumed run completes the table). Under
+torch.distributed every rank writes the subjects of its own shard; rank 0 writes the merged table.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,9 +22,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from scripts.datalist import subject_name
+from scripts.engine_outputs import CrashSafeTable, source_file
 from scripts.lrp import LRP, get_composite
-from scripts.nifti_io import atomic_write_text, save_nifti
+from scripts.nifti_io import save_nifti
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -34,13 +33,7 @@ __all__ = ["LRPHandler"]
 
 logger = logging.getLogger(__name__)
 COLUMNS = ["subject", "preset", "pred", "prob_term", "prob_preterm", "target", "start_relevance",
-           "relevance_sum", "conservation"]
-
-
-def _dist():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+           "relevance_sum", "conservation", "run_key"]
 
 
 class LRPHandler:
@@ -57,6 +50,8 @@ class LRPHandler:
         image_key / pred_key: keys of the network input and of the (softmax) prediction in the decollated batch.
         table_name: name of the per-subject table.
         network: the model to explain; defaults to ``engine.network``.
+        run_key: identifies model and settings (``scripts.resume.run_key``); rows of an earlier run into the same
+            ``output_dir`` with this key are kept in the table.
     """
 
     def __init__(
@@ -71,6 +66,7 @@ class LRPHandler:
         pred_key: str = "pred",
         table_name: str = "relevance.csv",
         network: torch.nn.Module | None = None,
+        run_key: str = "",
     ) -> None:
         if isinstance(presets, str):
             presets = [presets]
@@ -90,13 +86,19 @@ class LRPHandler:
         self.pred_key = pred_key
         self.table_name = table_name
         self.network = network
-        self.rows: list[list] = []
+        self.run_key = str(run_key)
+        self.table = CrashSafeTable(self.output_dir / table_name, COLUMNS, key=("subject", "preset"))
 
     def attach(self, engine: Engine) -> None:
         from ignite.engine import Events
 
+        engine.add_event_handler(Events.STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-        engine.add_event_handler(Events.COMPLETED, self._finish)
+        engine.add_event_handler(Events.COMPLETED, lambda _: self.table.finish())
+
+    def _start(self, engine: Engine) -> None:
+        if self.run_key:
+            self.table.load(keep=lambda row: row["run_key"] == self.run_key)
 
     def __call__(self, engine: Engine) -> None:
         batch = engine.state.batch
@@ -122,7 +124,7 @@ class LRPHandler:
                                self.output_dir / subject / f"{subject}_input.nii.gz")
         finally:
             network.train(network_was_training)
-        self._write_table(self.rows, self._table_path())
+        self.table.save()
 
     def _probabilities(self, output, logits):
         outputs = output if isinstance(output, list) else None
@@ -131,12 +133,7 @@ class LRPHandler:
         return torch.softmax(logits.detach().float(), dim=1).cpu()
 
     def _subject(self, item) -> str:
-        image = item[self.image_key]
-        meta = getattr(image, "meta", None) or item.get(f"{self.image_key}_meta_dict", {})
-        name = meta.get("filename_or_obj") if meta else None
-        if not name:
-            raise ValueError(f"LRPHandler: the '{self.image_key}' of a batch item has no filename_or_obj metadata")
-        return subject_name(str(name))
+        return source_file(item, self.image_key)[0]
 
     @staticmethod
     def _affine(image):
@@ -151,11 +148,11 @@ class LRPHandler:
         save_nifti(relevance[0].numpy(), self._affine(image), folder / f"{subject}_relevance_{preset}.nii.gz")
         if self.save_original_space:
             self._write_original(item, relevance, folder / f"{subject}_relevance_{preset}_orig.nii.gz")
-        self.rows.append([
+        self.table.add(dict(zip(COLUMNS, [
             subject, preset, int(prob.argmax()), f"{float(prob[0]):.6f}", f"{float(prob[1]):.6f}",
             int(result.target[i]), f"{float(result.start[i]):.6g}", f"{float(result.relevance[i].sum()):.6g}",
-            f"{float(result.conservation[i]):.6g}",
-        ])
+            f"{float(result.conservation[i]):.6g}", self.run_key,
+        ])))
 
     def _write_original(self, item, relevance, path) -> None:
         from monai.data import MetaTensor
@@ -168,27 +165,3 @@ class LRPHandler:
         inverted = Invertd(keys="relevance", transform=self.transform, orig_keys=self.image_key,
                            nearest_interp=False)(data)["relevance"]
         save_nifti(inverted[0].cpu().numpy(), self._affine(inverted), path)
-
-    def _table_path(self) -> Path:
-        rank, world = _dist()
-        name = self.table_name if world == 1 else f".{self.table_name}.rank{rank}"
-        return self.output_dir / name
-
-    @staticmethod
-    def _write_table(rows, path: Path) -> None:
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(COLUMNS)
-        writer.writerows(sorted(rows, key=lambda r: (r[0], r[1])))
-        atomic_write_text(buf.getvalue(), path)
-
-    def _finish(self, engine: Engine) -> None:
-        rank, world = _dist()
-        if world == 1:
-            return
-        gathered: list = [None] * world
-        torch.distributed.all_gather_object(gathered, self.rows)
-        if rank == 0:
-            rows = {(r[0], r[1]): r for part in gathered for r in part}  # each subject once
-            self._write_table(list(rows.values()), self.output_dir / self.table_name)
-        self._table_path().unlink(missing_ok=True)

@@ -10,13 +10,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["atomic_target_for", "atomic_write_text", "read_volume", "save_nifti"]
+__all__ = ["atomic_target_for", "atomic_write_text", "read_volume", "remove_stale_temporaries", "save_nifti"]
 
 
 def _atomic_target(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=".tmp" + suffix, dir=path.parent)
+    # the writer's pid in the name lets a later run tell abandoned temporaries (writer killed) from live ones
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.{os.getpid()}.", suffix=".tmp" + suffix,
+                               dir=path.parent)
     os.close(fd)
     return Path(tmp)
 
@@ -68,3 +70,31 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     if data.ndim != 3:
         raise ValueError(f"{path}: expected a 3D image, got shape {data.shape}")
     return data, image.affine
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, depth: int = 2) -> list[Path]:
+    """Delete temporaries of ``atomic_target_for`` left in ``folder`` (and ``depth`` levels below) by a writer that
+    no longer runs (killed); those of live processes (other ranks, other jobs) are kept. Returns what was removed."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    patterns = [("*/" * level) + ".*.tmp*" for level in range(depth + 1)]
+    for pattern in patterns:
+        for tmp in folder.glob(pattern):
+            parts = tmp.name.split(".")
+            pid = next((int(p) for p in parts[2:3] if p.isdigit()), None)
+            if pid is not None and not _alive(pid) and tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed

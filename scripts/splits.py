@@ -40,3 +40,44 @@ def assign_splits(items: list[dict], test_fraction: float = 0.1, folds: int = 10
     training = [dict(items[i], fold=int(f)) for i, f in zip(train_idx, fold_of)]
     test = [dict(items[i]) for i in sorted(test_idx)]
     return training, test
+
+
+def main(argv=None) -> int:
+    """``python -m scripts.splits --datalist D``: (re)assign a stratified test split and folds to a datalist."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from scripts.nifti_io import atomic_write_text
+
+    ap = argparse.ArgumentParser(prog="python -m scripts.splits", description=main.__doc__)
+    ap.add_argument("--datalist", required=True, help="MONAI datalist JSON with labelled 'training' (and 'test') items")
+    ap.add_argument("--folds", type=int, default=10)
+    ap.add_argument("--test-fraction", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep-test", action="store_true", help="keep the existing test split, only redo the folds")
+    ap.add_argument("--output", default=None, help="write here instead of replacing --datalist")
+    args = ap.parse_args(argv)
+    path = Path(args.datalist)
+    data = json.loads(path.read_text())
+    training, test = list(data.get("training", [])), list(data.get("test", []))
+    for item in training + test:
+        if item.get("label") not in (0, 1) or isinstance(item.get("label"), bool):
+            ap.error(f"{path}: item {item.get('image')} has label {item.get('label')!r}; labels must be 0 or 1")
+    if args.keep_test:
+        if not test:
+            ap.error(f"{path}: --keep-test, but the datalist has no test items")
+        fold_of = stratified_folds([int(it["label"]) for it in training], args.folds, args.seed + 1)
+        training = [dict(it, fold=int(f)) for it, f in zip(training, fold_of)]
+    else:
+        items = [{k: v for k, v in it.items() if k != "fold"} for it in training + test]
+        training, test = assign_splits(items, args.test_fraction, args.folds, args.seed)
+    data.update(training=training, test=test)
+    out = Path(args.output) if args.output else path
+    atomic_write_text(json.dumps(data, indent=2), out)
+    print(f"{out}: {len(training)} training items in {args.folds} folds, {len(test)} test items")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -122,8 +122,8 @@ def test_inference_skips_bad_cases_and_lists_them(tmp_path, cohort, trained, bad
     skipped = list(csv.DictReader((out / "skipped.csv").open()))
     assert sorted(r["subject"] for r in skipped) == ["flat2d", "nan", "truncated"]
     assert all(r["image"] in r["reason"] for r in skipped)
-    predicted = sorted(row[0].split("/")[-1] for row in csv.reader((out / "predictions.csv").open()))
-    assert predicted == ["sub-0001.nii.gz", "sub-0002.nii.gz"]
+    predicted = sorted(row["subject"] for row in csv.DictReader((out / "predictions.csv").open()))
+    assert predicted == ["sub-0001", "sub-0002"]
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["sub-0001", "sub-0002"]
 
 

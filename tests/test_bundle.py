@@ -71,11 +71,17 @@ def test_train_evaluate_infer_through_the_cli(tmp_path, cohort, trained):
     run_bundle("inference", "configs/inference.json", "--dataset_dir", str(cohort), "--ckpt_dir", str(ckpt_dir),
                "--output_dir", str(out), "--lrp_presets", "['a2b1']", *TINY)
     test_items = read_json(cohort / "datalist.json")["test"]
-    rows = list(csv.reader((out / "predictions.csv").open()))
-    assert len(rows) == len(test_items)
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert sorted(r["subject"] for r in rows) == sorted(it["subject"] for it in test_items)
     for row in rows:
-        probs = np.array([float(v) for v in row[1:]])
-        assert probs.shape == (2,) and abs(probs.sum() - 1) < 1e-5
+        probs = np.array([float(row["prob_term"]), float(row["prob_preterm"])])
+        assert abs(probs.sum() - 1) < 1e-5 and int(row["prediction"]) == int(probs.argmax())
+    # the evaluation's per-subject table agrees with the inference and carries the labels
+    evaluated = {r["subject"]: r for r in csv.DictReader((tmp_path / "eval" / "test_predictions.csv").open())}
+    labels = {it["subject"]: it["label"] for it in test_items}
+    for row in rows:
+        assert evaluated[row["subject"]]["prob_preterm"] == row["prob_preterm"]
+        assert int(evaluated[row["subject"]]["label"]) == labels[row["subject"]]
     for item in test_items:
         subject = item["subject"]
         rel = nib.load(out / subject / f"{subject}_relevance_a2b1.nii.gz")
@@ -93,7 +99,7 @@ def test_run_id_run_is_training_and_a_folder_of_images_infers(tmp_path, cohort, 
     run_bundle("run", "configs/inference.json", "--dataset_dir", str(images), "--ckpt_dir", str(ckpt_dir),
                "--output_dir", str(tmp_path / "out"), "--lrp_presets", "['a1b0']", *TINY)
     assert (tmp_path / "out" / "sub-0002" / "sub-0002_relevance_a1b0.nii.gz").is_file()
-    assert len(list(csv.reader((tmp_path / "out" / "predictions.csv").open()))) == 2
+    assert len(list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))) == 2
     train = read_json(ROOT / "configs" / "train.json")
     assert train["run"] == "@training"
 

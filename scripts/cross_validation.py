@@ -1,0 +1,119 @@
+"""k-fold cross-validation of a small hyper-parameter grid with the bundle's own training config.
+
+Every (setting, fold) run is the real ``training`` workflow of ``configs/train.json`` run in-process with
+``fold=k`` and the setting's values as config overrides. Its validation metrics after the last epoch go to
+``<work_dir>/<setting>/fold<k>/result.json`` (written atomically once the run has finished), so a rerun skips
+finished folds and redoes only the one a crash interrupted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from scripts.nifti_io import atomic_write_text
+
+__all__ = ["METRICS", "expand_grid", "run_bundle_workflow", "run_cv", "select_best", "setting_label", "summarise_cv"]
+
+logger = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ("val_balanced_accuracy", "val_auc", "val_accuracy")
+
+
+def expand_grid(grid: dict[str, Sequence]) -> list[dict]:
+    """``{"learning_rate": [1e-3, 3e-4], "num_epochs": [14]}`` -> one dict per combination (keys sorted)."""
+    if not isinstance(grid, dict) or not grid:
+        raise ValueError(f"grid must be a non-empty JSON object of config key -> list of values, got {grid!r}")
+    keys = sorted(grid)
+    for key in keys:
+        if not isinstance(grid[key], (list, tuple)) or not grid[key]:
+            raise ValueError(f"grid key '{key}' must map to a non-empty list of values, got {grid[key]!r}")
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def setting_label(setting: dict) -> str:
+    """Readable, file-system safe name of a setting: ``class_weight_factor-2_learning_rate-0.001``."""
+    return "_".join(f"{k}-{v}" for k, v in sorted(setting.items())).replace("/", "-").replace(" ", "") or "default"
+
+
+def run_bundle_workflow(config_files: Sequence[str], run_id: str, overrides: dict):
+    """Run a bundle workflow in-process (as ``python -m monai.bundle run``) and return it, parsed objects intact."""
+    from monai.bundle import ConfigWorkflow
+
+    files = [str(ROOT / "configs" / f) if not Path(f).is_absolute() else f for f in config_files]
+    workflow = ConfigWorkflow(config_file=files, run_id=run_id, workflow_type=None,
+                              **{"bundle_root": str(ROOT), **overrides})
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    return workflow
+
+
+def _train_fold(overrides: dict) -> dict:
+    workflow = run_bundle_workflow(["train.json"], "training", overrides)
+    evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    metrics = {k: float(v) for k, v in evaluator.state.metrics.items()}
+    missing = [m for m in METRICS if m not in metrics]
+    if missing:
+        raise RuntimeError(f"validation produced no {missing} (metrics: {sorted(metrics)})")
+    return {"metrics": metrics, "best_val_auc": float(evaluator.state.best_metric),
+            "best_epoch": int(evaluator.state.best_metric_epoch)}
+
+
+def run_cv(settings: list[dict], folds: Sequence[int], common: dict, work_dir: Path,
+           train_fold: Callable[[dict], dict] = _train_fold) -> list[dict]:
+    """Train every setting on every fold (skipping finished ones) and return one row per (setting, fold)."""
+    from tqdm import tqdm
+
+    rows = []
+    jobs = [(s, f) for s in settings for f in folds]
+    bar = tqdm(jobs, desc="cross-validation", unit="run")
+    for setting, fold in bar:
+        run_dir = work_dir / setting_label(setting) / f"fold{fold}"
+        overrides = {**common, **setting, "fold": int(fold), "ckpt_dir": str(run_dir / "models"),
+                     "output_dir": str(run_dir)}
+        result_file = run_dir / "result.json"
+        result = json.loads(result_file.read_text()) if result_file.is_file() else None
+        if result is None or result.get("overrides") != json.loads(json.dumps(overrides)):
+            bar.set_postfix_str(f"{setting_label(setting)} fold {fold}")
+            start = time.perf_counter()
+            result = {"setting": setting, "fold": int(fold), "overrides": overrides, **train_fold(overrides),
+                      "seconds": round(time.perf_counter() - start, 1)}
+            atomic_write_text(json.dumps(result, indent=2), result_file)
+        else:
+            logger.info("fold %d of %s already finished (%s): skipped", fold, setting_label(setting), result_file)
+        logger.info("%s fold %d: %s", setting_label(setting), fold,
+                    ", ".join(f"{m}={result['metrics'][m]:.3f}" for m in METRICS))
+        rows.append({"setting": setting_label(setting), "fold": int(fold), "seconds": result["seconds"],
+                     **{m: result["metrics"][m] for m in METRICS}, "best_val_auc": result["best_val_auc"],
+                     "best_epoch": result["best_epoch"]})
+    return rows
+
+
+def summarise_cv(rows: list[dict], settings: list[dict]) -> list[dict]:
+    """Mean and sample sd over folds of each validation metric, one row per setting (in grid order)."""
+    out = []
+    for setting in settings:
+        label = setting_label(setting)
+        mine = [r for r in rows if r["setting"] == label]
+        row = {"setting": label, **setting, "folds": len(mine)}
+        for m in METRICS:
+            values = np.array([r[m] for r in mine], dtype=float)
+            row[f"{m}_mean"] = float(np.nanmean(values)) if len(values) else float("nan")
+            row[f"{m}_sd"] = float(np.nanstd(values, ddof=1)) if len(values) > 1 else float("nan")
+        out.append(row)
+    return out
+
+
+def select_best(summary: list[dict]) -> dict:
+    """Highest mean validation balanced accuracy; ties go to the higher mean AUC, then to the earlier setting."""
+    def key(row):
+        return tuple(-np.nan_to_num(row[f"{m}_mean"], nan=-1.0) for m in ("val_balanced_accuracy", "val_auc"))
+
+    return min(summary, key=key)

@@ -1,0 +1,57 @@
+"""Group-level relevance: voxel-wise mean maps per class (Figure 2 of the seed paper) and the share of positive
+relevance per tissue class next to that tissue's share of the volume (the anatomy table)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from scripts.nifti_io import read_volume
+
+__all__ = ["mean_volume", "relevance_by_tissue", "tissue_shares_table"]
+
+
+def mean_volume(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel-wise mean (float64) of NIfTI volumes on one grid, and their affine; a file on another grid is named."""
+    if not paths:
+        raise ValueError("no volumes to average")
+    total, affine, shape = None, None, None
+    for path in paths:
+        data, aff = read_volume(path)
+        if total is None:
+            total, affine, shape = np.zeros(data.shape, dtype=np.float64), aff, data.shape
+        elif data.shape != shape or not np.allclose(aff, affine, atol=1e-4):
+            raise ValueError(f"{path}: grid {data.shape} differs from {paths[0]} ({shape}); maps must share one grid")
+        total += data
+    return total / len(paths), affine
+
+
+def relevance_by_tissue(relevance: np.ndarray, tissue: np.ndarray, names: Mapping[int, str]) -> dict[str, tuple]:
+    """For each tissue label (and ``outside_brain`` for label 0): (share of the positive relevance, share of
+    the voxels). Shares are over the whole grid, so each column sums to 1."""
+    if relevance.shape != tissue.shape:
+        raise ValueError(f"relevance {relevance.shape} and tissue labels {tissue.shape} differ in shape")
+    positive = np.clip(relevance, 0, None)
+    total = float(positive.sum())
+    labels = np.rint(tissue).astype(int)
+    out = {}
+    for label, name in {0: "outside_brain", **dict(names)}.items():
+        region = labels == label
+        out[name] = (float(positive[region].sum()) / total if total > 0 else float("nan"), float(region.mean()))
+    return out
+
+
+def tissue_shares_table(per_subject: Mapping[tuple[str, str], list[dict[str, tuple]]]) -> list[dict]:
+    """Rows (class, preset, tissue, relevance share, volume share, enrichment) averaged over subjects, each
+    subject weighted equally. ``per_subject[(class, preset)]`` is a list of ``relevance_by_tissue`` results."""
+    rows = []
+    for (cls, preset), shares in per_subject.items():
+        for tissue in shares[0]:
+            rel = float(np.mean([s[tissue][0] for s in shares]))
+            vol = float(np.mean([s[tissue][1] for s in shares]))
+            rows.append({"class": cls, "preset": preset, "tissue": tissue, "subjects": len(shares),
+                         "relevance_share": rel, "volume_share": vol,
+                         "enrichment": rel / vol if vol > 0 else float("nan")})
+    return rows

@@ -1,0 +1,260 @@
+"""The seed paper's study in one command: 10-fold cross-validation of a small hyper-parameter grid inside the
+training split, training of the best setting on the whole training split, one evaluation on the held-out test
+split, the misclassified babies' birth ages, group-averaged LRP maps per class (Figure 2) and the share of
+relevance per tissue class.
+
+    python -m scripts.study                                  # built-in synthetic cohort, full settings
+    python -m scripts.study --reduced --output docs/results  # 2 mm / smaller network / shorter grid
+    python -m scripts.study --datalist /data/dhcp/datalist.json --work_dir /scratch/study --output results/
+
+Every stage is one of the bundle's own workflows (``configs/train.json``, ``train_full.json``,
+``inference.json``) run in-process with config overrides. Finished cross-validation folds and the final
+model are kept under ``--work_dir`` and are not redone on a rerun with the same settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from scripts.clinical_metrics import CLASS_NAMES, classification_metrics, misclassification_table, subject_table
+from scripts.cross_validation import (ROOT, expand_grid, run_bundle_workflow, run_cv, select_best, setting_label,
+                                      summarise_cv)
+from scripts.checks import validate_items
+from scripts.datalist import check_study_datalist, load_split, subject_name
+from scripts.errors import report_input_errors
+from scripts.figures import group_figure
+from scripts.group_relevance import mean_volume, relevance_by_tissue, tissue_shares_table
+from scripts.nifti_io import atomic_write_text, save_nifti
+from scripts.tables import markdown_table, write_csv
+
+logger = logging.getLogger("scripts.study")
+
+DEFAULT_GRID = {"learning_rate": [1e-3, 3e-4], "class_weight_factor": [1.0, 2.0]}
+REDUCED_GRID = {"learning_rate": [1e-3, 3e-4]}
+REDUCED = {"pixdim": [2.0, 2.0, 2.0], "spatial_shape": [64, 48, 48], "channels": [8, 16, 32, 64], "hidden": 32,
+           "num_epochs": 8}
+PRESETS = ["a1b0", "a2b1", "a3b2"]
+
+
+def _parser(config: str, overrides: dict):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / config))
+    parser.update({"bundle_root": str(ROOT), **overrides})
+    return parser
+
+
+def _read_predictions(path: Path) -> dict[str, list[float]]:
+    """The inference's ``predictions.csv`` -> {subject: [prob_term, prob_preterm]}."""
+    with open(path, newline="") as f:
+        return {row["subject"]: [float(row["prob_term"]), float(row["prob_preterm"])] for row in csv.DictReader(f)}
+
+
+def _final_model(best: dict, common: dict, run_dir: Path) -> Path:
+    setting = {k: v for k, v in best.items() if k in best["_keys"]}
+    overrides = {**common, **setting, "ckpt_dir": str(run_dir / "models"), "output_dir": str(run_dir)}
+    result_file, ckpt = run_dir / "result.json", run_dir / "models" / "model.pt"
+    done = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    if done.get("overrides") == json.loads(json.dumps(overrides)) and ckpt.is_file():
+        logger.info("final model already trained with %s: %s", setting_label(setting), ckpt)
+        return ckpt
+    logger.info("training the final model on the whole training split with %s", setting_label(setting))
+    run_bundle_workflow(["train.json", "train_full.json"], "training", overrides)
+    atomic_write_text(json.dumps({"setting": setting, "overrides": overrides}, indent=2), result_file)
+    return ckpt
+
+
+def _tissue_transform(parser):
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, ResizeWithPadOrCropd, Spacingd
+
+    return Compose([
+        LoadImaged(keys="tissue", image_only=True), EnsureChannelFirstd(keys="tissue"),
+        Orientationd(keys="tissue", axcodes=parser.get_parsed_content("axcodes")),
+        Spacingd(keys="tissue", pixdim=parser.get_parsed_content("pixdim"), mode="nearest"),
+        ResizeWithPadOrCropd(keys="tissue", spatial_size=parser.get_parsed_content("spatial_shape")),
+    ])
+
+
+def group_analysis(rows: list[dict], items: list[dict], maps_dir: Path, presets: list[str], group_dir: Path,
+                   parser) -> tuple[dict, dict, list[dict]]:
+    """Mean input and relevance maps of the correctly classified subjects of each class (NIfTIs in
+    ``group_dir``), and the tissue table when every item has a ``tissue`` label map."""
+    from scripts.synthetic_anatomy import DRAWEM9
+
+    by_subject = {subject_name(it["image"]): it for it in items}
+    with_tissue = all("tissue" in it for it in items)
+    transform = _tissue_transform(parser) if with_tissue else None
+    means, counts, shares = {}, {}, {}
+    for label in (1, 0):
+        name = CLASS_NAMES[label]
+        subjects = [r["subject"] for r in rows if r["label"] == label and r["correct"]]
+        counts[name] = len(subjects)
+        if not subjects:
+            logger.warning("no correctly classified %s subject: no group maps for this class", name)
+            continue
+        means[name] = {}
+        for what in ["input", *presets]:
+            suffix = "input" if what == "input" else f"relevance_{what}"
+            mean, affine = mean_volume([maps_dir / s / f"{s}_{suffix}.nii.gz" for s in subjects])
+            means[name][what] = mean
+            save_nifti(mean, affine, group_dir / f"{name}_mean_{suffix}.nii.gz")
+        if with_tissue:
+            for s in subjects:
+                tissue = transform({"tissue": by_subject[s]["tissue"]})["tissue"][0].numpy()
+                for preset in presets:
+                    relevance, _ = mean_volume([maps_dir / s / f"{s}_relevance_{preset}.nii.gz"])
+                    shares.setdefault((name, preset), []).append(relevance_by_tissue(relevance, tissue, DRAWEM9))
+    return means, counts, tissue_shares_table(shares) if shares else []
+
+
+def _markdown(summary, best, metrics, mis, anatomy, info, timings, args, common) -> str:
+    lines = [
+        "# Study results", "",
+        f"Command: `{shlex.join(['python', '-m', 'scripts.study', *args.argv])}`", "",
+        f"Datalist: {info['datalist']} — training split term/preterm {info['training']}, "
+        f"{len(info['folds'])} folds; test split term/preterm {info['test']}.",
+        f"Config overrides for every stage: `{json.dumps({k: v for k, v in common.items() if k not in ('datalist', 'dataset_dir')})}`.",
+        "", "## Cross-validation (validation metrics after the last epoch, mean ± sd over folds)", "",
+    ]
+    table = [{"setting": r["setting"], "folds": r["folds"],
+              **{m: f"{r[m + '_mean']:.3f} ± {r[m + '_sd']:.3f}" for m in
+                 ("val_balanced_accuracy", "val_auc", "val_accuracy")},
+              "chosen": "yes" if r["setting"] == best["setting"] else ""} for r in summary]
+    lines.append(markdown_table(table, ["setting", "folds", "val_balanced_accuracy", "val_auc", "val_accuracy",
+                                        "chosen"],
+                                ["setting", "folds", "balanced accuracy", "ROC AUC", "accuracy", "chosen"]))
+    lines += ["## Held-out test split (preterm = positive)", "",
+              markdown_table([metrics], ["n", "accuracy", "tpr", "tnr", "balanced_accuracy", "auc", "tp", "fn", "tn", "fp"],
+                             ["n", "accuracy", "TPR", "TNR", "balanced accuracy", "ROC AUC", "TP", "FN", "TN", "FP"]),
+              "## Birth ages (weeks) of correctly classified and misclassified babies", "",
+              markdown_table(mis, ["class", "n", "correct", "misclassified", "birth_age_correct_mean",
+                                   "birth_age_correct_sd", "birth_age_correct_range", "birth_age_misclassified"],
+                             ["class", "n", "correct", "misclassified", "mean (correct)", "sd (correct)",
+                              "range (correct)", "misclassified babies"], digits=2)]
+    if anatomy:
+        lines += ["## Share of positive relevance per tissue class (correctly classified test subjects)", "",
+                  "Relevance share = the tissue's part of the positive relevance; volume share = its part of the "
+                  "voxels of the network input; enrichment = relevance share / volume share (1 = no preference).",
+                  ""]
+        csf = [r for r in anatomy if r["tissue"] in ("csf", "ventricles")]
+        lines.append(markdown_table(csf, ["class", "preset", "tissue", "relevance_share", "volume_share", "enrichment"]))
+        lines += ["All tissue classes: `study_anatomy.csv`.", ""]
+    lines += ["## Figure", "", "![group maps](study_group_relevance.png)", "",
+              "Rows: correctly classified preterm and term test subjects; columns: the average network input, then "
+              "the average LRP relevance for each alpha-beta setting (red: evidence for the predicted class, blue: "
+              "against); orthogonal slices through the grid centre.", "",
+              "## Run time (this machine)", "",
+              markdown_table([{"stage": k, "seconds": round(v, 1)} for k, v in timings.items()], ["stage", "seconds"],
+                             digits=1)]
+    return "\n".join(lines)
+
+
+def run_study(args) -> dict:
+    output, work = Path(args.output), Path(args.work_dir)
+    timings = {}
+    common = dict(args.override)
+    if args.reduced:
+        common = {**REDUCED, **common}
+    if args.dataset_dir:
+        common["dataset_dir"] = str(Path(args.dataset_dir).resolve())
+    if args.datalist:
+        common["datalist"] = str(Path(args.datalist).resolve())
+    start = time.perf_counter()
+    datalist = _parser("train.json", common).get_parsed_content("datalist_file")
+    common["datalist"] = str(Path(datalist).resolve())
+    info = {"datalist": common["datalist"], **check_study_datalist(common["datalist"])}
+    check = _parser("train.json", common)
+    validate_items(load_split(common["datalist"], "all", -1), spatial_shape=check.get_parsed_content("spatial_shape"),
+                   pixdim=check.get_parsed_content("pixdim"))  # every image, before hours of training
+    timings["datalist (generation when missing)"] = time.perf_counter() - start
+    logger.info("datalist %s: training term/preterm %s in folds %s, test term/preterm %s", info["datalist"],
+                info["training"], info["folds"], info["test"])
+
+    settings = expand_grid(args.grid or (REDUCED_GRID if args.reduced else DEFAULT_GRID))
+    start = time.perf_counter()
+    cv_rows = run_cv(settings, info["folds"], common, work / "cv")
+    timings["cross-validation (this run)"] = time.perf_counter() - start
+    timings["cross-validation (sum of fold runs, incl. earlier runs)"] = float(sum(r["seconds"] for r in cv_rows))
+    summary = summarise_cv(cv_rows, settings)
+    best = dict(select_best(summary), _keys=list(settings[0]))
+    logger.info("best setting: %s", best["setting"])
+
+    start = time.perf_counter()
+    ckpt = _final_model(best, common, work / "final")
+    timings["final training"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    maps_dir = work / "final" / "test"
+    run_bundle_workflow(["inference.json"], "inference", {
+        **common, "ckpt_dir": str(ckpt.parent), "output_dir": str(maps_dir), "split": "test",
+        "lrp_presets": list(args.presets), "lrp_target": "pred", "save_input": True})
+    timings["test inference + LRP"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    items = load_split(common["datalist"], "test", -1)
+    probs = _read_predictions(maps_dir / "predictions.csv")
+    rows = subject_table([dict(it, subject=subject_name(it["image"])) for it in items], probs)
+    metrics = classification_metrics([r["label"] for r in rows], [probs[r["subject"]] for r in rows])
+    mis = misclassification_table(rows)
+    means, counts, anatomy = group_analysis(rows, items, maps_dir, list(args.presets), work / "group",
+                                            _parser("inference.json", common))
+    output.mkdir(parents=True, exist_ok=True)
+    write_csv(cv_rows, output / "study_cv_folds.csv")
+    write_csv(summary, output / "study_cv.csv")
+    write_csv([metrics], output / "study_test_metrics.csv")
+    write_csv(rows, output / "study_test_subjects.csv")
+    write_csv(mis, output / "study_misclassified.csv")
+    if anatomy:
+        write_csv(anatomy, output / "study_anatomy.csv")
+    if means:
+        title = "Correctly classified test subjects; mean LRP relevance (target: predicted class)"
+        group_figure(means, list(args.presets), output / "study_group_relevance.png", counts, title)
+    timings["report"] = time.perf_counter() - start
+    atomic_write_text(_markdown(summary, best, metrics, mis, anatomy, info, timings, args, common),
+                      output / "study.md")
+    logger.info("study written to %s (work files in %s)", output, work)
+    return {"metrics": metrics, "best": best, "anatomy": anatomy, "summary": summary, "rows": rows}
+
+
+@report_input_errors
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="python -m scripts.study", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset_dir", default=None, help="folder holding datalist.json (default: the configs' "
+                    "synthetic cohort, generated when missing)")
+    ap.add_argument("--datalist", default=None, help="MONAI datalist JSON with labels, folds and a test split")
+    ap.add_argument("--work_dir", default=str(ROOT / "eval" / "study"),
+                    help="models, maps and fold results (reused on a rerun)")
+    ap.add_argument("--output", default=str(ROOT / "eval" / "study" / "results"), help="tables and figures")
+    ap.add_argument("--grid", type=json.loads, default=None,
+                    help=f"hyper-parameter grid as JSON (default {json.dumps(DEFAULT_GRID)})")
+    ap.add_argument("--presets", nargs="+", default=PRESETS, help="LRP alpha-beta settings of the group maps")
+    ap.add_argument("--override", type=json.loads, default={},
+                    help='config overrides for every stage as JSON, e.g. \'{"num_epochs": 20}\'')
+    ap.add_argument("--reduced", action="store_true",
+                    help=f"2 mm grid, smaller network, grid {json.dumps(REDUCED_GRID)}: {json.dumps(REDUCED)}")
+    args = ap.parse_args(argv)
+    args.argv = argv
+    if not isinstance(args.override, dict):
+        ap.error(f"--override must be a JSON object, got {args.override!r}")
+    if args.grid is not None:
+        expand_grid(args.grid)
+    result = run_study(args)
+    m = result["metrics"]
+    print(f"test: accuracy {m['accuracy']:.3f}, TPR {m['tpr']:.3f}, TNR {m['tnr']:.3f}, "
+          f"balanced accuracy {m['balanced_accuracy']:.3f}, AUC {m['auc']:.3f} (n={m['n']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
