@@ -1,0 +1,181 @@
+"""Registration of a skull-stripped native T2w scan to the template grid, and back.
+
+Two backends with one interface: ``SimpleITKRegistration`` (rigid -> affine, optionally + B-spline free-form
+deformation as in the seed paper; installed with the bundle) and ``AntsRegistration`` (antspyx: affine + SyN;
+optional extra ``pip install antspyx``). Each writes its transforms into the subject folder and returns their
+file names; ``to_template`` resamples any native image (linear or nearest) onto the template grid and
+``to_native`` sends a template-space map (e.g. a relevance map) onto the native scan's grid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["BACKENDS", "AntsRegistration", "SimpleITKRegistration", "get_backend"]
+
+
+def _sitk():
+    import SimpleITK as sitk
+
+    return sitk
+
+
+def _write(image, path: Path) -> None:
+    from scripts.nifti_io import atomic_target_for
+
+    with atomic_target_for(path) as tmp:
+        _sitk().WriteImage(image, str(tmp))
+
+
+class SimpleITKRegistration:
+    """Rigid (moments-initialised) -> affine by Mattes mutual information, multi-resolution; with ``bspline``
+    a B-spline FFD (control grid ``mesh`` per axis) on top. The forward transform maps template points to
+    native points (ITK's convention), so ``to_template`` resamples natives with it; ``to_native`` uses the exact
+    affine inverse and, for the B-spline part, the inverted displacement field."""
+
+    name = "sitk"
+
+    def __init__(self, bspline: bool = False, mesh: int = 6, iterations: int = 100, bspline_iterations: int = 30,
+                 seed: int = 0) -> None:
+        self.bspline, self.mesh, self.iterations, self.seed = bspline, mesh, iterations, seed
+        self.bspline_iterations = bspline_iterations
+
+    def _method(self, sitk, shrink=(4, 2, 1)):
+        r = sitk.ImageRegistrationMethod()
+        r.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+        r.SetMetricSamplingStrategy(r.RANDOM)
+        r.SetMetricSamplingPercentage(0.05, self.seed)
+        r.SetInterpolator(sitk.sitkLinear)
+        r.SetShrinkFactorsPerLevel(list(shrink))
+        r.SetSmoothingSigmasPerLevel([{4: 2.0, 2: 1.0, 1: 0.0}[f] for f in shrink])
+        r.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+        return r
+
+    def register(self, fixed_path: str, moving_path: str, folder: Path, stem: str) -> dict:
+        sitk = _sitk()
+        fixed = sitk.ReadImage(str(fixed_path), sitk.sitkFloat32)
+        moving = sitk.ReadImage(str(moving_path), sitk.sitkFloat32)
+        rigid = sitk.CenteredTransformInitializer(fixed, moving, sitk.VersorRigid3DTransform(),
+                                                  sitk.CenteredTransformInitializerFilter.MOMENTS)
+        r = self._method(sitk, shrink=(4, 2))
+        r.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=self.iterations,
+                                                   gradientMagnitudeTolerance=1e-8)
+        r.SetOptimizerScalesFromPhysicalShift()
+        r.SetInitialTransform(rigid, inPlace=True)
+        r.Execute(fixed, moving)
+        affine = sitk.AffineTransform(3)
+        affine.SetMatrix(rigid.GetMatrix())
+        affine.SetTranslation(rigid.GetTranslation())
+        affine.SetCenter(rigid.GetCenter())
+        r = self._method(sitk)
+        r.SetOptimizerAsRegularStepGradientDescent(learningRate=0.5, minStep=1e-5, numberOfIterations=self.iterations,
+                                                   gradientMagnitudeTolerance=1e-8)
+        r.SetOptimizerScalesFromPhysicalShift()
+        r.SetInitialTransform(affine, inPlace=True)
+        r.Execute(fixed, moving)
+        files = {"affine": f"{stem}_template_to_native_affine.tfm"}
+        sitk.WriteTransform(affine, str(folder / files["affine"]))
+        if self.bspline:
+            bspline = sitk.BSplineTransformInitializer(fixed, [self.mesh] * 3)
+            r = self._method(sitk, shrink=(4, 2))  # the FFD refines the affine; full resolution adds little
+            r.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=self.bspline_iterations)
+            r.SetMovingInitialTransform(affine)
+            r.SetInitialTransform(bspline, inPlace=True)
+            r.Execute(fixed, moving)
+            files["bspline"] = f"{stem}_template_to_native_bspline.tfm"
+            sitk.WriteTransform(bspline, str(folder / files["bspline"]))
+        return files
+
+    def _forward(self, folder: Path, files: dict):
+        sitk = _sitk()
+        composite = sitk.CompositeTransform(sitk.ReadTransform(str(folder / files["affine"])))
+        if "bspline" in files:
+            composite.AddTransform(sitk.ReadTransform(str(folder / files["bspline"])))  # applied first
+        return composite
+
+    def to_template(self, image_path: str, reference_path: str, out: Path, folder: Path, files: dict,
+                    nearest: bool = False) -> None:
+        sitk = _sitk()
+        image = sitk.ReadImage(str(image_path))
+        reference = sitk.ReadImage(str(reference_path))
+        interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
+        pixel = image.GetPixelID() if nearest else sitk.sitkFloat32
+        _write(sitk.Resample(image, reference, self._forward(folder, files), interp, 0.0, pixel), out)
+
+    def to_native(self, map_path: str, native_path: str, out: Path, folder: Path, files: dict,
+                  nearest: bool = False) -> None:
+        sitk = _sitk()
+        image = sitk.ReadImage(str(map_path), sitk.sitkFloat32)
+        native = sitk.ReadImage(str(native_path))
+        affine = sitk.ReadTransform(str(folder / files["affine"]))
+        inverse = sitk.CompositeTransform(affine.GetInverse())
+        if "bspline" in files:
+            field = sitk.TransformToDisplacementField(sitk.ReadTransform(str(folder / files["bspline"])),
+                                                      sitk.sitkVectorFloat64, image.GetSize(), image.GetOrigin(),
+                                                      image.GetSpacing(), image.GetDirection())
+            inverse = sitk.CompositeTransform(sitk.DisplacementFieldTransform(sitk.InvertDisplacementField(field)))
+            inverse.AddTransform(affine.GetInverse())  # applied first: native -> affine-template space
+        interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
+        _write(sitk.Resample(image, native, inverse, interp, 0.0, sitk.sitkFloat32), out)
+
+
+class AntsRegistration:
+    """antspyx ``ants.registration`` (affine + SyN by default; ``type_of_transform`` any ANTs preset)."""
+
+    name = "ants"
+
+    def __init__(self, type_of_transform: str = "SyN", seed: int = 0) -> None:
+        import ants  # noqa: F401 - fail early with ImportError when the extra is not installed
+
+        self.type_of_transform, self.seed = type_of_transform, seed
+
+    def register(self, fixed_path: str, moving_path: str, folder: Path, stem: str) -> dict:
+        import shutil
+
+        import ants
+
+        fixed, moving = ants.image_read(str(fixed_path)), ants.image_read(str(moving_path))
+        reg = ants.registration(fixed, moving, type_of_transform=self.type_of_transform, random_seed=self.seed)
+        files = {}
+        for kind, paths in (("forward", reg["fwdtransforms"]), ("inverse", reg["invtransforms"])):
+            for i, path in enumerate(paths):
+                name = f"{stem}_{kind}{i}" + (".mat" if path.endswith(".mat") else ".nii.gz")
+                shutil.copy(path, folder / name)
+                files.setdefault(kind, []).append(name)
+        return files
+
+    def to_template(self, image_path, reference_path, out: Path, folder: Path, files: dict, nearest=False) -> None:
+        import ants
+
+        moved = ants.apply_transforms(ants.image_read(str(reference_path)), ants.image_read(str(image_path)),
+                                      [str(folder / f) for f in files["forward"]],
+                                      interpolator="nearestNeighbor" if nearest else "linear")
+        _ants_write(moved, out)
+
+    def to_native(self, map_path, native_path, out: Path, folder: Path, files: dict, nearest=False) -> None:
+        import ants
+
+        inverse = [str(folder / f) for f in files["inverse"]]
+        which = [f.endswith(".mat") for f in files["inverse"]]  # affines are inverted, warps are inverse warps
+        moved = ants.apply_transforms(ants.image_read(str(native_path)), ants.image_read(str(map_path)), inverse,
+                                      whichtoinvert=which, interpolator="nearestNeighbor" if nearest else "linear")
+        _ants_write(moved, out)
+
+
+def _ants_write(image, out: Path) -> None:
+    from scripts.nifti_io import atomic_target_for
+
+    with atomic_target_for(out) as tmp:
+        image.to_file(str(tmp))
+
+
+BACKENDS = {"sitk": SimpleITKRegistration, "ants": AntsRegistration}
+
+
+def get_backend(name: str, **kwargs):
+    if name not in BACKENDS:
+        raise ValueError(f"registration method must be one of {sorted(BACKENDS)}, got {name!r}")
+    try:
+        return BACKENDS[name](**kwargs)
+    except ImportError as err:
+        raise ValueError(f"registration method {name!r} needs antspyx: pip install antspyx ({err})") from err
