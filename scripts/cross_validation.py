@@ -19,7 +19,8 @@ import numpy as np
 
 from scripts.nifti_io import atomic_write_text
 
-__all__ = ["METRICS", "expand_grid", "run_bundle_workflow", "run_cv", "select_best", "setting_label", "summarise_cv"]
+__all__ = ["METRICS", "expand_grid", "run_bundle_workflow", "run_cv", "same_run", "select_best", "setting_label",
+           "summarise_cv"]
 
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +41,16 @@ def expand_grid(grid: dict[str, Sequence]) -> list[dict]:
 def setting_label(setting: dict) -> str:
     """Readable, file-system safe name of a setting: ``class_weight_factor-2_learning_rate-0.001``."""
     return "_".join(f"{k}-{v}" for k, v in sorted(setting.items())).replace("/", "-").replace(" ", "") or "default"
+
+
+def same_run(saved: dict | None, overrides: dict) -> bool:
+    """Whether a finished run's overrides equal ``overrides``, apart from where it wrote (its own folder)."""
+    if saved is None:
+        return False
+    def key(d):
+        return {k: v for k, v in json.loads(json.dumps(d)).items() if k not in ("ckpt_dir", "output_dir")}
+
+    return key(saved) == key(overrides)
 
 
 def run_bundle_workflow(config_files: Sequence[str], run_id: str, overrides: dict):
@@ -80,7 +91,7 @@ def run_cv(settings: list[dict], folds: Sequence[int], common: dict, work_dir: P
                      "output_dir": str(run_dir)}
         result_file = run_dir / "result.json"
         result = json.loads(result_file.read_text()) if result_file.is_file() else None
-        if result is None or result.get("overrides") != json.loads(json.dumps(overrides)):
+        if result is None or not same_run(result.get("overrides"), overrides):
             bar.set_postfix_str(f"{setting_label(setting)} fold {fold}")
             start = time.perf_counter()
             result = {"setting": setting, "fold": int(fold), "overrides": overrides, **train_fold(overrides),

@@ -36,8 +36,11 @@ def group_figure(means: Mapping[str, Mapping[str, np.ndarray]], presets: Sequenc
 
     classes = list(means)
     columns = ["input", *presets]
-    fig, axes = plt.subplots(len(classes), len(columns), figsize=(3.3 * len(columns), 1.6 * len(classes) + 1.2),
-                             squeeze=False)
+    first = orthogonal_montage(means[classes[0]]["input"])
+    cell_w = 3.3
+    cell_h = cell_w * first.shape[0] / first.shape[1]
+    fig, axes = plt.subplots(len(classes), len(columns), squeeze=False, layout="constrained",
+                             figsize=(cell_w * len(columns) + 0.6, (cell_h + 0.3) * len(classes) + 1.0))
     for j, column in enumerate(columns):
         values = [means[c][column] for c in classes]
         if column == "input":
@@ -59,7 +62,9 @@ def group_figure(means: Mapping[str, Mapping[str, np.ndarray]], presets: Sequenc
             if j == 0:
                 n = f" (n={counts[cls]})" if counts else ""
                 ax.set_ylabel(f"{cls}{n}", fontsize=9)
-        fig.colorbar(im, ax=axes[:, j].tolist(), orientation="horizontal", fraction=0.06, pad=0.04, shrink=0.9)
+        ticks = None if column == "input" else [vmin, 0.0, vmax]
+        fig.colorbar(im, ax=axes[:, j].tolist(), orientation="horizontal", fraction=0.08, shrink=0.9, ticks=ticks,
+                     format=None if column == "input" else "%.1e")
     if title:
         fig.suptitle(title, fontsize=9)
     save_figure(fig, path, dpi=110)

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from scripts.clinical_metrics import CLASS_NAMES, classification_metrics, misclassification_table, subject_table
-from scripts.cross_validation import (ROOT, expand_grid, run_bundle_workflow, run_cv, select_best, setting_label,
-                                      summarise_cv)
+from scripts.cross_validation import (ROOT, expand_grid, run_bundle_workflow, run_cv, same_run, select_best,
+                                      setting_label, summarise_cv)
 from scripts.checks import validate_items
 from scripts.datalist import check_study_datalist, load_split, subject_name
 from scripts.errors import report_input_errors
@@ -65,7 +65,7 @@ def _final_model(best: dict, common: dict, run_dir: Path) -> Path:
     overrides = {**common, **setting, "ckpt_dir": str(run_dir / "models"), "output_dir": str(run_dir)}
     result_file, ckpt = run_dir / "result.json", run_dir / "models" / "model.pt"
     done = json.loads(result_file.read_text()) if result_file.is_file() else {}
-    if done.get("overrides") == json.loads(json.dumps(overrides)) and ckpt.is_file():
+    if same_run(done.get("overrides"), overrides) and ckpt.is_file():
         logger.info("final model already trained with %s: %s", setting_label(setting), ckpt)
         return ckpt
     logger.info("training the final model on the whole training split with %s", setting_label(setting))
@@ -153,14 +153,16 @@ def _markdown(summary, best, metrics, mis, anatomy, info, timings, args, common)
               "Rows: correctly classified preterm and term test subjects; columns: the average network input, then "
               "the average LRP relevance for each alpha-beta setting (red: evidence for the predicted class, blue: "
               "against); orthogonal slices through the grid centre.", "",
-              "## Run time (this machine)", "",
+              "## Run time of this invocation (seconds on this machine)", "",
+              "Stages finished by an earlier invocation with the same settings are reused and take about 0 s; "
+              "the sum of the fold runs includes the earlier invocations.", "",
               markdown_table([{"stage": k, "seconds": round(v, 1)} for k, v in timings.items()], ["stage", "seconds"],
                              digits=1)]
     return "\n".join(lines)
 
 
 def run_study(args) -> dict:
-    output, work = Path(args.output), Path(args.work_dir)
+    output, work = Path(args.output).resolve(), Path(args.work_dir).resolve()
     timings = {}
     common = dict(args.override)
     if args.reduced:
@@ -170,7 +172,10 @@ def run_study(args) -> dict:
     if args.datalist:
         common["datalist"] = str(Path(args.datalist).resolve())
     start = time.perf_counter()
-    datalist = _parser("train.json", common).get_parsed_content("datalist_file")
+    parser = _parser("train.json", common)
+    datalist = parser.get_parsed_content("datalist_file")
+    # absolute paths in every stage's overrides: a rerun with the same data finds its finished folds
+    common["dataset_dir"] = str(Path(parser.get_parsed_content("dataset_dir")).resolve())
     common["datalist"] = str(Path(datalist).resolve())
     info = {"datalist": common["datalist"], **check_study_datalist(common["datalist"])}
     check = _parser("train.json", common)
