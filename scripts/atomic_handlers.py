@@ -22,6 +22,10 @@ from scripts.nifti_io import atomic_target_for
 __all__ = ["AtomicCheckpointSaver", "AtomicMetricsSaver"]
 
 
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+
+
 class _AtomicSave(BaseSaveHandler):
     """Save handler for ignite's Checkpoint: torch.save to a temporary file, then rename. With a fixed file name
     (``model.pt``) the old file is only ever replaced, never removed first."""
@@ -31,6 +35,8 @@ class _AtomicSave(BaseSaveHandler):
         self.filename = filename
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        if _rank() != 0:  # one writer under torch.distributed (ignite's DiskSaver default: rank 0)
+            return
         self.dirname.mkdir(parents=True, exist_ok=True)
         with atomic_target_for(self.dirname / (self.filename or filename)) as tmp:
             torch.save(checkpoint, tmp)

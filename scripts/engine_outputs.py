@@ -13,7 +13,7 @@ import torch
 from scripts.datalist import subject_name
 from scripts.nifti_io import atomic_write_text
 
-__all__ = ["CrashSafeTable", "dist_rank_world", "scores_and_labels", "source_file"]
+__all__ = ["CrashSafeTable", "dist_rank_world", "read_rows", "scores_and_labels", "source_file"]
 
 
 def scores_and_labels(output, pred_key: str = "pred", label_key: str = "label"):
@@ -43,6 +43,17 @@ def dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def read_rows(path: Path, columns: Sequence[str] | None = None) -> list[dict]:
+    """Rows of a CSV table (none when it is missing or has other columns)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if columns is not None and reader.fieldnames != list(columns):
+            return []
+        return list(reader)
+
+
 class CrashSafeTable:
     """A CSV table of rows keyed by some columns, rewritten atomically after every change, so that a killed
     run leaves the table of everything finished before the kill. Under torch.distributed every rank keeps its
@@ -55,14 +66,12 @@ class CrashSafeTable:
         self.rows: dict[tuple, dict] = {}
 
     def load(self, keep: Callable[[dict], bool] = lambda row: True) -> int:
-        """Take over the rows of an existing table (those ``keep`` accepts); returns how many."""
-        if self.path.is_file():
-            with open(self.path, newline="") as f:
-                reader = csv.DictReader(f)
-                if reader.fieldnames == self.columns:
-                    for row in reader:
-                        if keep(row):
-                            self.rows[tuple(row[k] for k in self.key)] = row
+        """Take over the rows of an existing table and of the rank parts a killed distributed run left (those
+        ``keep`` accepts); returns how many."""
+        for path in [self.path, *sorted(self.path.parent.glob(f".{self.path.name}.rank*"))]:
+            for row in read_rows(path, self.columns):
+                if keep(row):
+                    self.rows[tuple(row[k] for k in self.key)] = row
         return len(self.rows)
 
     def add(self, row: dict) -> None:

@@ -106,6 +106,7 @@ class LRPHandler:
         items = batch if isinstance(batch, list) else [batch]
         images = torch.stack([torch.as_tensor(item[self.image_key]) for item in items])
         network = self.network if self.network is not None else engine.network
+        network = getattr(network, "module", network)  # DistributedDataParallel / DataParallel wrapper
         device = next(network.parameters()).device
         network_was_training = network.training
         network.eval()

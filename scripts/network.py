@@ -72,12 +72,14 @@ class PretermCNN(nn.Sequential):
         layers.append(nn.Linear(hidden, out_channels))
         super().__init__(*layers)
         self.spatial_shape = tuple(int(s) for s in spatial_shape)
+        self._expected: list[int] = [int(s) for s in spatial_shape]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 5:
-            raise ValueError(f"PretermCNN expects a 5D tensor (batch, channel, D, H, W), got shape {tuple(x.shape)}")
-        if tuple(x.shape[2:]) != self.spatial_shape:
-            raise ValueError(
-                f"PretermCNN was built for spatial shape {self.spatial_shape}, got {tuple(x.shape[2:])}"
-            )
-        return super().forward(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # TorchScript-compatible (models/model.ts)
+        if x.dim() != 5:
+            raise ValueError("PretermCNN expects a 5D tensor (batch, channel, D, H, W), got shape " + str(x.shape))
+        if list(x.shape[2:]) != self._expected:
+            raise ValueError("PretermCNN was built for spatial shape " + str(self._expected) + ", got "
+                             + str(list(x.shape[2:])))
+        for layer in self:
+            x = layer(x)
+        return x

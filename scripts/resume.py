@@ -7,13 +7,13 @@ removed first.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
 from pathlib import Path
 
 from scripts.datalist import subject_name
+from scripts.engine_outputs import read_rows
 from scripts.nifti_io import remove_stale_temporaries
 
 __all__ = ["pending_items", "run_if_pending", "run_key"]
@@ -54,10 +54,8 @@ def pending_items(items: list[dict], output_dir: str, key: str | None, presets=(
         logger.warning("removed %d unfinished temporary files of an interrupted run in %s", len(removed), output)
     if key is None:
         return list(items)
-    done = set()
-    if (output / table).is_file():
-        with open(output / table, newline="") as f:
-            done = {row["subject"] for row in csv.DictReader(f) if row.get("run_key") == key}
+    done = {row["subject"] for path in [output / table, *sorted(output.glob(f".{table}.rank*"))]
+            for row in read_rows(path) if row.get("run_key") == key}  # rank parts: a killed distributed run
     pending = [it for it in items if not (
         subject_name(it["image"]) in done
         and all(p.is_file() for p in expected_outputs(output, subject_name(it["image"]), presets, save_input,

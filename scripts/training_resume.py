@@ -65,6 +65,8 @@ class ResumableTraining:
         return objects
 
     def __call__(self, engine: Engine) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            return  # rank 0 writes; every rank restores
         state = {name: obj.state_dict() for name, obj in self._objects().items()}
         state["trainer"] = {"epoch": engine.state.epoch, "iteration": engine.state.iteration,
                             "max_epochs": engine.state.max_epochs, "epoch_length": engine.state.epoch_length}
