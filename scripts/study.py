@@ -18,6 +18,7 @@ import argparse
 import csv
 import json
 import logging
+import logging.config
 import shlex
 import sys
 import time
@@ -250,6 +251,7 @@ def main(argv=None) -> int:
                     help=f"2 mm grid, smaller network, grid {json.dumps(REDUCED_GRID)}: {json.dumps(REDUCED)}")
     args = ap.parse_args(argv)
     args.argv = argv
+    logging.config.fileConfig(ROOT / "configs" / "logging.conf", disable_existing_loggers=False)  # as the bundle
     if not isinstance(args.override, dict):
         ap.error(f"--override must be a JSON object, got {args.override!r}")
     if args.grid is not None:
