@@ -38,8 +38,8 @@ class _AtomicSave(BaseSaveHandler):
         if _rank() != 0:  # one writer under torch.distributed (ignite's DiskSaver default: rank 0)
             return
         self.dirname.mkdir(parents=True, exist_ok=True)
-        with atomic_target_for(self.dirname / (self.filename or filename)) as tmp:
-            torch.save(checkpoint, tmp)
+        with atomic_target_for(self.dirname / (self.filename or filename)) as tmp, open(tmp, "wb") as f:
+            torch.save(checkpoint, f)  # via a file object: the archive's inner name does not vary with tmp
 
     def remove(self, filename: str) -> None:
         if self.filename is None:

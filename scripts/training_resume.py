@@ -73,8 +73,8 @@ class ResumableTraining:
         if self.evaluator is not None:
             state["best"] = {"metric": float(self.evaluator.state.best_metric),
                              "epoch": int(self.evaluator.state.best_metric_epoch)}
-        with atomic_target_for(self.path) as tmp:
-            torch.save(state, tmp)
+        with atomic_target_for(self.path) as tmp, open(tmp, "wb") as f:
+            torch.save(state, f)  # via a file object: the archive's inner name does not vary with tmp
 
     def _restore(self, engine: Engine) -> None:
         try:

@@ -118,6 +118,7 @@ def test_seeded_training_and_inference_are_repeatable(tmp_path, cohort, trained)
     first = torch.load(ckpt_dir / "model.pt", weights_only=True)
     second = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert (ckpt_dir / "model.pt").read_bytes() == (tmp_path / "models" / "model.pt").read_bytes()  # same file
     maps = []
     for run in ("a", "b"):
         out = tmp_path / run
