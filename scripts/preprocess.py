@@ -128,7 +128,6 @@ def _job(args):
     import SimpleITK as sitk
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(threads))
     try:
         return item, preprocess_subject(item, reference, output, method, options), None
     except Exception as err:  # one bad subject must not stop the batch: it is reported

@@ -179,9 +179,8 @@ def run_study(args) -> dict:
     common["dataset_dir"] = str(Path(parser.get_parsed_content("dataset_dir")).resolve())
     common["datalist"] = str(Path(datalist).resolve())
     info = {"datalist": common["datalist"], **check_study_datalist(common["datalist"])}
-    check = _parser("train.json", common)
-    validate_items(load_split(common["datalist"], "all", -1), spatial_shape=check.get_parsed_content("spatial_shape"),
-                   pixdim=check.get_parsed_content("pixdim"))  # every image, before hours of training
+    validate_items(load_split(common["datalist"], "all", -1), spatial_shape=parser.get_parsed_content("spatial_shape"),
+                   pixdim=parser.get_parsed_content("pixdim"))  # every image, before hours of training
     timings["datalist (generation when missing)"] = time.perf_counter() - start
     logger.info("datalist %s: training term/preterm %s in folds %s, test term/preterm %s", info["datalist"],
                 info["training"], info["folds"], info["test"])

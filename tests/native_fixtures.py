@@ -92,9 +92,6 @@ def native_datalist(cohort: Path, out: Path, subjects: list[str], seed: int = 0)
     return path
 
 
-TINY_IMAGE = None
-
-
 def _tiny(path: Path, value: float = 1.0) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_nifti(np.full((4, 4, 4), value, np.float32), np.eye(4), path)
