@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["PretermCNN", "flat_features"]
+__all__ = ["PretermCNN", "flat_features", "from_torchscript"]
 
 
 def flat_features(spatial_shape: Sequence[int], channels: Sequence[int]) -> int:
@@ -83,3 +83,30 @@ class PretermCNN(nn.Sequential):
         for layer in self:
             x = layer(x)
         return x
+
+
+def from_torchscript(scripted: torch.jit.ScriptModule) -> PretermCNN:
+    """Rebuild the eager :class:`PretermCNN` inside an exported ``model.ts`` (``ckpt_export``), with its weights.
+
+    LRP walks eager modules with hooks, which a ScriptModule does not run; the architecture is read back from the
+    exported module itself (conv widths, hidden width, dropout, and the spatial shape it was built for), so a
+    ``model.ts`` exported with any overrides is explained exactly as exported.
+    """
+    children = list(scripted.named_children())
+    kinds = [getattr(child, "original_name", type(child).__name__) for _, child in children]
+    state = scripted.state_dict()
+    convs = [name for (name, _), kind in zip(children, kinds) if kind == "Conv3d"]
+    linears = [name for (name, _), kind in zip(children, kinds) if kind == "Linear"]
+    if not convs or len(linears) != 2:
+        raise ValueError(f"not an exported PretermCNN: layers {kinds}")
+    dropout = [child for (_, child), kind in zip(children, kinds) if kind == "Dropout"]
+    network = PretermCNN(
+        spatial_shape=[int(s) for s in scripted._expected],
+        in_channels=int(state[f"{convs[0]}.weight"].shape[1]),
+        out_channels=int(state[f"{linears[1]}.weight"].shape[0]),
+        channels=[int(state[f"{name}.weight"].shape[0]) for name in convs],
+        hidden=int(state[f"{linears[0]}.weight"].shape[0]),
+        dropout=float(dropout[0].p) if dropout else 0.0,
+    )
+    network.load_state_dict(state, strict=True)
+    return network.eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # tiny settings so that the real configs run in seconds: the 128x96x96 volumes are centre-cropped
 TINY = ["--spatial_shape", "[64,48,48]", "--channels", "[4,8]", "--hidden", "8"]
+
+
+# the MONAI Label and Deploy apps have their own environments (nox sessions label / deploy, see noxfile.py)
+collect_ignore = [name for name, module in (("label", "monailabel"), ("deploy", "monai.deploy"))
+                  if importlib.util.find_spec(module) is None]
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +53,33 @@ def trained(tmp_path_factory, cohort):
         "--output_dir", str(work / "train_out"), "--num_epochs", "2", *TINY,
     )
     return work / "models", work
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, trained) -> Path:
+    """A bundle folder as MONAI Label and Deploy see one (configs/, scripts/, models/model.pt) holding the tiny
+    trained model; configs and scripts are this repository's (symlinks)."""
+    ckpt_dir, _ = trained
+    bundle = tmp_path_factory.mktemp("bundle")
+    for name in ("configs", "scripts"):
+        (bundle / name).symlink_to(ROOT / name, target_is_directory=True)
+    (bundle / "models").symlink_to(ckpt_dir, target_is_directory=True)
+    return bundle
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, cohort, trained):
+    """``run inference`` of the tiny model on the test split with the a2b1 preset: (output dir, test items with
+    absolute image paths)."""
+    ckpt_dir, _ = trained
+    out = tmp_path_factory.mktemp("reference")
+    run_bundle("inference", "configs/inference.json", "--dataset_dir", str(cohort), "--ckpt_dir", str(ckpt_dir),
+               "--output_dir", str(out), "--lrp_presets", "['a2b1']", *TINY)
+    items = read_json(cohort / "datalist.json")["test"]
+    return out, [{**item, "image": str(cohort / item["image"])} for item in items]
+
+
+TINY_OVERRIDES = {"spatial_shape": [64, 48, 48], "channels": [4, 8], "hidden": 8}  # TINY as config overrides
 
 
 def read_json(path: Path):

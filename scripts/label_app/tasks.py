@@ -1,0 +1,144 @@
+"""The two MONAI Label inference tasks of the bundle, both stock ``BundleInferTask`` reading ``configs/inference.json``
+and the weights in ``models/`` of the bundle folder (never a model-zoo download):
+
+* ``PretermClassification`` -- JSON scores for term / preterm (the bundle's softmax post-processing).
+* ``PretermRelevance`` -- the LRP relevance map of the decision as a NIfTI image on the network-input grid, with
+  the input's world affine, so a viewer such as 3D Slicer overlays it on the scan. It equals the map the bundle's
+  ``LRPHandler`` writes as ``<subject>_relevance_<preset>.nii.gz``.
+
+MONAI Label is imported here, so this module only runs in the Label environment (``nox -s label``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.infer.bundle import BundleInferTask
+
+logger = logging.getLogger(__name__)
+
+TRAIN_COMMAND = "python -m monai.bundle run training --config_file configs/train.json"
+EXPORT_COMMAND = ("python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt_file "
+                  "models/model.pt --meta_file configs/metadata.json --config_file configs/inference.json")
+
+
+def require_weights(bundle: str) -> None:
+    """Fail with the command that creates the weights when the bundle has neither models/model.pt nor model.ts."""
+    models = os.path.join(bundle, "models")
+    if not any(os.path.isfile(os.path.join(models, name)) for name in ("model.pt", "model.ts")):
+        raise FileNotFoundError(
+            f"{models}/model.pt not found (nor model.ts); create it with: {TRAIN_COMMAND} "
+            f"(and model.ts from it with: {EXPORT_COMMAND})")
+
+
+class _StashImagePath:
+    """MONAI Label stores the input file name under ``image_path``; MONAI 1.6's spatial transforms take every
+    ``image_*`` key for a meta dict and fail on that string. Keep it under another key (and its extension as the
+    result's, which is what MONAI Label's writer reads ``image_path`` for)."""
+
+    def __call__(self, data):
+        d = dict(data)
+        path = d.pop("image_path", None)
+        if isinstance(path, str):
+            d["input_path"] = path
+            d.setdefault("result_extension", ".nii.gz" if path.endswith(".nii.gz") else os.path.splitext(path)[1])
+        return d
+
+
+class _BundleTask(BundleInferTask):
+    """BundleInferTask with the pitfalls of a classification bundle handled: explicit task type, no ``Restored``
+    post-transform (it cannot restore a (2,) output), strict weights-only loading (torch's default loader), config
+    overrides from the app (e.g. ``device`` or the shape of a smaller model), and the input checked before the
+    transforms so that a bad upload is an error naming what is wrong."""
+
+    def __init__(self, bundle: str, conf: dict[str, str], overrides: dict[str, Any], type: str, **kwargs):
+        self.overrides = dict(overrides)
+        require_weights(bundle)
+        super().__init__(bundle, conf, type=type, add_post_restore=False, load_strict=True, **kwargs)
+        if not self.is_valid():
+            raise RuntimeError(f"{bundle}: MONAI Label could not load the bundle (configs/inference.json, models/)")
+        self.spatial_shape = self.bundle_config.get_parsed_content("spatial_shape")
+        self.pixdim = self.bundle_config.get_parsed_content("pixdim")
+
+    def _load_bundle_config(self, path, config) -> ConfigParser:
+        parser = super()._load_bundle_config(path, config)
+        parser.update(self.overrides)
+        return parser
+
+    def pre_transforms(self, data=None):
+        return [_StashImagePath(), *super().pre_transforms(data)]
+
+    def __call__(self, request, callbacks=None):
+        image = request.get("image")
+        if isinstance(image, str):
+            import sys
+
+            sys.path.insert(0, self.bundle_path)
+            try:
+                from scripts.checks import check_image
+
+                check_image(image, self.spatial_shape, self.pixdim)
+            except (OSError, ValueError) as err:
+                raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"bad input image: {err}") from err
+            finally:
+                sys.path.remove(self.bundle_path)
+        return super().__call__(request, callbacks)
+
+
+class PretermClassification(_BundleTask):
+    """Scores for term (0) and preterm (1): ``{"prediction": [{"idx", "label", "score"}, ...]}``."""
+
+    def __init__(self, bundle: str, conf: dict[str, str], overrides: dict[str, Any], **kwargs):
+        super().__init__(bundle, conf, overrides, type=InferType.CLASSIFICATION, **kwargs)
+        self.description = "Term / preterm birth scores from a registered neonatal T2w volume"
+
+
+class PretermRelevance(_BundleTask):
+    """LRP relevance of the decision (``preset`` alpha-beta composite, ``target`` class) as a float32 NIfTI."""
+
+    def __init__(self, bundle: str, conf: dict[str, str], overrides: dict[str, Any], preset: str = "a2b1",
+                 target: str | int = "pred", **kwargs):
+        super().__init__(bundle, conf, overrides, type=InferType.OTHERS, **kwargs)
+        self.preset = preset
+        self.target = target
+        self.description = f"LRP relevance map ({preset}) of the term / preterm decision, overlaid on the scan"
+
+    def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda"):
+        import sys
+
+        sys.path.insert(0, self.bundle_path)
+        try:
+            from scripts.lrp import LRP
+            from scripts.network import from_torchscript
+        finally:
+            sys.path.remove(self.bundle_path)
+        network = self._get_network(device, data)
+        if isinstance(network, torch.jit.ScriptModule):
+            network = from_torchscript(network).to(device)
+        image = data[self.input_key]
+        x = torch.as_tensor(image).as_subclass(torch.Tensor)[None].to(device=device, dtype=torch.float32)
+        trace = LRP(network).trace(x, cache=False)
+        result = trace.relevance(self.preset, self.target)
+        probs = torch.softmax(trace.logits.detach().float(), dim=1)[0].cpu()
+        relevance = result.relevance[0, 0].detach().float().cpu()
+        data[self.output_label_key] = MetaTensor(relevance, affine=image.affine)
+        data["result_dtype"] = np.float32
+        data[self.output_json_key] = {
+            "preset": self.preset,
+            "target": int(result.target[0]),
+            "probabilities": {name: float(probs[idx]) for name, idx in self.labels.items()},
+            "relevance_sum": float(relevance.sum()),
+            "conservation": float(result.conservation[0]),
+        }
+        return data
+
+    def post_transforms(self, data=None):
+        return []  # the map is final: the bundle's softmax post-processing applies to scores, not to relevance
