@@ -2,7 +2,8 @@
 # One entry point for a fresh machine: creates .venv, installs what is needed, then
 #   bash run.sh train   - generates the synthetic cohort, trains, evaluates on the held-out split and writes
 #                         predictions + relevance maps (eval/)
-#   bash run.sh test    - runs every test
+#   bash run.sh test    - runs every test: the main suite, then the MONAI Label and MONAI Deploy apps' tests in
+#                         their own environments (nox sessions label and deploy, see noxfile.py)
 #   bash run.sh setup   - only the environment
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -37,7 +38,8 @@ case "${1:-}" in
     test)
         setup dev
         shift || true
-        "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests "$@" ;;
+        "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests "$@"
+        "$VENV/bin/nox" -s label deploy ;;
     *)
         echo "usage: bash run.sh {train|test|setup}" >&2
         exit 2 ;;

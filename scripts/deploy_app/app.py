@@ -1,0 +1,74 @@
+"""The MONAI Deploy application: NIfTI loader -> exported bundle model with LRP -> probabilities JSON and
+relevance NIfTI writers.
+
+    python scripts/deploy_app -i <NIfTI file or folder> -o <output folder> -m models/model.ts
+
+Environment variables (MONAI Deploy convention) ``HOLOSCAN_INPUT_PATH``, ``HOLOSCAN_OUTPUT_PATH`` and
+``HOLOSCAN_MODEL_PATH`` replace the options; ``PRETERM_LRP_PRESET`` picks the LRP composite (default a2b1).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from monai.deploy.conditions import CountCondition
+from monai.deploy.core import Application
+
+from scripts.deploy_app.operators import NiftiImageLoader, PretermInference, ProbabilitiesWriter, RelevanceWriter
+from scripts.errors import report_input_errors
+
+EXPORT_COMMAND = ("python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt_file "
+                  "models/model.pt --meta_file configs/metadata.json --config_file configs/inference.json")
+TRAIN_COMMAND = "python -m monai.bundle run training --config_file configs/train.json"
+
+
+class PretermDeployApp(Application):
+    """Term / preterm birth classification with LRP relevance maps from neonatal T2w NIfTI volumes."""
+
+    name = "preterm-lrp"
+    description = __doc__
+
+    def compose(self):
+        context = Application.init_app_context(self.argv)
+        output = Path(context.output_path)
+        output.mkdir(parents=True, exist_ok=True)
+        loader = NiftiImageLoader(self, CountCondition(self, 1), input_path=Path(context.input_path), name="loader")
+        infer = PretermInference(self, model_path=model_file(context.model_path),
+                                 preset=os.environ.get("PRETERM_LRP_PRESET", "a2b1"), name="inference")
+        self.add_flow(loader, infer, {("images", "images")})
+        self.add_flow(infer, ProbabilitiesWriter(self, output_folder=output, name="probabilities_writer"),
+                      {("results", "results")})
+        self.add_flow(infer, RelevanceWriter(self, output_folder=output, name="relevance_writer"),
+                      {("results", "results")})
+
+
+def model_file(path) -> Path:
+    """``-m`` names model.ts itself or the folder holding it."""
+    path = Path(path)
+    return path / "model.ts" if path.is_dir() else path
+
+
+def _model_argument(argv: list[str]) -> str:
+    for i, arg in enumerate(argv):
+        if arg in ("-m", "--model") and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--model="):
+            return arg.split("=", 1)[1]
+    return os.environ.get("HOLOSCAN_MODEL_PATH", "models")
+
+
+@report_input_errors
+def main() -> int:
+    """Check the model argument (a clear message naming the command that creates it), then run the app on
+    ``sys.argv`` (Holoscan and the SDK parse it)."""
+    model = model_file(_model_argument(sys.argv[1:]))
+    if not model.is_file():
+        print(f"error: {model}: model not found; export it with: {EXPORT_COMMAND} "
+              f"(models/model.pt comes from: {TRAIN_COMMAND})", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    PretermDeployApp().run()
+    return 0

@@ -1,0 +1,187 @@
+"""Operators of the MONAI Deploy app (MONAI Deploy App SDK 4.0, Holoscan operators).
+
+``NiftiImageLoader``     NIfTI file(s) -> MetaTensors that keep the affine (the SDK's NiftiDataLoader drops it)
+``PretermInference``     the exported bundle model (``model.ts``): the bundle's own preprocessing (read from the
+                         config ``ckpt_export`` stored in model.ts), probabilities from the TorchScript model and the
+                         LRP relevance map of the decision
+``ProbabilitiesWriter``  ``<output>/<subject>/<subject>_probabilities.json``
+``RelevanceWriter``      ``<output>/<subject>/<subject>_relevance_<preset>.nii.gz`` (network-input grid, as the
+                         bundle's LRPHandler writes it) and ``..._orig.nii.gz`` (the input's grid and affine)
+
+The stock MonaiBundleInferenceOperator is not used: it labels probabilities with ``int(prob)``, keeps only the
+first network output and strips the batch dimension.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from monai.deploy.core import ConditionType, Fragment, Operator, OperatorSpec
+
+logger = logging.getLogger(__name__)
+
+SUFFIXES = (".nii.gz", ".nii")
+
+
+def subject_name(path: str | Path) -> str:
+    """Input file name without extensions (the bundle's subject naming)."""
+    return Path(path).name.split(".")[0]
+
+
+def nifti_files(path: Path) -> list[Path]:
+    """The NIfTI file ``path`` or the NIfTIs directly inside the folder ``path``."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(SUFFIXES)) if path.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"{path}: no NIfTI image (.nii or .nii.gz) found")
+    return files
+
+
+class NiftiImageLoader(Operator):
+    """Load every input NIfTI as a channel-less MetaTensor (MONAI's NibabelReader, as ``configs/inference.json``),
+    with the file's affine and name in its meta data. Each file is checked first (readable, 3D, finite, not empty);
+    a bad file stops the app with its name and what is wrong."""
+
+    def __init__(self, fragment: Fragment, *args, input_path: Path, **kwargs) -> None:
+        self.input_path = Path(input_path)
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec):
+        spec.output("images")
+
+    def compute(self, op_input, op_output, context):
+        from monai.transforms import LoadImage
+
+        from scripts.checks import check_image
+
+        loader = LoadImage(reader="NibabelReader", image_only=True)
+        images = []
+        for path in nifti_files(self.input_path):
+            check_image(str(path))
+            images.append(loader(str(path)))
+            logger.info("loaded %s %s", path, tuple(images[-1].shape))
+        op_output.emit(images, "images")
+
+
+class PretermInference(Operator):
+    """Classify and explain each image with the exported model."""
+
+    def __init__(self, fragment: Fragment, *args, model_path: Path, preset: str = "a2b1", target: str | int = "pred",
+                 device: str | None = None, **kwargs) -> None:
+        from scripts.lrp import get_composite
+
+        get_composite(preset)  # a bad preset name fails before anything runs
+        self.model_path = Path(model_path)
+        self.preset = preset
+        self.target = target
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec):
+        spec.input("images")
+        spec.output("results")
+
+    def _load(self):
+        from monai.bundle import ConfigParser
+        from monai.transforms import Compose, LoadImaged
+
+        from scripts.network import from_torchscript
+
+        extra = {"inference.json": "", "metadata.json": ""}
+        scripted = torch.jit.load(str(self.model_path), map_location=self.device, _extra_files=extra).eval()
+        if not extra["inference.json"]:
+            raise ValueError(f"{self.model_path}: no inference config inside; export it with ckpt_export "
+                             "--config_file configs/inference.json")
+        parser = ConfigParser(json.loads(extra["inference.json"]))
+        parser["spatial_shape"] = [int(s) for s in scripted._expected]  # the shape the exported model was built for
+        steps = parser.get_parsed_content("preprocessing", instantiate=True).transforms
+        preprocessing = Compose([t for t in steps if not isinstance(t, LoadImaged)])
+        metadata = json.loads(extra["metadata.json"] or "{}")
+        channels = metadata.get("network_data_format", {}).get("outputs", {}).get("pred", {}).get("channel_def", {})
+        names = [channels.get(str(i), str(i)) for i in range(2)]
+        return scripted, from_torchscript(scripted).to(self.device), preprocessing, names
+
+    def compute(self, op_input, op_output, context):
+        from monai.data import MetaTensor
+        from monai.transforms import Invertd
+
+        from scripts.lrp import LRP
+
+        images = op_input.receive("images")
+        scripted, eager, preprocessing, names = self._load()
+        results = []
+        for image in images:
+            source = image.meta["filename_or_obj"]
+            data = preprocessing({"image": image})
+            x = data["image"].as_tensor()[None].to(self.device, torch.float32)
+            with torch.no_grad():
+                logits = scripted(x)
+            trace = LRP(eager).trace(x, cache=False)
+            if not torch.allclose(trace.logits, logits, rtol=1e-4, atol=1e-4):
+                raise RuntimeError(f"{self.model_path}: the rebuilt network does not reproduce the exported model")
+            explanation = trace.relevance(self.preset, self.target)
+            probs = torch.softmax(logits.float(), dim=1)[0].cpu()
+            net_input = data["image"]
+            relevance = explanation.relevance[0].detach().float().cpu()
+            inverted = Invertd(keys="relevance", transform=preprocessing, orig_keys="image", nearest_interp=False)({
+                "image": net_input,
+                "relevance": MetaTensor(relevance, affine=net_input.affine, meta=dict(net_input.meta),
+                                        applied_operations=list(net_input.applied_operations)),
+            })["relevance"]
+            results.append({
+                "subject": subject_name(source), "image": str(source),
+                "probabilities": {names[i]: float(probs[i]) for i in range(len(names))},
+                "prediction": names[int(probs.argmax())], "prediction_index": int(probs.argmax()),
+                "preset": self.preset, "target": int(explanation.target[0]),
+                "relevance": relevance[0].numpy(), "affine": net_input.affine.cpu().numpy(),
+                "relevance_orig": inverted[0].cpu().numpy(), "affine_orig": image.affine.cpu().numpy(),
+                "model": str(self.model_path),
+            })
+            logger.info("%s: %s (p=%.4f)", results[-1]["subject"], results[-1]["prediction"], float(probs.max()))
+        op_output.emit(results, "results")
+
+
+class ProbabilitiesWriter(Operator):
+    """``<output>/<subject>/<subject>_probabilities.json`` per image, written atomically."""
+
+    def __init__(self, fragment: Fragment, *args, output_folder: Path, **kwargs) -> None:
+        self.output_folder = Path(output_folder)
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec):
+        spec.input("results").condition(ConditionType.MESSAGE_AVAILABLE)
+
+    def compute(self, op_input, op_output, context):
+        from scripts.nifti_io import atomic_write_text
+
+        keys = ("subject", "image", "probabilities", "prediction", "prediction_index", "model")
+        for result in op_input.receive("results"):
+            subject = result["subject"]
+            atomic_write_text(json.dumps({k: result[k] for k in keys}, indent=2) + "\n",
+                              self.output_folder / subject / f"{subject}_probabilities.json")
+
+
+class RelevanceWriter(Operator):
+    """The relevance map per image, on the network-input grid and on the input's own grid (``_orig``)."""
+
+    def __init__(self, fragment: Fragment, *args, output_folder: Path, **kwargs) -> None:
+        self.output_folder = Path(output_folder)
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec):
+        spec.input("results").condition(ConditionType.MESSAGE_AVAILABLE)
+
+    def compute(self, op_input, op_output, context):
+        from scripts.nifti_io import save_nifti
+
+        for result in op_input.receive("results"):
+            subject, preset = result["subject"], result["preset"]
+            folder = self.output_folder / subject
+            save_nifti(result["relevance"], result["affine"], folder / f"{subject}_relevance_{preset}.nii.gz")
+            save_nifti(result["relevance_orig"], result["affine_orig"],
+                       folder / f"{subject}_relevance_{preset}_orig.nii.gz")
