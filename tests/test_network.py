@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from scripts.network import PretermCNN, flat_features
+from scripts.network import PretermCNN, flat_features, from_torchscript
 
 
 def test_shapes_and_derived_fc_size():
@@ -38,3 +38,23 @@ def test_bad_inputs_and_settings():
         net(torch.zeros(1, 1, 16, 32, 32))
     with pytest.raises(ValueError, match="too small"):
         PretermCNN(spatial_shape=(8, 8, 8), channels=(4, 4, 4, 4))
+
+
+@pytest.mark.parametrize("kwargs", [dict(spatial_shape=(32, 24, 24), channels=(4, 8), hidden=8),
+                                    dict(spatial_shape=(16, 16, 16), channels=(3,), hidden=5, dropout=0.3)])
+def test_from_torchscript_rebuilds_the_exported_network(kwargs):
+    torch.manual_seed(0)
+    eager = PretermCNN(**kwargs).eval()
+    for m in eager.modules():  # non-trivial BatchNorm statistics, so that a lost buffer would show
+        if isinstance(m, nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    scripted = torch.jit.script(eager)
+    rebuilt = from_torchscript(scripted)
+    assert not isinstance(rebuilt, torch.jit.ScriptModule)
+    assert [type(m) for m in rebuilt] == [type(m) for m in eager]
+    x = torch.randn(2, 1, *kwargs["spatial_shape"])
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), scripted(x))
+    with pytest.raises(ValueError, match="not an exported PretermCNN"):
+        from_torchscript(torch.jit.script(nn.Sequential(nn.Linear(3, 2))))
