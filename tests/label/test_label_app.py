@@ -81,6 +81,34 @@ def test_missing_weights_names_the_command(tmp_path):
         app_instance(str(APP_DIR), str(tmp_path / "studies"), {"bundle": str(bundle), **CONF})
 
 
+class _RunsCode:
+    """A pickle that runs a shell command when unpickled by a full (not weights-only) loader."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_weights_load_weights_only(tmp_path, reference):
+    import torch
+    from monailabel.interfaces.utils.app import app_instance
+
+    _, items = reference
+    bundle = tmp_path / "bundle"
+    (bundle / "models").mkdir(parents=True)
+    for name in ("configs", "scripts"):
+        (bundle / name).symlink_to(ROOT / name, target_is_directory=True)
+    marker = tmp_path / "code_ran"
+    torch.save({"weights": _RunsCode(marker)}, bundle / "models" / "model.pt")
+    (tmp_path / "studies").mkdir()
+    app = app_instance(str(APP_DIR), str(tmp_path / "studies"), {"bundle": str(bundle), **CONF})
+    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+        app.infer({"model": "classification", "image": items[0]["image"], "device": "cpu"})
+    assert not marker.exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
