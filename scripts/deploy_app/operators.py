@@ -146,42 +146,42 @@ class PretermInference(Operator):
         op_output.emit(results, "results")
 
 
-class ProbabilitiesWriter(Operator):
+class _ResultWriter(Operator):
+    """Receives the inference results and writes one output per image (``write``) under ``output_folder``."""
+
+    def __init__(self, fragment: Fragment, *args, output_folder: Path, **kwargs) -> None:
+        self.output_folder = Path(output_folder)
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec):
+        spec.input("results").condition(ConditionType.MESSAGE_AVAILABLE)
+
+    def compute(self, op_input, op_output, context):
+        for result in op_input.receive("results"):
+            self.write(result, self.output_folder / result["subject"])
+
+    def write(self, result: dict, folder: Path) -> None:
+        raise NotImplementedError
+
+
+class ProbabilitiesWriter(_ResultWriter):
     """``<output>/<subject>/<subject>_probabilities.json`` per image, written atomically."""
 
-    def __init__(self, fragment: Fragment, *args, output_folder: Path, **kwargs) -> None:
-        self.output_folder = Path(output_folder)
-        super().__init__(fragment, *args, **kwargs)
+    KEYS = ("subject", "image", "probabilities", "prediction", "prediction_index", "model")
 
-    def setup(self, spec: OperatorSpec):
-        spec.input("results").condition(ConditionType.MESSAGE_AVAILABLE)
-
-    def compute(self, op_input, op_output, context):
+    def write(self, result: dict, folder: Path) -> None:
         from scripts.nifti_io import atomic_write_text
 
-        keys = ("subject", "image", "probabilities", "prediction", "prediction_index", "model")
-        for result in op_input.receive("results"):
-            subject = result["subject"]
-            atomic_write_text(json.dumps({k: result[k] for k in keys}, indent=2) + "\n",
-                              self.output_folder / subject / f"{subject}_probabilities.json")
+        atomic_write_text(json.dumps({k: result[k] for k in self.KEYS}, indent=2) + "\n",
+                          folder / f"{result['subject']}_probabilities.json")
 
 
-class RelevanceWriter(Operator):
+class RelevanceWriter(_ResultWriter):
     """The relevance map per image, on the network-input grid and on the input's own grid (``_orig``)."""
 
-    def __init__(self, fragment: Fragment, *args, output_folder: Path, **kwargs) -> None:
-        self.output_folder = Path(output_folder)
-        super().__init__(fragment, *args, **kwargs)
-
-    def setup(self, spec: OperatorSpec):
-        spec.input("results").condition(ConditionType.MESSAGE_AVAILABLE)
-
-    def compute(self, op_input, op_output, context):
+    def write(self, result: dict, folder: Path) -> None:
         from scripts.nifti_io import save_nifti
 
-        for result in op_input.receive("results"):
-            subject, preset = result["subject"], result["preset"]
-            folder = self.output_folder / subject
-            save_nifti(result["relevance"], result["affine"], folder / f"{subject}_relevance_{preset}.nii.gz")
-            save_nifti(result["relevance_orig"], result["affine_orig"],
-                       folder / f"{subject}_relevance_{preset}_orig.nii.gz")
+        stem = f"{result['subject']}_relevance_{result['preset']}"
+        save_nifti(result["relevance"], result["affine"], folder / f"{stem}.nii.gz")
+        save_nifti(result["relevance_orig"], result["affine_orig"], folder / f"{stem}_orig.nii.gz")
