@@ -23,6 +23,12 @@ from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.bundle import BundleInferTask
 
+# imported while the app has the bundle folder on sys.path; BundleInferTask later drops the ``scripts`` modules from
+# sys.modules (it reloads them for the config), which leaves these references working
+from scripts.checks import check_image
+from scripts.lrp import LRP
+from scripts.network import from_torchscript
+
 logger = logging.getLogger(__name__)
 
 TRAIN_COMMAND = "python -m monai.bundle run training --config_file configs/train.json"
@@ -79,17 +85,10 @@ class _BundleTask(BundleInferTask):
     def __call__(self, request, callbacks=None):
         image = request.get("image")
         if isinstance(image, str):
-            import sys
-
-            sys.path.insert(0, self.bundle_path)
             try:
-                from scripts.checks import check_image
-
                 check_image(image, self.spatial_shape, self.pixdim)
             except (OSError, ValueError) as err:
                 raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"bad input image: {err}") from err
-            finally:
-                sys.path.remove(self.bundle_path)
         return super().__call__(request, callbacks)
 
 
@@ -112,14 +111,6 @@ class PretermRelevance(_BundleTask):
         self.description = f"LRP relevance map ({preset}) of the term / preterm decision, overlaid on the scan"
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda"):
-        import sys
-
-        sys.path.insert(0, self.bundle_path)
-        try:
-            from scripts.lrp import LRP
-            from scripts.network import from_torchscript
-        finally:
-            sys.path.remove(self.bundle_path)
         network = self._get_network(device, data)
         if isinstance(network, torch.jit.ScriptModule):
             network = from_torchscript(network).to(device)
