@@ -12,10 +12,15 @@ import numpy as np
 
 from scripts.nifti_io import atomic_write_text, read_volume
 
-__all__ = ["check_bool", "check_image", "check_shape", "check_positive_int", "class_weights", "require_file", "validate_items"]
+__all__ = ["EXPORT_COMMAND", "TRAIN_COMMAND", "check_bool", "check_image", "check_shape", "check_positive_int", "class_weights", "require_file", "validate_items"]
 
 logger = logging.getLogger(__name__)
 
+
+# the commands that create the weights, named by every message about missing ones
+TRAIN_COMMAND = "python -m monai.bundle run training --config_file configs/train.json"
+EXPORT_COMMAND = ("python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt_file "
+                  "models/model.pt --meta_file configs/metadata.json --config_file configs/inference.json")
 
 EXTENT_TOLERANCE = 2.5  # physical size may differ from spatial_shape * pixdim by at most this factor per axis
 

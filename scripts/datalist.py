@@ -8,7 +8,7 @@ import logging
 import os
 from pathlib import Path
 
-__all__ = ["NIFTI_SUFFIXES", "check_study_datalist", "ensure_datalist", "load_split", "subject_name"]
+__all__ = ["NIFTI_SUFFIXES", "check_study_datalist", "ensure_datalist", "folder_items", "load_split", "subject_name"]
 
 logger = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -64,7 +64,8 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _folder_items(folder: Path) -> list[dict]:
+def folder_items(folder: Path) -> list[dict]:
+    """One item (image, subject) per NIfTI file in ``folder``, sorted; hidden files (temporaries) are left out."""
     files = sorted(p for p in folder.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith("."))
     if not files:
         raise FileNotFoundError(f"{folder} holds no NIfTI files (*.nii, *.nii.gz)")
@@ -90,7 +91,7 @@ def load_split(
         raise TypeError(f"config key 'fold' must be an integer, got {fold!r} ({type(fold).__name__})")
     path = Path(datalist)
     if path.is_dir():
-        items = _folder_items(path)
+        items = folder_items(path)
         if require_label:
             raise ValueError(f"{path} is a folder of images without labels; training/evaluation need a datalist JSON")
         return items

@@ -17,12 +17,9 @@ from pathlib import Path
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import Application
 
+from scripts.checks import EXPORT_COMMAND, TRAIN_COMMAND
 from scripts.deploy_app.operators import NiftiImageLoader, PretermInference, ProbabilitiesWriter, RelevanceWriter
 from scripts.errors import report_input_errors
-
-EXPORT_COMMAND = ("python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt_file "
-                  "models/model.pt --meta_file configs/metadata.json --config_file configs/inference.json")
-TRAIN_COMMAND = "python -m monai.bundle run training --config_file configs/train.json"
 
 
 class PretermDeployApp(Application):

@@ -23,23 +23,17 @@ from monai.deploy.core import ConditionType, Fragment, Operator, OperatorSpec
 
 logger = logging.getLogger(__name__)
 
-SUFFIXES = (".nii.gz", ".nii")
-
-
-def subject_name(path: str | Path) -> str:
-    """Input file name without extensions (the bundle's subject naming)."""
-    return Path(path).name.split(".")[0]
-
 
 def nifti_files(path: Path) -> list[Path]:
-    """The NIfTI file ``path`` or the NIfTIs directly inside the folder ``path``."""
+    """The NIfTI file ``path`` or the NIfTIs directly inside the folder ``path`` (the bundle's folder listing)."""
+    from scripts.datalist import folder_items
+
     path = Path(path)
     if path.is_file():
         return [path]
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(SUFFIXES)) if path.is_dir() else []
-    if not files:
-        raise FileNotFoundError(f"{path}: no NIfTI image (.nii or .nii.gz) found")
-    return files
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    return [Path(item["image"]) for item in folder_items(path)]
 
 
 class NiftiImageLoader(Operator):
@@ -110,6 +104,7 @@ class PretermInference(Operator):
         from monai.data import MetaTensor
         from monai.transforms import Invertd
 
+        from scripts.datalist import subject_name
         from scripts.lrp import LRP
 
         images = op_input.receive("images")

@@ -25,15 +25,11 @@ from monailabel.tasks.infer.bundle import BundleInferTask
 
 # imported while the app has the bundle folder on sys.path; BundleInferTask later drops the ``scripts`` modules from
 # sys.modules (it reloads them for the config), which leaves these references working
-from scripts.checks import check_image
+from scripts.checks import EXPORT_COMMAND, TRAIN_COMMAND, check_image
 from scripts.lrp import LRP
 from scripts.network import from_torchscript
 
 logger = logging.getLogger(__name__)
-
-TRAIN_COMMAND = "python -m monai.bundle run training --config_file configs/train.json"
-EXPORT_COMMAND = ("python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt_file "
-                  "models/model.pt --meta_file configs/metadata.json --config_file configs/inference.json")
 
 
 def require_weights(bundle: str) -> None:
