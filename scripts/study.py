@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 from scripts.clinical_metrics import CLASS_NAMES, classification_metrics, misclassification_table, subject_table
 from scripts.cross_validation import (ROOT, expand_grid, run_bundle_workflow, run_cv, same_run, select_best,

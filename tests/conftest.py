@@ -16,7 +16,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # tiny settings so that the real configs run in seconds: the 128x96x96 volumes are centre-cropped
-TINY = ["--spatial_shape", "[64,48,48]", "--channels", "[4,8]", "--hidden", "8"]
+TINY_OVERRIDES = {"spatial_shape": [64, 48, 48], "channels": [4, 8], "hidden": 8}
+TINY = [arg for key, value in TINY_OVERRIDES.items() for arg in (f"--{key}", json.dumps(value, separators=(",", ":")))]
 
 
 # the MONAI Label and Deploy apps have their own environments (nox sessions label / deploy, see noxfile.py)
@@ -77,9 +78,6 @@ def reference(tmp_path_factory, cohort, trained):
                "--output_dir", str(out), "--lrp_presets", "['a2b1']", *TINY)
     items = read_json(cohort / "datalist.json")["test"]
     return out, [{**item, "image": str(cohort / item["image"])} for item in items]
-
-
-TINY_OVERRIDES = {"spatial_shape": [64, 48, 48], "channels": [4, 8], "hidden": 8}  # TINY as config overrides
 
 
 def read_json(path: Path):

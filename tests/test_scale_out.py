@@ -2,7 +2,6 @@
 sharded inference in which every subject is written exactly once."""
 
 import csv
-import json
 import os
 import subprocess
 import sys
