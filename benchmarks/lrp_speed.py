@@ -13,11 +13,11 @@ tensors leave the process; CUDA: torch.cuda.max_memory_allocated).
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import copy
+import json
 import platform
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from scripts.evaluation.profiling import measure_call, reexec_with_returning_malloc  # noqa: E402
 from scripts.lrp import LRP  # noqa: E402
 from scripts.lrp.layers import bn_folded_copy  # noqa: E402
-from scripts.network import PretermCNN  # noqa: E402
-from scripts.profiling import measure_call, reexec_with_returning_malloc  # noqa: E402
+from scripts.runtime.network import PretermCNN  # noqa: E402
 
 
 def measure(fn, device, repeats):

@@ -28,7 +28,7 @@ collect_ignore = [name for name, module in (("label", "monailabel"), ("deploy", 
 @pytest.fixture(scope="session")
 def cohort(tmp_path_factory) -> Path:
     """24 synthetic subjects (generated once per test session) with datalist, labels and phenotype masks."""
-    from scripts.synthetic import generate_cohort
+    from scripts.data.synthetic import generate_cohort
 
     out = tmp_path_factory.mktemp("cohort")
     generate_cohort(out, subjects=24, seed=3, preterm_fraction=0.4, folds=4, test_fraction=0.25)

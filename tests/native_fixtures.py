@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from scripts.nifti_io import save_nifti
-from scripts.synthetic_anatomy import procedural_labels, template_affine
+from scripts.data.synthetic_anatomy import procedural_labels, template_affine
+from scripts.runtime.outputs import save_nifti
 
 T2 = {1: 2.0, 2: 1.1, 3: 1.4, 4: 0.6, 5: 2.1, 6: 1.2, 7: 1.0, 8: 0.9, 9: 1.1}
 

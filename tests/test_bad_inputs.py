@@ -8,10 +8,10 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import TINY, run_bundle
-from scripts.checks import check_positive_int, class_weights, validate_items
-from scripts.datalist import ensure_datalist, load_split
+
+from scripts.runtime.checks import check_positive_int, class_weights, validate_items
+from scripts.runtime.datalist import ensure_datalist, load_split
 
 
 def _bad_files(folder, good):

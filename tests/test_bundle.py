@@ -8,7 +8,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, TINY, read_json, run_bundle
 
 

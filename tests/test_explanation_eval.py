@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.explanation_metrics import aopc, mass_accuracy, patch_scores, perturbation_curve, pointing_game, region_share
+from scripts.evaluation.explanation_metrics import (
+    aopc,
+    mass_accuracy,
+    patch_scores,
+    perturbation_curve,
+    pointing_game,
+    region_share,
+)
 
 
 def _region():
@@ -69,7 +76,7 @@ def test_perfect_ranking_beats_random_on_a_toy_model():
 
 
 def test_command_runs_end_to_end_at_reduced_size(tmp_path, cohort, trained):
-    from scripts.explain_eval import main
+    from scripts.evaluation.explain_eval import main
 
     out = tmp_path / "results"
     overrides = '{"dataset_dir": "%s", "spatial_shape": [64, 48, 48], "channels": [4, 8], "hidden": 8}' % cohort
@@ -91,7 +98,7 @@ def test_command_runs_end_to_end_at_reduced_size(tmp_path, cohort, trained):
 
 
 def test_unknown_method_is_rejected():
-    from scripts.explain_eval import main
+    from scripts.evaluation.explain_eval import main
 
     with pytest.raises(SystemExit):
         main(["--methods", "lrp_a2b1", "saliency_magic"])

@@ -5,11 +5,11 @@ no side effects on the model, and clear errors."""
 import pytest
 import torch
 from torch import nn
+from zennit_oracle import import_zennit
 
 from scripts.lrp import LRP, AlphaBeta, Composite, Epsilon, Flat, UnsupportedModuleError, WSquare, ZBox, get_composite
 from scripts.lrp.layers import bn_folded_copy
-from scripts.network import PretermCNN
-from zennit_oracle import import_zennit
+from scripts.runtime.network import PretermCNN
 
 
 def _randomise_bn(net):

@@ -7,12 +7,20 @@ import numpy as np
 import torch
 from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedEvaluator
-from monai.transforms import Activationsd, Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd, Orientationd, ResizeWithPadOrCropd
+from monai.transforms import (
+    Activationsd,
+    Compose,
+    EnsureChannelFirstd,
+    LoadImaged,
+    NormalizeIntensityd,
+    Orientationd,
+    ResizeWithPadOrCropd,
+)
 
-from scripts.datalist import load_split
 from scripts.lrp import LRP
-from scripts.lrp_handler import LRPHandler
-from scripts.network import PretermCNN
+from scripts.runtime.datalist import load_split
+from scripts.runtime.handlers import LRPHandler
+from scripts.runtime.network import PretermCNN
 
 
 def _engine(cohort, handler, network, transform):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from scripts.network import PretermCNN, flat_features, from_torchscript
+from scripts.runtime.network import PretermCNN, flat_features, from_torchscript
 
 
 def test_shapes_and_derived_fc_size():

@@ -11,17 +11,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from scipy import ndimage
-
 from conftest import ROOT
 from native_fixtures import EXCLUDED, KEPT, dice, fake_release, native_datalist, write_template
+from scipy import ndimage
 
 
 @pytest.mark.parametrize("release", [2, 3])
 def test_dhcp_datalist_builder_finds_files_labels_and_exclusions(tmp_path, release):
     root = fake_release(tmp_path / f"rel{release}", release)
     out = root / "datalist.json"
-    proc = subprocess.run([sys.executable, "-m", "scripts.dhcp_datalist", "--root", str(root), "--output", str(out),
+    proc = subprocess.run([sys.executable, "-m", "scripts.data.dhcp_datalist", "--root", str(root), "--output", str(out),
                            "--folds", "2", "--test-fraction", "0.25"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
@@ -49,7 +48,7 @@ def test_dhcp_datalist_builder_finds_files_labels_and_exclusions(tmp_path, relea
 
 
 def test_dhcp_builder_errors_name_what_is_missing(tmp_path):
-    from scripts.dhcp_datalist import build_datalist
+    from scripts.data.dhcp_datalist import build_datalist
 
     with pytest.raises(FileNotFoundError, match="release root .*nowhere not found"):
         build_datalist(tmp_path / "nowhere", tmp_path / "d.json")
@@ -61,7 +60,7 @@ def test_dhcp_builder_errors_name_what_is_missing(tmp_path):
     table.write_text(table.read_text().replace("scan_age", "age_at_scan"))
     with pytest.raises(ValueError, match=r"combined_rel02.tsv lacks the column\(s\) \['scan_age'\]"):
         build_datalist(root, tmp_path / "d.json")
-    proc = subprocess.run([sys.executable, "-m", "scripts.dhcp_datalist", "--root", str(root), "--output",
+    proc = subprocess.run([sys.executable, "-m", "scripts.data.dhcp_datalist", "--root", str(root), "--output",
                            str(tmp_path / "d.json")], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "scan_age" in proc.stderr
     assert not (tmp_path / "d.json").exists()
@@ -93,7 +92,7 @@ def test_preprocessing_aligns_to_the_template_resumes_and_reports_failures(nativ
     listed = tmp_path / "native.json"
     listed.write_text(json.dumps(data))
     out = tmp_path / "prep"
-    cmd = [sys.executable, "-m", "scripts.preprocess", "run", "--datalist", str(listed), "--template", str(template),
+    cmd = [sys.executable, "-m", "scripts.data.preprocess", "run", "--datalist", str(listed), "--template", str(template),
            "--template-mask", str(mask), "--output", str(out), "--workers", "2"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -134,7 +133,7 @@ def test_other_registration_methods_align(native, tmp_path, method):
     listed.write_text(json.dumps(data))
     out = tmp_path / "prep"
     args = ["--method", "ants"] if method == "ants" else ["--method", "sitk", "--bspline"]
-    proc = subprocess.run([sys.executable, "-m", "scripts.preprocess", "run", "--datalist", str(listed), "--template",
+    proc = subprocess.run([sys.executable, "-m", "scripts.data.preprocess", "run", "--datalist", str(listed), "--template",
                            str(template), "--template-mask", str(mask), "--output", str(out), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -142,15 +141,15 @@ def test_other_registration_methods_align(native, tmp_path, method):
     after = dice(nib.load(out / item["mask"]).get_fdata(), nib.load(out / "template_grid_mask.nii.gz").get_fdata())
     assert after > 0.95 and after > _before_dice(Path(data["training"][0]["mask"]), out / "template_grid_mask.nii.gz")
     back = tmp_path / "back.nii.gz"
-    subprocess.run([sys.executable, "-m", "scripts.preprocess", "to-native", "--subject-dir",
+    subprocess.run([sys.executable, "-m", "scripts.data.preprocess", "to-native", "--subject-dir",
                     str(out / item["subject"]), "--map", str(out / item["mask"]), "--output", str(back), "--nearest"],
                    cwd=ROOT, check=True, capture_output=True)
     assert dice(nib.load(back).get_fdata(), nib.load(data["training"][0]["mask"]).get_fdata()) > 0.95
 
 
 def test_relevance_map_goes_back_onto_the_native_brain(native, tmp_path, trained):
-    from scripts.cross_validation import run_bundle_workflow
-    from scripts.preprocess import run_batch, to_native
+    from scripts.data.preprocess import run_batch, to_native
+    from scripts.evaluation.cross_validation import run_bundle_workflow
 
     work, datalist, template, mask = native
     out = tmp_path / "prep"

@@ -15,10 +15,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, TINY
-from scripts.cross_validation import run_bundle_workflow
-from scripts.errors import bundle_input_error
+
+from scripts.evaluation.cross_validation import run_bundle_workflow
+from scripts.runtime.errors import bundle_input_error
 
 TINY_CFG = {"spatial_shape": [64, 48, 48], "channels": [4, 8], "hidden": 8}
 IMAGE_CASES = {  # case -> expected reason in the message (the message also names the file)
@@ -115,13 +115,13 @@ def _run(entry: str, datalist: Path, out: Path, ckpt_dir: Path, overrides: dict,
     common = {"datalist": str(datalist), "dataset_dir": str(datalist.parent), **TINY_CFG, **overrides}
     if entry in ("study", "explanations"):
         if entry == "study":
-            from scripts.study import main
+            from scripts.evaluation.study import main
 
             argv = ["--datalist", str(datalist), "--work_dir", str(out / "work"), "--output", str(out / "results"),
                     "--override", json.dumps({**TINY_CFG, "num_epochs": 1, **overrides}),
                     "--grid", json.dumps({"learning_rate": [1e-3]})]
         else:
-            from scripts.explain_eval import main
+            from scripts.evaluation.explain_eval import main
 
             argv = ["--ckpt", str(ckpt_dir / "model.pt"), "--reduced", "--methods", "lrp_a2b1", "--output", str(out),
                     "--override", json.dumps({"datalist": str(datalist), **TINY_CFG, **overrides})]
@@ -225,7 +225,7 @@ def _kill_when(proc, condition, timeout=300):
 
 
 def test_inference_killed_midway_leaves_complete_files_and_resumes(tmp_path, cohort):
-    from scripts.network import PretermCNN
+    from scripts.runtime.network import PretermCNN
 
     torch.manual_seed(0)  # a full-size input with a narrow network: slow enough to be killed mid-run
     ckpt = tmp_path / "models"

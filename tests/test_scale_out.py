@@ -8,7 +8,6 @@ import sys
 
 import nibabel as nib
 import torch
-
 from conftest import ROOT, TINY, read_json
 
 
@@ -19,7 +18,7 @@ def test_torchscript_export_equals_eager(tmp_path, trained):
                            "--ckpt_file", str(ckpt_dir / "model.pt"), "--meta_file", "configs/metadata.json",
                            "--config_file", "configs/inference.json", *TINY], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from scripts.network import PretermCNN
+    from scripts.runtime.network import PretermCNN
 
     eager = PretermCNN(spatial_shape=(64, 48, 48), channels=(4, 8), hidden=8)
     eager.load_state_dict(torch.load(ckpt_dir / "model.pt", weights_only=True))

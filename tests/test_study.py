@@ -10,13 +10,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT
-from scripts.checks import class_weights
-from scripts.clinical_metrics import classification_metrics, misclassification_table, subject_table
-from scripts.cross_validation import expand_grid, select_best, summarise_cv
-from scripts.datalist import check_study_datalist, load_split
-from scripts.group_relevance import mean_volume, relevance_by_tissue, tissue_shares_table
+
+from scripts.evaluation.clinical_metrics import classification_metrics, misclassification_table, subject_table
+from scripts.evaluation.cross_validation import expand_grid, select_best, summarise_cv
+from scripts.evaluation.group_relevance import mean_volume, relevance_by_tissue, tissue_shares_table
+from scripts.runtime.checks import class_weights
+from scripts.runtime.datalist import check_study_datalist, load_split
 
 TINY_STUDY = {"spatial_shape": [64, 48, 48], "pixdim": [2, 2, 2], "channels": [4, 8], "hidden": 8, "num_epochs": 2}
 
@@ -39,9 +39,9 @@ def test_splits_command_stratifies_test_split_and_folds(tmp_path, cohort):
     items = load_split(str(cohort / "datalist.json"), "all", -1)
     plain = [{"image": it["image"], "label": it["label"]} for it in items]
     datalist = _write_datalist(tmp_path / "d.json", plain, [])
-    with pytest.raises(ValueError, match="lack a 'fold' field; add stratified folds with: python -m scripts.splits"):
+    with pytest.raises(ValueError, match="lack a 'fold' field; add stratified folds with: python -m scripts.data.splits"):
         check_study_datalist(str(datalist))
-    out = subprocess.run([sys.executable, "-m", "scripts.splits", "--datalist", str(datalist), "--folds", "3",
+    out = subprocess.run([sys.executable, "-m", "scripts.data.splits", "--datalist", str(datalist), "--folds", "3",
                           "--test-fraction", "0.25", "--seed", "5"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     data = json.loads(datalist.read_text())
@@ -55,7 +55,7 @@ def test_splits_command_stratifies_test_split_and_folds(tmp_path, cohort):
             counts = [sum(1 for it in data["training"] if it["fold"] == f and it["label"] == label) for f in range(3)]
             assert max(counts) - min(counts) <= 1
     test_before = data["test"]
-    subprocess.run([sys.executable, "-m", "scripts.splits", "--datalist", str(datalist), "--folds", "2",
+    subprocess.run([sys.executable, "-m", "scripts.data.splits", "--datalist", str(datalist), "--folds", "2",
                     "--keep-test"], cwd=ROOT, check=True, capture_output=True)
     data = json.loads(datalist.read_text())
     assert data["test"] == test_before and {it["fold"] for it in data["training"]} == {0, 1}
@@ -158,7 +158,7 @@ def test_grid_and_selection():
 
 
 def _study(cohort, work, *extra):
-    cmd = [sys.executable, "-m", "scripts.study", "--dataset_dir", str(cohort), "--work_dir", str(work / "w"),
+    cmd = [sys.executable, "-m", "scripts.evaluation.study", "--dataset_dir", str(cohort), "--work_dir", str(work / "w"),
            "--output", str(work / "out"), "--override", json.dumps(TINY_STUDY),
            "--grid", json.dumps({"learning_rate": [1e-3, 3e-4]}), *extra]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -226,7 +226,7 @@ def test_study_rejects_datalists_it_cannot_use(tmp_path, cohort, case):
     if case == "no_folds":
         for it in data["training"]:
             del it["fold"]
-        message = "lack a 'fold' field; add stratified folds with: python -m scripts.splits"
+        message = "lack a 'fold' field; add stratified folds with: python -m scripts.data.splits"
     elif case == "class_missing_in_fold":
         for it in data["training"]:
             if it["label"] == 1 and it["fold"] == 2:
@@ -237,7 +237,7 @@ def test_study_rejects_datalists_it_cannot_use(tmp_path, cohort, case):
         message = "the test split is empty"
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps(data))
-    proc = subprocess.run([sys.executable, "-m", "scripts.study", "--datalist", str(datalist), "--work_dir",
+    proc = subprocess.run([sys.executable, "-m", "scripts.evaluation.study", "--datalist", str(datalist), "--work_dir",
                            str(tmp_path / "w"), "--output", str(tmp_path / "o")], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2 and message in proc.stderr and str(datalist) in proc.stderr

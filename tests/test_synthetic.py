@@ -5,10 +5,20 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.splits import assign_splits, stratified_folds
-from scripts.synthetic import draw_phenotype, generate_cohort, generate_subject
-from scripts.synthetic_anatomy import (
-    BRAINSTEM, CEREBELLUM, CGM, CSF, DGM, DRAWEM9, SHAPE, VENTRICLES, WM, builtin_template, procedural_labels,
+from scripts.data.splits import assign_splits, stratified_folds
+from scripts.data.synthetic import draw_phenotype, generate_cohort, generate_subject
+from scripts.data.synthetic_anatomy import (
+    BRAINSTEM,
+    CEREBELLUM,
+    CGM,
+    CSF,
+    DGM,
+    DRAWEM9,
+    SHAPE,
+    VENTRICLES,
+    WM,
+    builtin_template,
+    procedural_labels,
     template_affine,
 )
 
@@ -102,8 +112,8 @@ def test_cohort_regeneration_is_identical(tmp_path, cohort):
 
 
 def test_user_template_goes_through_the_same_path(tmp_path):
-    from scripts.nifti_io import save_nifti
-    from scripts.synthetic import main
+    from scripts.data.synthetic import main
+    from scripts.runtime.outputs import save_nifti
 
     labels = procedural_labels()
     image = np.where(labels > 0, 100.0 + 10 * labels, 0).astype(np.float32)

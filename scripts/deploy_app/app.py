@@ -17,9 +17,9 @@ from pathlib import Path
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import Application
 
-from scripts.checks import EXPORT_COMMAND, TRAIN_COMMAND
 from scripts.deploy_app.operators import NiftiImageLoader, PretermInference, ProbabilitiesWriter, RelevanceWriter
-from scripts.errors import report_input_errors
+from scripts.runtime.checks import EXPORT_COMMAND, TRAIN_COMMAND
+from scripts.runtime.errors import report_input_errors
 
 
 class PretermDeployApp(Application):

@@ -19,15 +19,22 @@ import logging
 from pathlib import Path
 
 import torch
+from monai.bundle import ConfigParser
 from monai.deploy.core import ConditionType, Fragment, Operator, OperatorSpec
+from monai.transforms import Compose, LoadImage, LoadImaged
+
+from scripts.lrp import get_composite
+from scripts.runtime.checks import check_image
+from scripts.runtime.datalist import folder_items
+from scripts.runtime.explain import explain, write_explanation
+from scripts.runtime.network import from_torchscript
+from scripts.runtime.outputs import atomic_write_text, output_path, subject_name
 
 logger = logging.getLogger(__name__)
 
 
 def nifti_files(path: Path) -> list[Path]:
     """The NIfTI file ``path`` or the NIfTIs directly inside the folder ``path`` (the bundle's folder listing)."""
-    from scripts.datalist import folder_items
-
     path = Path(path)
     if path.is_file():
         return [path]
@@ -49,10 +56,6 @@ class NiftiImageLoader(Operator):
         spec.output("images")
 
     def compute(self, op_input, op_output, context):
-        from monai.transforms import LoadImage
-
-        from scripts.checks import check_image
-
         loader = LoadImage(reader="NibabelReader", image_only=True)
         images = []
         for path in nifti_files(self.input_path):
@@ -67,8 +70,6 @@ class PretermInference(Operator):
 
     def __init__(self, fragment: Fragment, *args, model_path: Path, preset: str = "a2b1", target: str | int = "pred",
                  device: str | None = None, **kwargs) -> None:
-        from scripts.lrp import get_composite
-
         get_composite(preset)  # a bad preset name fails before anything runs
         self.model_path = Path(model_path)
         self.preset = preset
@@ -81,11 +82,6 @@ class PretermInference(Operator):
         spec.output("results")
 
     def _load(self):
-        from monai.bundle import ConfigParser
-        from monai.transforms import Compose, LoadImaged
-
-        from scripts.network import from_torchscript
-
         extra = {"inference.json": "", "metadata.json": ""}
         scripted = torch.jit.load(str(self.model_path), map_location=self.device, _extra_files=extra).eval()
         if not extra["inference.json"]:
@@ -101,41 +97,26 @@ class PretermInference(Operator):
         return scripted, from_torchscript(scripted).to(self.device), preprocessing, names
 
     def compute(self, op_input, op_output, context):
-        from monai.data import MetaTensor
-        from monai.transforms import Invertd
-
-        from scripts.datalist import subject_name
-        from scripts.lrp import LRP
-
         images = op_input.receive("images")
         scripted, eager, preprocessing, names = self._load()
         results = []
         for image in images:
             source = image.meta["filename_or_obj"]
-            data = preprocessing({"image": image})
-            x = data["image"].as_tensor()[None].to(self.device, torch.float32)
+            net_input = preprocessing({"image": image})["image"]
+            x = net_input.as_tensor()[None].to(self.device, torch.float32)
             with torch.no_grad():
-                logits = scripted(x)
-            trace = LRP(eager).trace(x, cache=False)
-            if not torch.allclose(trace.logits, logits, rtol=1e-4, atol=1e-4):
+                logits = scripted(x).float()
+            explained = explain(eager, x, [self.preset], self.target, torch.softmax(logits, dim=1))
+            if not torch.allclose(explained.logits, logits.cpu(), rtol=1e-4, atol=1e-4):
                 raise RuntimeError(f"{self.model_path}: the rebuilt network does not reproduce the exported model")
-            explanation = trace.relevance(self.preset, self.target)
-            probs = torch.softmax(logits.float(), dim=1)[0].cpu()
-            net_input = data["image"]
-            relevance = explanation.relevance[0].detach().float().cpu()
-            inverted = Invertd(keys="relevance", transform=preprocessing, orig_keys="image", nearest_interp=False)({
-                "image": net_input,
-                "relevance": MetaTensor(relevance, affine=net_input.affine, meta=dict(net_input.meta),
-                                        applied_operations=list(net_input.applied_operations)),
-            })["relevance"]
+            probs = explained.probabilities[0]
             results.append({
                 "subject": subject_name(source), "image": str(source),
                 "probabilities": {names[i]: float(probs[i]) for i in range(len(names))},
                 "prediction": names[int(probs.argmax())], "prediction_index": int(probs.argmax()),
-                "preset": self.preset, "target": int(explanation.target[0]),
-                "relevance": relevance[0].numpy(), "affine": net_input.affine.cpu().numpy(),
-                "relevance_orig": inverted[0].cpu().numpy(), "affine_orig": image.affine.cpu().numpy(),
+                "preset": self.preset, "target": explained.summary(0, self.preset)["target"],
                 "model": str(self.model_path),
+                "network_input": net_input, "explained": explained, "preprocessing": preprocessing,
             })
             logger.info("%s: %s (p=%.4f)", results[-1]["subject"], results[-1]["prediction"], float(probs.max()))
         op_output.emit(results, "results")
@@ -153,9 +134,9 @@ class _ResultWriter(Operator):
 
     def compute(self, op_input, op_output, context):
         for result in op_input.receive("results"):
-            self.write(result, self.output_folder / result["subject"])
+            self.write(result)
 
-    def write(self, result: dict, folder: Path) -> None:
+    def write(self, result: dict) -> None:
         raise NotImplementedError
 
 
@@ -164,19 +145,15 @@ class ProbabilitiesWriter(_ResultWriter):
 
     KEYS = ("subject", "image", "probabilities", "prediction", "prediction_index", "model")
 
-    def write(self, result: dict, folder: Path) -> None:
-        from scripts.nifti_io import atomic_write_text
-
+    def write(self, result: dict) -> None:
         atomic_write_text(json.dumps({k: result[k] for k in self.KEYS}, indent=2) + "\n",
-                          folder / f"{result['subject']}_probabilities.json")
+                          output_path(self.output_folder, result["subject"], "probabilities", ".json"))
 
 
 class RelevanceWriter(_ResultWriter):
-    """The relevance map per image, on the network-input grid and on the input's own grid (``_orig``)."""
+    """The relevance map per image, on the network-input grid and on the input's own grid (``_orig``): the
+    bundle's explain-and-write step, as ``run inference`` with ``save_original_space`` writes them."""
 
-    def write(self, result: dict, folder: Path) -> None:
-        from scripts.nifti_io import save_nifti
-
-        stem = f"{result['subject']}_relevance_{result['preset']}"
-        save_nifti(result["relevance"], result["affine"], folder / f"{stem}.nii.gz")
-        save_nifti(result["relevance_orig"], result["affine_orig"], folder / f"{stem}_orig.nii.gz")
+    def write(self, result: dict) -> None:
+        write_explanation(self.output_folder, result["subject"], result["network_input"], result["explained"], 0,
+                          transform=result["preprocessing"])

@@ -25,9 +25,9 @@ from monailabel.tasks.infer.bundle import BundleInferTask
 
 # imported while the app has the bundle folder on sys.path; BundleInferTask later drops the ``scripts`` modules from
 # sys.modules (it reloads them for the config), which leaves these references working
-from scripts.checks import EXPORT_COMMAND, TRAIN_COMMAND, check_image
-from scripts.lrp import LRP
-from scripts.network import from_torchscript
+from scripts.runtime.checks import EXPORT_COMMAND, TRAIN_COMMAND, check_image
+from scripts.runtime.explain import explain
+from scripts.runtime.network import from_torchscript
 
 logger = logging.getLogger(__name__)
 
@@ -111,19 +111,16 @@ class PretermRelevance(_BundleTask):
         if isinstance(network, torch.jit.ScriptModule):
             network = from_torchscript(network).to(device)
         image = data[self.input_key]
-        x = torch.as_tensor(image).as_subclass(torch.Tensor)[None].to(device=device, dtype=torch.float32)
-        trace = LRP(network).trace(x, cache=False)
-        result = trace.relevance(self.preset, self.target)
-        probs = torch.softmax(trace.logits.detach().float(), dim=1)[0].cpu()
-        relevance = result.relevance[0, 0].detach().float().cpu()
-        data[self.output_label_key] = MetaTensor(relevance, affine=image.affine)
+        explained = explain(network, image[None], [self.preset], self.target)
+        summary = explained.summary(0, self.preset)
+        data[self.output_label_key] = MetaTensor(explained.relevance(0, self.preset)[0], affine=image.affine)
         data["result_dtype"] = np.float32
         data[self.output_json_key] = {
             "preset": self.preset,
-            "target": int(result.target[0]),
-            "probabilities": {name: float(probs[idx]) for name, idx in self.labels.items()},
-            "relevance_sum": float(relevance.sum()),
-            "conservation": float(result.conservation[0]),
+            "target": summary["target"],
+            "probabilities": {name: float(explained.probabilities[0, idx]) for name, idx in self.labels.items()},
+            "relevance_sum": summary["relevance_sum"],
+            "conservation": summary["conservation"],
         }
         return data
 

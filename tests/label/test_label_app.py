@@ -18,7 +18,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
-
 from conftest import ROOT, TINY_OVERRIDES
 
 APP_DIR = ROOT / "scripts" / "label_app"

@@ -8,20 +8,13 @@ import logging
 import os
 from pathlib import Path
 
-__all__ = ["NIFTI_SUFFIXES", "check_study_datalist", "ensure_datalist", "folder_items", "load_split", "subject_name"]
+from scripts.runtime.checks import check_bool, validate_items
+from scripts.runtime.outputs import NIFTI_SUFFIXES, pending_subjects, subject_name
+
+__all__ = ["check_study_datalist", "checked_split", "ensure_datalist", "folder_items", "inference_items", "load_split"]
 
 logger = logging.getLogger(__name__)
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SPLITS = ("train", "validation", "test", "training", "all")
-
-
-def subject_name(path: str | os.PathLike) -> str:
-    """Input file name without NIfTI extensions: ``/x/sub-0001.nii.gz`` -> ``sub-0001``."""
-    name = Path(path).name
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
 
 
 def ensure_datalist(datalist: str | None, dataset_dir: str, synthetic_subjects: int = 160, seed: int = 0) -> str:
@@ -37,7 +30,7 @@ def ensure_datalist(datalist: str | None, dataset_dir: str, synthetic_subjects: 
     if not folder.exists() or not any(folder.iterdir()):
         if int(synthetic_subjects) < 2:
             raise ValueError(f"dataset_dir {folder} is empty and synthetic_subjects={synthetic_subjects} (< 2)")
-        from scripts.synthetic import generate_cohort  # heavy import only when needed
+        from scripts.data.synthetic import generate_cohort  # heavy import only when needed
 
         logger.warning("no datalist at %s: generating the synthetic cohort (%d subjects) into %s",
                        datalist, synthetic_subjects, folder)
@@ -84,6 +77,10 @@ def load_split(
     ``split``: ``train`` (training items not in ``fold``), ``validation`` (training items in ``fold``),
     ``training`` (all training items), ``test``, ``all`` (training + test). ``fold=-1``: no validation fold,
     so ``train`` is every training item. A folder instead of a JSON file lists its NIfTIs (no labels).
+
+    Paths are resolved here rather than by ``monai.data.load_decathlon_datalist``: that one joins every value
+    naming an existing path, so the ``subject`` of a preprocessed datalist (a folder of that name beside it)
+    would turn into a path.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -109,7 +106,7 @@ def load_split(
         folds = {item.get("fold") for item in training if isinstance(item, dict)}
         if None in folds:
             raise ValueError(f"datalist {path}: training items lack a 'fold' field; set fold=-1 (no validation) or "
-                             f"add folds with: python -m scripts.splits --datalist {path}")
+                             f"add folds with: python -m scripts.data.splits --datalist {path}")
         if fold not in folds:
             raise ValueError(f"config key 'fold': fold={fold} is out of range for datalist {path} "
                              f"(folds present: {sorted(folds)}; fold=-1 trains on all training items)")
@@ -127,6 +124,25 @@ def load_split(
     if not items:
         raise ValueError(f"datalist {path}: split {split!r} (fold={fold}) is empty")
     return items
+
+
+def checked_split(datalist: str, split: str, fold: int = -1, spatial_shape=None, pixdim=None) -> list[dict]:
+    """``load_split`` with every image checked (``check_image``): the training and evaluation data of the configs."""
+    return validate_items(load_split(datalist, split, fold), spatial_shape=spatial_shape, pixdim=pixdim)
+
+
+def inference_items(datalist: str, split: str, output_dir: str, run_key: str, resume=True, presets=(),
+                    save_input=True, save_original_space=False, skip_bad=False, spatial_shape=None,
+                    pixdim=None) -> list[dict]:
+    """The items ``run inference`` still has to do: ``split`` of the datalist (or every NIfTI of a folder), less
+    the subjects an earlier run with the same ``run_key`` finished (``resume``), each checked (``check_image``);
+    with ``skip_bad`` bad ones are left out and listed in ``<output_dir>/skipped.csv``."""
+    items = load_split(datalist, split, -1, require_label=False)
+    key = run_key if check_bool(resume, "resume") else None
+    pending = pending_subjects(items, output_dir, key, presets, check_bool(save_input, "save_input"),
+                               check_bool(save_original_space, "save_original_space"))
+    return validate_items(pending, skip_bad=check_bool(skip_bad, "skip_bad"),
+                          report=os.path.join(output_dir, "skipped.csv"), spatial_shape=spatial_shape, pixdim=pixdim)
 
 
 def _check_item(item, base: Path, datalist: Path, require_label: bool, check_files: bool) -> dict:
@@ -156,14 +172,14 @@ def _check_item(item, base: Path, datalist: Path, require_label: bool, check_fil
 def check_study_datalist(datalist: str) -> dict:
     """Check that a datalist can carry the cross-validated study: every training item has a fold, every fold
     holds both classes, and the test split is not empty. Returns the folds and class counts; errors say how
-    to fix the datalist (``python -m scripts.splits``)."""
+    to fix the datalist (``python -m scripts.data.splits``)."""
     path = Path(datalist)
     if path.is_dir():
         raise ValueError(f"{path} is a folder of images; the study needs a datalist JSON with labels and folds")
     if not path.is_file():
         raise FileNotFoundError(f"datalist {path} not found")
     data = _read_json(path)
-    fix = f"python -m scripts.splits --datalist {path}"
+    fix = f"python -m scripts.data.splits --datalist {path}"
     training, test = data.get("training"), data.get("test")
     if not isinstance(training, list) or not training:
         raise ValueError(f"datalist {path} has no 'training' items")

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 from collections.abc import Sequence
 
-from scripts.nifti_io import atomic_target_for, atomic_write_text
+from scripts.runtime.outputs import atomic_target_for
 
-__all__ = ["fmt", "markdown_table", "save_figure", "write_csv"]
+__all__ = ["fmt", "markdown_table", "save_figure"]
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -19,15 +17,6 @@ def fmt(value, digits: int = 3) -> str:
     if isinstance(value, float):
         return "-" if value != value else f"{value:.{digits}f}"
     return str(value)
-
-
-def write_csv(rows: Sequence[dict], path: str | os.PathLike, columns: Sequence[str] | None = None) -> None:
-    columns = list(columns or (rows[0].keys() if rows else []))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(buf.getvalue(), path)
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str], headers: Sequence[str] | None = None,

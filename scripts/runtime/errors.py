@@ -17,7 +17,7 @@ from pathlib import Path
 
 __all__ = ["bundle_input_error", "install_excepthook", "report_input_errors", "root_cause"]
 
-_SCRIPTS = str(Path(__file__).resolve().parent)
+_SCRIPTS = str(Path(__file__).resolve().parent.parent)  # the whole scripts package
 INPUT_ERRORS = (ValueError, FileNotFoundError, TypeError, KeyError, NotADirectoryError)
 
 

@@ -43,14 +43,14 @@ def assign_splits(items: list[dict], test_fraction: float = 0.1, folds: int = 10
 
 
 def main(argv=None) -> int:
-    """``python -m scripts.splits --datalist D``: (re)assign a stratified test split and folds to a datalist."""
+    """``python -m scripts.data.splits --datalist D``: (re)assign a stratified test split and folds to a datalist."""
     import argparse
     import json
     from pathlib import Path
 
-    from scripts.nifti_io import atomic_write_text
+    from scripts.runtime.outputs import atomic_write_text
 
-    ap = argparse.ArgumentParser(prog="python -m scripts.splits", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m scripts.data.splits", description=main.__doc__)
     ap.add_argument("--datalist", required=True, help="MONAI datalist JSON with labelled 'training' (and 'test') items")
     ap.add_argument("--folds", type=int, default=10)
     ap.add_argument("--test-fraction", type=float, default=0.1)

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from scripts.tables import save_figure
+from scripts.evaluation.tables import save_figure
 
 __all__ = ["group_figure", "orthogonal_montage"]
 

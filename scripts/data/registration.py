@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["BACKENDS", "AntsRegistration", "SimpleITKRegistration", "get_backend"]
+from scripts.runtime.outputs import atomic_target_for
+
+__all__ = ["BACKENDS", "AntsRegistration", "SimpleITKRegistration", "get_backend", "write_image"]
 
 
 def _sitk():
@@ -20,9 +22,8 @@ def _sitk():
     return sitk
 
 
-def _write(image, path: Path) -> None:
-    from scripts.nifti_io import atomic_target_for
-
+def write_image(image, path: Path) -> None:
+    """Write a SimpleITK image through a temporary file and an atomic rename."""
     with atomic_target_for(path) as tmp:
         _sitk().WriteImage(image, str(tmp))
 
@@ -100,7 +101,7 @@ class SimpleITKRegistration:
         reference = sitk.ReadImage(str(reference_path))
         interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
         pixel = image.GetPixelID() if nearest else sitk.sitkFloat32
-        _write(sitk.Resample(image, reference, self._forward(folder, files), interp, 0.0, pixel), out)
+        write_image(sitk.Resample(image, reference, self._forward(folder, files), interp, 0.0, pixel), out)
 
     def to_native(self, map_path: str, native_path: str, out: Path, folder: Path, files: dict,
                   nearest: bool = False) -> None:
@@ -116,7 +117,7 @@ class SimpleITKRegistration:
             inverse = sitk.CompositeTransform(sitk.DisplacementFieldTransform(sitk.InvertDisplacementField(field)))
             inverse.AddTransform(affine.GetInverse())  # applied first: native -> affine-template space
         interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
-        _write(sitk.Resample(image, native, inverse, interp, 0.0, sitk.sitkFloat32), out)
+        write_image(sitk.Resample(image, native, inverse, interp, 0.0, sitk.sitkFloat32), out)
 
 
 class AntsRegistration:
@@ -163,8 +164,6 @@ class AntsRegistration:
 
 
 def _ants_write(image, out: Path) -> None:
-    from scripts.nifti_io import atomic_target_for
-
     with atomic_target_for(out) as tmp:
         image.to_file(str(tmp))
 

@@ -1,14 +1,14 @@
 """Build the MONAI datalist of the configs from a dHCP release (or any BIDS-like neonatal T2w cohort).
 
-    python -m scripts.dhcp_datalist --root /data/dhcp_rel3 --output /data/dhcp_rel3/datalist_native.json
+    python -m scripts.data.dhcp_datalist --root /data/dhcp_rel3 --output /data/dhcp_rel3/datalist_native.json
 
 Finds the tables (release 2: ``combined_rel02.tsv`` with ids without ``sub-``/``ses-``; release 3:
 ``participants.tsv`` plus per-subject ``sub-*_sessions.tsv``, or ``combined.tsv``), keeps sessions scanned at
 term-equivalent age (scan_age >= 37 weeks), one per subject (the latest by default), labels preterm birth
 (birth_age < 37 weeks), finds the T2w image (bias-corrected derivative first, else raw), brain mask and drawem9
 tissue labels under any of the naming variants of the releases, and writes the datalist with a stratified test
-split and folds (``scripts.splits``). Every excluded session is listed with its reason in
-``<output stem>_exclusions.csv``. The images are native-space scans: run ``python -m scripts.preprocess`` next.
+split and folds (``scripts.data.splits``). Every excluded session is listed with its reason in
+``<output stem>_exclusions.csv``. The images are native-space scans: run ``python -m scripts.data.preprocess`` next.
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from scripts.errors import report_input_errors
-from scripts.nifti_io import atomic_write_text
-from scripts.splits import assign_splits
-from scripts.tables import write_csv
+from scripts.runtime.errors import report_input_errors
+from scripts.runtime.outputs import atomic_write_text, write_csv
+from scripts.data.splits import assign_splits
 
 __all__ = ["build_datalist", "find_files", "read_sessions"]
 
@@ -189,8 +188,8 @@ def build_datalist(root, output, table=None, min_scan_age: float = TERM_WEEKS, s
         raise ValueError(f"{root}: too few subjects per class to split ({counts})")
     training, test = assign_splits(items, test_fraction=test_fraction, folds=folds, seed=seed)
     output = Path(output)
-    datalist = {"description": f"dHCP T2w datalist built by scripts.dhcp_datalist from {root} ({source}); "
-                               "native space: run scripts.preprocess before training",
+    datalist = {"description": f"dHCP T2w datalist built by scripts.data.dhcp_datalist from {root} ({source}); "
+                               "native space: run scripts.data.preprocess before training",
                 "labels": {"0": "term (birth >= 37 weeks)", "1": "preterm"}, "training": training, "test": test}
     atomic_write_text(json.dumps(datalist, indent=2), output)
     write_csv(excluded, output.with_name(output.name.split(".")[0] + "_exclusions.csv"), ["subject", "session", "reason"])
@@ -202,7 +201,7 @@ def build_datalist(root, output, table=None, min_scan_age: float = TERM_WEEKS, s
 
 @report_input_errors
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m scripts.dhcp_datalist", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m scripts.data.dhcp_datalist", description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", required=True, help="release root (holds sourcedata/ or rawdata/, derivatives/)")
     ap.add_argument("--output", required=True, help="datalist JSON to write")
     ap.add_argument("--table", default=None, help="combined table (default: found under --root)")

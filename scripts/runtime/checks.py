@@ -10,9 +10,10 @@ import os
 
 import numpy as np
 
-from scripts.nifti_io import atomic_write_text, read_volume
+from scripts.runtime.outputs import atomic_write_text, read_volume
 
-__all__ = ["EXPORT_COMMAND", "TRAIN_COMMAND", "check_bool", "check_image", "check_shape", "check_positive_int", "class_weights", "require_file", "validate_items"]
+__all__ = ["EXPORT_COMMAND", "TRAIN_COMMAND", "check_bool", "check_image", "check_positive_int", "check_shape",
+           "class_weights", "require_file", "validate_items"]
 
 logger = logging.getLogger(__name__)
 

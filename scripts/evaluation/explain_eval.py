@@ -2,8 +2,8 @@
 generator's ground truth, faithfulness by region perturbation, and cost -- LRP presets against gradient-based
 maps and MONAI's explainers (GradCAM, OcclusionSensitivity, SmoothGrad).
 
-    python -m scripts.explain_eval --output docs/results            # default model and cohort
-    python -m scripts.explain_eval --reduced --output /tmp/x ...    # small settings (CI)
+    python -m scripts.evaluation.explain_eval --output docs/results            # default model and cohort
+    python -m scripts.evaluation.explain_eval --reduced --output /tmp/x ...    # small settings (CI)
 
 Writes ``explanations.csv`` (one row per subject and method), ``explanations.md`` (means per method),
 ``perturbation_curves.png`` and ``maps_panel.png`` into ``--output``.
@@ -21,13 +21,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.bundle import ConfigParser
+from monai.visualize import GradCAM, OcclusionSensitivity, SmoothGrad, VanillaGrad
 
-from scripts.checks import check_shape
-from scripts.errors import report_input_errors
-from scripts.explanation_metrics import aopc, mass_accuracy, patch_scores, perturbation_curve, pointing_game, region_share
+from scripts.evaluation.explanation_metrics import (
+    aopc,
+    mass_accuracy,
+    patch_scores,
+    perturbation_curve,
+    pointing_game,
+    region_share,
+)
+from scripts.evaluation.profiling import measure_call, reexec_with_returning_malloc
 from scripts.lrp import LRP
-from scripts.nifti_io import atomic_write_text
-from scripts.profiling import measure_call, reexec_with_returning_malloc
+from scripts.runtime.checks import check_shape, validate_items
+from scripts.runtime.datalist import load_split
+from scripts.runtime.errors import report_input_errors
+from scripts.runtime.outputs import atomic_target_for, atomic_write_text
 
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,8 +47,6 @@ TARGET = 1  # preterm
 
 
 def _load(config_file: str, overrides: dict, ckpt: str | None):
-    from monai.bundle import ConfigParser
-
     parser = ConfigParser()
     parser.read_config(config_file)
     parser.update({"bundle_root": str(ROOT), **overrides})
@@ -52,9 +60,6 @@ def _load(config_file: str, overrides: dict, ckpt: str | None):
 
 
 def _items(datalist: str, split: str, max_subjects: int, spatial_shape, pixdim):
-    from scripts.checks import validate_items
-    from scripts.datalist import load_split
-
     items = [it for it in load_split(datalist, split, -1) if it["label"] == 1]
     validate_items(items, keys=("image",), spatial_shape=spatial_shape, pixdim=pixdim)
     validate_items(items, keys=("tissue", "phenotype"))
@@ -68,16 +73,12 @@ def _items(datalist: str, split: str, max_subjects: int, spatial_shape, pixdim):
     return items[:max_subjects] if max_subjects > 0 else items
 
 
-def _transform(axcodes: str, spatial_shape, pixdim):
-    from monai.transforms import (Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd, Orientationd,
-                                  ResizeWithPadOrCropd, Spacingd)
-
-    keys = ["image", "tissue", "phenotype"]
-    return Compose([
-        LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys), Orientationd(keys=keys, axcodes=axcodes),
-        Spacingd(keys=keys, pixdim=pixdim, mode=("bilinear", "nearest", "nearest")),
-        NormalizeIntensityd(keys="image", nonzero=True), ResizeWithPadOrCropd(keys=keys, spatial_size=spatial_shape),
-    ])
+def _transform(parser):
+    """The image through the config's ``preprocessing``, the tissue and phenotype maps through its
+    ``label_preprocessing`` (nearest neighbour): both declared in ``configs/inference.json``."""
+    image = parser.get_parsed_content("preprocessing")
+    labels = parser.get_parsed_content("label_preprocessing")
+    return lambda item: {**image({"image": item["image"]}), **labels({k: item[k] for k in ("tissue", "phenotype")})}
 
 
 def _last_conv_block(network) -> str:
@@ -96,23 +97,16 @@ def compute_map(method: str, network, x: torch.Tensor, settings: dict):
         result = LRP(network)(x, method[4:], target=TARGET)
         return result.relevance[0, 0].numpy(), float(result.conservation[0])
     if method in ("gradient", "gradient_x_input"):
-        xg = x.clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(network(xg)[0, TARGET], xg)
+        grad = VanillaGrad(network)(x.clone(), index=TARGET)
         out = grad * x if method == "gradient_x_input" else grad.abs()
         return out[0, 0].detach().numpy(), None
     if method == "smoothgrad":
-        from monai.visualize import SmoothGrad
-
         sg = SmoothGrad(network, stdev_spread=0.15, n_samples=settings["smoothgrad_samples"], magnitude=True)
         return sg(x, index=TARGET)[0, 0].detach().numpy(), None
     if method == "gradcam":
-        from monai.visualize import GradCAM
-
         cam = GradCAM(nn_module=network, target_layers=_last_conv_block(network))
         return cam(x, class_idx=TARGET)[0, 0].detach().numpy(), None
     if method == "occlusion":
-        from monai.visualize import OcclusionSensitivity
-
         occ = OcclusionSensitivity(nn_module=network, mask_size=settings["occlusion_mask"], n_batch=4, overlap=0.0,
                                    mode="mean_img")
         with torch.no_grad():
@@ -127,7 +121,7 @@ def evaluate(args) -> list[dict]:
     parser, network, datalist = _load(args.config_file, args.override, args.ckpt)
     spatial = check_shape(parser.get_parsed_content("spatial_shape"), "spatial_shape")
     pixdim = parser.get_parsed_content("pixdim")
-    transform = _transform(parser.get_parsed_content("axcodes"), spatial, pixdim)
+    transform = _transform(parser)
     items = _items(datalist, args.split, args.subjects, spatial, pixdim)
     methods = [m for m in LRP_METHODS + OTHER_METHODS if m in args.methods]
     settings = {"smoothgrad_samples": args.smoothgrad_samples, "occlusion_mask": args.occlusion_mask}
@@ -219,8 +213,6 @@ def _figures(curves, panel, output: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from scripts.nifti_io import atomic_target_for
-
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, values in curves.items():
         mean = np.mean(values, axis=0)
@@ -258,8 +250,8 @@ def _figures(curves, panel, output: Path) -> None:
 @report_input_errors
 def main(argv=None) -> int:
     if argv is None:
-        reexec_with_returning_malloc("scripts.explain_eval")
-    ap = argparse.ArgumentParser(prog="python -m scripts.explain_eval", description=__doc__.split("\n\n")[0])
+        reexec_with_returning_malloc("scripts.evaluation.explain_eval")
+    ap = argparse.ArgumentParser(prog="python -m scripts.evaluation.explain_eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config_file", default=str(ROOT / "configs" / "inference.json"))
     ap.add_argument("--ckpt", default=None, help="checkpoint (default: the config's ckpt_path)")
     ap.add_argument("--split", default="test")

@@ -3,9 +3,9 @@ training split, training of the best setting on the whole training split, one ev
 split, the misclassified babies' birth ages, group-averaged LRP maps per class (Figure 2) and the share of
 relevance per tissue class.
 
-    python -m scripts.study                                  # built-in synthetic cohort, full settings
-    python -m scripts.study --reduced --output docs/results  # 2 mm / smaller network / shorter grid
-    python -m scripts.study --datalist /data/dhcp/datalist.json --work_dir /scratch/study --output results/
+    python -m scripts.evaluation.study                                  # built-in synthetic cohort, full settings
+    python -m scripts.evaluation.study --reduced --output docs/results  # 2 mm / smaller network / shorter grid
+    python -m scripts.evaluation.study --datalist /data/dhcp/datalist.json --work_dir /scratch/study --output results/
 
 Every stage is one of the bundle's own workflows (``configs/train.json``, ``train_full.json``,
 ``inference.json``) run in-process with config overrides. Finished cross-validation folds and the final
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import logging
 import logging.config
@@ -24,19 +25,31 @@ import sys
 import time
 from pathlib import Path
 
+from scripts.evaluation.clinical_metrics import (
+    CLASS_NAMES,
+    classification_metrics,
+    misclassification_table,
+    subject_table,
+)
+from scripts.evaluation.cross_validation import (
+    ROOT,
+    expand_grid,
+    run_bundle_workflow,
+    run_cv,
+    same_run,
+    select_best,
+    setting_label,
+    summarise_cv,
+)
+from scripts.evaluation.figures import group_figure
+from scripts.evaluation.group_relevance import mean_volume, relevance_by_tissue, tissue_shares_table
+from scripts.evaluation.tables import markdown_table
+from scripts.runtime.checks import validate_items
+from scripts.runtime.datalist import check_study_datalist, load_split
+from scripts.runtime.errors import report_input_errors
+from scripts.runtime.outputs import atomic_write_text, input_path, relevance_path, save_nifti, subject_name, write_csv
 
-from scripts.clinical_metrics import CLASS_NAMES, classification_metrics, misclassification_table, subject_table
-from scripts.cross_validation import (ROOT, expand_grid, run_bundle_workflow, run_cv, same_run, select_best,
-                                      setting_label, summarise_cv)
-from scripts.checks import validate_items
-from scripts.datalist import check_study_datalist, load_split, subject_name
-from scripts.errors import report_input_errors
-from scripts.figures import group_figure
-from scripts.group_relevance import mean_volume, relevance_by_tissue, tissue_shares_table
-from scripts.nifti_io import atomic_write_text, save_nifti
-from scripts.tables import markdown_table, write_csv
-
-logger = logging.getLogger("scripts.study")
+logger = logging.getLogger("scripts.evaluation.study")
 
 DEFAULT_GRID = {"learning_rate": [1e-3, 3e-4], "class_weight_factor": [1.0, 2.0]}
 REDUCED_GRID = {"learning_rate": [1e-3, 3e-4]}
@@ -74,26 +87,15 @@ def _final_model(best: dict, common: dict, run_dir: Path) -> Path:
     return ckpt
 
 
-def _tissue_transform(parser):
-    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, ResizeWithPadOrCropd, Spacingd
-
-    return Compose([
-        LoadImaged(keys="tissue", image_only=True), EnsureChannelFirstd(keys="tissue"),
-        Orientationd(keys="tissue", axcodes=parser.get_parsed_content("axcodes")),
-        Spacingd(keys="tissue", pixdim=parser.get_parsed_content("pixdim"), mode="nearest"),
-        ResizeWithPadOrCropd(keys="tissue", spatial_size=parser.get_parsed_content("spatial_shape")),
-    ])
-
-
 def group_analysis(rows: list[dict], items: list[dict], maps_dir: Path, presets: list[str], group_dir: Path,
                    parser) -> tuple[dict, dict, list[dict]]:
     """Mean input and relevance maps of the correctly classified subjects of each class (NIfTIs in
     ``group_dir``), and the tissue table when every item has a ``tissue`` label map."""
-    from scripts.synthetic_anatomy import DRAWEM9
+    from scripts.data.synthetic_anatomy import DRAWEM9
 
     by_subject = {subject_name(it["image"]): it for it in items}
     with_tissue = all("tissue" in it for it in items)
-    transform = _tissue_transform(parser) if with_tissue else None
+    transform = parser.get_parsed_content("label_preprocessing") if with_tissue else None
     means, counts, shares = {}, {}, {}
     for label in (1, 0):
         name = CLASS_NAMES[label]
@@ -105,14 +107,15 @@ def group_analysis(rows: list[dict], items: list[dict], maps_dir: Path, presets:
         means[name] = {}
         for what in ["input", *presets]:
             suffix = "input" if what == "input" else f"relevance_{what}"
-            mean, affine = mean_volume([maps_dir / s / f"{s}_{suffix}.nii.gz" for s in subjects])
+            path = input_path if what == "input" else functools.partial(relevance_path, preset=what)
+            mean, affine = mean_volume([path(maps_dir, s) for s in subjects])
             means[name][what] = mean
             save_nifti(mean, affine, group_dir / f"{name}_mean_{suffix}.nii.gz")
         if with_tissue:
             for s in subjects:
                 tissue = transform({"tissue": by_subject[s]["tissue"]})["tissue"][0].numpy()
                 for preset in presets:
-                    relevance, _ = mean_volume([maps_dir / s / f"{s}_relevance_{preset}.nii.gz"])
+                    relevance, _ = mean_volume([relevance_path(maps_dir, s, preset)])
                     shares.setdefault((name, preset), []).append(relevance_by_tissue(relevance, tissue, DRAWEM9))
     return means, counts, tissue_shares_table(shares) if shares else []
 
@@ -120,7 +123,7 @@ def group_analysis(rows: list[dict], items: list[dict], maps_dir: Path, presets:
 def _markdown(summary, best, metrics, mis, anatomy, info, timings, args, common) -> str:
     lines = [
         "# Study results", "",
-        f"Command: `{shlex.join(['python', '-m', 'scripts.study', *args.argv])}`", "",
+        f"Command: `{shlex.join(['python', '-m', 'scripts.evaluation.study', *args.argv])}`", "",
         f"Datalist: {info['datalist']} — training split term/preterm {info['training']}, "
         f"{len(info['folds'])} folds; test split term/preterm {info['test']}.",
         f"Config overrides for every stage: `{json.dumps({k: v for k, v in common.items() if k not in ('datalist', 'dataset_dir')})}`.",
@@ -233,7 +236,7 @@ def run_study(args) -> dict:
 @report_input_errors
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="python -m scripts.study", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m scripts.evaluation.study", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset_dir", default=None, help="folder holding datalist.json (default: the configs' "
                     "synthetic cohort, generated when missing)")
     ap.add_argument("--datalist", default=None, help="MONAI datalist JSON with labels, folds and a test split")

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from scripts.nifti_io import read_volume
+from scripts.runtime.outputs import read_volume
 
 __all__ = ["mean_volume", "relevance_by_tissue", "tissue_shares_table"]
 

@@ -1,13 +1,13 @@
 """Preprocess native neonatal T2w scans into the network's space, and send maps back.
 
-    python -m scripts.preprocess run --datalist native.json --template T2w_40wk.nii.gz \\
+    python -m scripts.data.preprocess run --datalist native.json --template T2w_40wk.nii.gz \\
         [--template-mask mask.nii.gz] --output /data/prep [--method sitk|ants] [--bspline] [--workers 2]
-    python -m scripts.preprocess to-native --subject-dir /data/prep/sub-X --map sub-X_relevance_a2b1.nii.gz \\
+    python -m scripts.data.preprocess to-native --subject-dir /data/prep/sub-X --map sub-X_relevance_a2b1.nii.gz \\
         --output sub-X_relevance_a2b1_native.nii.gz
 
 ``run``: for every datalist item (``image`` + brain ``mask``, optional drawem9 ``tissue``; named
 ``<subject>_<session>`` from the datalist, else by the image file name): skull strip by the
-mask -> register to the template (``scripts.registration``) -> resample at 1 mm onto the template grid cropped
+mask -> register to the template (``scripts.data.registration``) -> resample at 1 mm onto the template grid cropped
 or padded to 128 x 96 x 96 (AP x LR x SI) around the template brain -> NIfTI. Tissue labels and the mask follow
 with nearest-neighbour resampling. Per subject ``<output>/<subject>/``: ``<subject>.nii.gz``, ``_mask``,
 ``_dseg``, the transforms and ``<subject>_preprocess.json`` (written last: a subject with it is finished and is
@@ -26,11 +26,9 @@ import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from scripts.datalist import subject_name
-from scripts.errors import report_input_errors
-from scripts.nifti_io import atomic_write_text, remove_stale_temporaries
-from scripts.registration import _write, get_backend
-from scripts.tables import write_csv
+from scripts.runtime.errors import report_input_errors
+from scripts.runtime.outputs import atomic_write_text, remove_stale_temporaries, subject_name, write_csv
+from scripts.data.registration import get_backend, write_image
 
 __all__ = ["make_reference", "output_name", "preprocess_subject", "run_batch", "to_native"]
 
@@ -70,8 +68,8 @@ def make_reference(template: str, template_mask: str | None, out_dir: Path, shap
     ref_image = sitk.Resample(stripped, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     ref_mask = sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write(ref_image, out_dir / "template_grid.nii.gz")
-    _write(ref_mask, out_dir / "template_grid_mask.nii.gz")
+    write_image(ref_image, out_dir / "template_grid.nii.gz")
+    write_image(ref_mask, out_dir / "template_grid_mask.nii.gz")
     return out_dir / "template_grid.nii.gz", out_dir / "template_grid_mask.nii.gz"
 
 
@@ -84,7 +82,7 @@ def preprocess_subject(item: dict, reference: str, output: str, method: str, opt
     """Preprocess one subject; returns its record (also written to ``<subject>_preprocess.json``)."""
     import SimpleITK as sitk
 
-    from scripts.checks import check_image
+    from scripts.runtime.checks import check_image
 
     subject = output_name(item)
     folder = Path(output) / subject
@@ -107,9 +105,9 @@ def preprocess_subject(item: dict, reference: str, output: str, method: str, opt
                          f"{item['image']} ({image.GetSize()})")
     mask.CopyInformation(image)
     stripped_path = folder / f"{subject}_native_brain.nii.gz"
-    _write(sitk.Mask(image, mask), stripped_path)
+    write_image(sitk.Mask(image, mask), stripped_path)
     native_mask = folder / f"{subject}_native_mask.nii.gz"
-    _write(mask, native_mask)
+    write_image(mask, native_mask)
     transforms = backend.register(reference, str(stripped_path), folder, subject)
     record = {"subject": subject, "native_image": str(item["image"]), "native_brain": stripped_path.name,
               "native_mask": native_mask.name, "method": backend.name, "transforms": transforms,
@@ -185,7 +183,7 @@ def run_batch(datalist: str, template: str, output: str, template_mask: str | No
             if "tissue" in record:
                 entry["tissue"] = f"{subject}/{record['tissue']}"
             new[split].append(entry)
-    new["description"] = f"preprocessed by scripts.preprocess ({method}) from {path}"
+    new["description"] = f"preprocessed by scripts.data.preprocess ({method}) from {path}"
     atomic_write_text(json.dumps(new, indent=2), out / "datalist.json")
     write_csv(failures, out / "preprocess_failures.csv", ["subject", "image", "error"])
     skipped = sum(1 for r in results.values() if r.get("skipped"))
@@ -199,7 +197,7 @@ def to_native(subject_dir: str, map_path: str, output: str, nearest: bool = Fals
     folder = Path(subject_dir)
     records = sorted(folder.glob("*_preprocess.json"))
     if not records:
-        raise FileNotFoundError(f"{folder}: no *_preprocess.json (run python -m scripts.preprocess run first)")
+        raise FileNotFoundError(f"{folder}: no *_preprocess.json (run python -m scripts.data.preprocess run first)")
     if not Path(map_path).is_file():
         raise FileNotFoundError(f"map {map_path} not found")
     record = json.loads(records[0].read_text())
@@ -211,7 +209,7 @@ def to_native(subject_dir: str, map_path: str, output: str, nearest: bool = Fals
 
 @report_input_errors
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m scripts.preprocess", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m scripts.data.preprocess", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="preprocess every subject of a datalist")
     run.add_argument("--datalist", required=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.nifti_io import atomic_write_text
+from scripts.runtime.outputs import atomic_write_text
 
 __all__ = ["METRICS", "expand_grid", "run_bundle_workflow", "run_cv", "same_run", "select_best", "setting_label",
            "summarise_cv"]

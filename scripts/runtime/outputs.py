@@ -1,0 +1,308 @@
+"""Everything this bundle writes, in one place: the output-path contract, atomic writes (NIfTI, text, CSV),
+crash-safe tables, and the bookkeeping that lets an interrupted inference resume.
+
+Output contract (change it here only)::
+
+    <output_dir>/predictions.csv
+    <output_dir>/<subject>/<subject>_<what>.nii.gz     e.g. _relevance_a2b1, _relevance_a2b1_orig, _input
+
+``subject`` is the input file name without NIfTI extensions (``subject_name``). ``output_path`` is the only
+function that builds those names; ``relevance_path`` / ``input_path`` name the two kinds of map.
+
+Every file goes through a temporary name in the same folder and an atomic rename, so a killed run never leaves a
+partial file under a final name; temporaries of dead writers are removed by the next run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import ignite.distributed as idist
+import nibabel as nib
+import numpy as np
+import torch
+
+__all__ = [
+    "NIFTI_SUFFIXES", "CrashSafeTable", "atomic_target_for", "atomic_write_text", "expected_outputs", "input_path",
+    "output_path", "pending_subjects", "read_rows", "read_volume", "relevance_path", "remove_stale_temporaries",
+    "run_key", "save_nifti", "scores_and_labels", "source_file", "subject_name", "write_csv",
+]
+
+logger = logging.getLogger(__name__)
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the output-path contract
+
+
+def subject_name(path: str | os.PathLike) -> str:
+    """Input file name without NIfTI extensions: ``/x/sub-0001.nii.gz`` -> ``sub-0001``."""
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def output_path(output_dir: str | os.PathLike, subject: str, what: str, suffix: str = ".nii.gz") -> Path:
+    """``<output_dir>/<subject>/<subject>_<what><suffix>``: the one place that names per-subject outputs."""
+    return Path(output_dir) / subject / f"{subject}_{what}{suffix}"
+
+
+def relevance_path(output_dir: str | os.PathLike, subject: str, preset: str, original: bool = False) -> Path:
+    """The relevance map of ``preset``: on the network-input grid, or (``original``) on the input image's grid."""
+    return output_path(output_dir, subject, f"relevance_{preset}" + ("_orig" if original else ""))
+
+
+def input_path(output_dir: str | os.PathLike, subject: str) -> Path:
+    """The preprocessed network input."""
+    return output_path(output_dir, subject, "input")
+
+
+def expected_outputs(output_dir: str | os.PathLike, subject: str, presets: Iterable[str], save_input: bool,
+                     save_original_space: bool = False) -> list[Path]:
+    """Every map file one subject's inference writes with these settings."""
+    files = [relevance_path(output_dir, subject, p) for p in presets]
+    if save_original_space:
+        files += [relevance_path(output_dir, subject, p, original=True) for p in presets]
+    if save_input:
+        files.append(input_path(output_dir, subject))
+    return files
+
+
+def source_file(item: dict, image_key: str = "image") -> tuple[str, str]:
+    """(subject, source file) of a decollated batch item, from the image's ``filename_or_obj`` metadata."""
+    image = item[image_key]
+    meta = getattr(image, "meta", None) or item.get(f"{image_key}_meta_dict", {})
+    name = meta.get("filename_or_obj") if meta else None
+    if not name:
+        raise ValueError(f"the '{image_key}' of a batch item has no filename_or_obj metadata")
+    return subject_name(str(name)), str(name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# atomic writes and checked reads
+
+
+def _atomic_target(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes)
+    # the writer's pid in the name lets a later run tell abandoned temporaries (writer killed) from live ones
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.{os.getpid()}.", suffix=".tmp" + suffix,
+                               dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the final file gets the usual permissions
+    return Path(tmp)
+
+
+@contextmanager
+def atomic_target_for(path: str | os.PathLike):
+    """Yield a temporary path next to ``path``; on success it is renamed to ``path``, on error removed."""
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, dtype=np.float32) -> Path:
+    """Write ``array`` as NIfTI to ``path`` through a temporary file in the same folder and an atomic rename,
+    so that a crash never leaves a partial file under the final name."""
+    path = Path(path)
+    image = nib.Nifti1Image(np.asarray(array, dtype=dtype), np.asarray(affine, dtype=float))
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=1)
+    with atomic_target_for(path) as tmp:
+        nib.save(image, tmp)
+    return path
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write text to ``path`` atomically (temporary file + rename)."""
+    path = Path(path)
+    with atomic_target_for(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a 3D NIfTI as float32 with its affine; errors name the file and say what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        image = nib.load(str(path))
+        data = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as err:  # nibabel raises many types for damaged files
+        raise ValueError(f"{path}: not a readable NIfTI image ({type(err).__name__}: {err})") from err
+    data = np.squeeze(data) if data.ndim > 3 and all(s == 1 for s in data.shape[3:]) else data
+    if data.ndim != 3:
+        raise ValueError(f"{path}: expected a 3D image, got shape {data.shape}")
+    return data, image.affine
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, depth: int = 2) -> list[Path]:
+    """Delete temporaries of ``atomic_target_for`` left in ``folder`` (and ``depth`` levels below) by a writer that
+    no longer runs (killed); those of live processes (other ranks, other jobs) are kept. Returns what was removed."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    patterns = [("*/" * level) + ".*.tmp*" for level in range(depth + 1)]
+    for pattern in patterns:
+        for tmp in folder.glob(pattern):
+            parts = tmp.name.split(".")
+            pid = next((int(p) for p in parts[2:3] if p.isdigit()), None)
+            if pid is not None and not _alive(pid) and tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
+
+
+def write_csv(rows: Sequence[dict], path: str | os.PathLike, columns: Sequence[str] | None = None) -> None:
+    """A CSV table from a list of dicts, written atomically (extra keys ignored)."""
+    columns = list(columns or (rows[0].keys() if rows else []))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(buf.getvalue(), path)
+
+
+def read_rows(path: Path, columns: Sequence[str] | None = None) -> list[dict]:
+    """Rows of a CSV table (none when it is missing or has other columns)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if columns is not None and reader.fieldnames != list(columns):
+            return []
+        return list(reader)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# crash-safe tables written while an engine runs
+
+
+def scores_and_labels(output, pred_key: str = "pred", label_key: str = "label"):
+    """(B, C) class scores and (B,) integer labels from a list of per-item dicts (labels may be one-hot)."""
+    items = output if isinstance(output, list) else [output]
+    scores = torch.stack([torch.as_tensor(o[pred_key]).reshape(-1).float() for o in items])
+    labels = []
+    for o in items:
+        label = torch.as_tensor(o[label_key]).reshape(-1)
+        labels.append(label.argmax() if label.numel() > 1 else label[0])
+    return scores, torch.stack(labels).long()
+
+
+class CrashSafeTable:
+    """A CSV table of rows keyed by some columns, rewritten atomically after every change, so that a killed
+    run leaves the table of everything finished before the kill. Under torch.distributed every rank keeps its
+    own hidden part file and ``finish()`` merges them into the table on rank 0.
+
+    Ours, not MONAI's ``CSVSaver``: that one writes once at the end and in place, so a killed run has no table."""
+
+    def __init__(self, path: str | os.PathLike, columns: Sequence[str], key: Sequence[str]) -> None:
+        self.path = Path(path)
+        self.columns = list(columns)
+        self.key = list(key)
+        self.rows: dict[tuple, dict] = {}
+
+    def load(self, keep: Callable[[dict], bool] = lambda row: True) -> int:
+        """Take over the rows of an existing table and of the rank parts a killed distributed run left (those
+        ``keep`` accepts); returns how many."""
+        for path in [self.path, *sorted(self.path.parent.glob(f".{self.path.name}.rank*"))]:
+            for row in read_rows(path, self.columns):
+                if keep(row):
+                    self.rows[tuple(row[k] for k in self.key)] = row
+        return len(self.rows)
+
+    def add(self, row: dict) -> None:
+        row = {c: ("" if row.get(c) is None else str(row.get(c))) for c in self.columns}
+        self.rows[tuple(row[k] for k in self.key)] = row
+
+    def _part(self) -> Path:
+        rank, world = idist.get_rank(), idist.get_world_size()
+        return self.path if world == 1 else self.path.with_name(f".{self.path.name}.rank{rank}")
+
+    def _write(self, rows, path: Path) -> None:
+        write_csv(sorted(rows, key=lambda r: tuple(r[k] for k in self.key)), path, self.columns)
+
+    def save(self) -> None:
+        self._write(self.rows.values(), self._part())
+
+    def finish(self) -> None:
+        """Write the final table (rank 0 merges every rank's rows; each key once)."""
+        rank, world = idist.get_rank(), idist.get_world_size()
+        if world == 1:
+            self.save()
+            return
+        gathered: list = [None] * world
+        torch.distributed.all_gather_object(gathered, self.rows)
+        if rank == 0:
+            merged = {k: v for part in gathered for k, v in part.items()}
+            self._write(merged.values(), self.path)
+        self._part().unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resuming an interrupted inference
+
+
+def run_key(ckpt_path: str, **settings) -> str:
+    """Short hash of the checkpoint's bytes and the settings that change the outputs."""
+    digest = hashlib.sha256()
+    with open(ckpt_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def pending_subjects(items: list[dict], output_dir: str | os.PathLike, key: str | None, presets: Sequence[str] = (),
+                     save_input: bool = True, save_original_space: bool = False,
+                     table: str = "predictions.csv") -> list[dict]:
+    """The items still to do. A subject counts as finished when ``table`` lists it with the current ``run_key``
+    (the table is written after the subject's maps) and every map file it should have exists. ``key=None``
+    (resume off): all of them. Abandoned temporaries of a killed run are removed first."""
+    output = Path(output_dir)
+    removed = remove_stale_temporaries(output)
+    if removed:
+        logger.warning("removed %d unfinished temporary files of an interrupted run in %s", len(removed), output)
+    if key is None:
+        return list(items)
+    done = {row["subject"] for path in [output / table, *sorted(output.glob(f".{table}.rank*"))]
+            for row in read_rows(path) if row.get("run_key") == key}  # rank parts: a killed distributed run
+    pending = [it for it in items if not (
+        subject_name(it["image"]) in done
+        and all(p.is_file() for p in expected_outputs(output, subject_name(it["image"]), presets, save_input,
+                                                      save_original_space)))]
+    if len(pending) < len(items):
+        logger.info("%d of %d subjects already finished with this model and settings (%s): skipped; "
+                    "set resume=false to redo them", len(items) - len(pending), len(items), output / table)
+    return pending
