@@ -2,7 +2,7 @@
 # One entry point for a fresh machine: creates .venv, installs what is needed, then
 #   bash run.sh train   - generates the synthetic cohort, trains, evaluates on the held-out split and writes
 #                         predictions + relevance maps (eval/)
-#   bash run.sh test    - runs every test: the main suite, then the MONAI Label and MONAI Deploy apps' tests in
+#   bash run.sh test    - runs every test: ruff, the main suite, then the MONAI Label and MONAI Deploy apps' tests in
 #                         their own environments (nox sessions label and deploy, see noxfile.py)
 #   bash run.sh setup   - only the environment
 set -euo pipefail
@@ -38,6 +38,7 @@ case "${1:-}" in
     test)
         setup dev
         shift || true
+        "$VENV/bin/ruff" check .   # lint (ruff.toml): part of the test command
         "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests "$@"
         "$VENV/bin/nox" -s label deploy ;;
     *)

@@ -29,7 +29,8 @@ def build(dataset_dir: str, subjects: int, epochs: int):
     parser.read_config(str(ROOT / "configs" / "train.json"))
     parser.update({
         "bundle_root": str(ROOT), "dataset_dir": dataset_dir, "synthetic_subjects": subjects, "fold": -1,
-        "num_epochs": epochs, "output_dir": str(Path(dataset_dir) / "out"), "ckpt_dir": str(Path(dataset_dir) / "models"),
+        "num_epochs": epochs, "output_dir": str(Path(dataset_dir) / "out"),
+        "ckpt_dir": str(Path(dataset_dir) / "models"),
     })
     # training throughput only: no per-epoch validation
     parser["train"]["handlers"] = [h for h in parser["train"]["handlers"] if h["_target_"] != "ValidationHandler"]
@@ -57,7 +58,7 @@ def main(argv=None):
     loss_fn = parser.get_parsed_content("loss")
     device = parser.get_parsed_content("device")
     n_items = len(loader.dataset)
-    for batch in loader:  # caching is done by CacheDataset at construction; one pass warms the loader
+    for _ in loader:  # caching is done by CacheDataset at construction; one pass warms the loader
         pass
 
     def plain(epochs):

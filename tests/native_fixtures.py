@@ -133,7 +133,7 @@ def fake_release(root: Path, release: int) -> Path:
              else ["_desc-brain_mask.nii.gz", "_desc-drawem_space-T2w_brainmask.nii.gz"])
     tissues = (["_drawem_tissue_labels.nii.gz", "_desc-drawem9_space-T2w_dseg.nii.gz"] if release == 2
                else ["_desc-drawem9_dseg.nii.gz", "_desc-drawem9_space-T2w_dseg.nii.gz"])
-    for i, (p, s, birth, scan, radiology, files) in enumerate(SESSIONS):
+    for i, (p, s, _birth, _scan, _radiology, files) in enumerate(SESSIONS):
         sub, ses = f"sub-{p}", f"ses-{s}"
         stem = f"{sub}_{ses}"
         raw = raw_base / sub / ses / "anat"
@@ -162,7 +162,8 @@ def fake_release(root: Path, release: int) -> Path:
         raw_base.mkdir(parents=True, exist_ok=True)
         (raw_base / "participants.tsv").write_text("\n".join(lines) + "\n")
         for p, (_, _, sessions) in people.items():
-            rows = ["session_id\tscan_age\tradiology_score\tsedation"] + [f"ses-{s}\t{a}\t{r}\t0" for s, a, r in sessions]
+            rows = ["session_id\tscan_age\tradiology_score\tsedation"]
+            rows += [f"ses-{s}\t{a}\t{r}\t0" for s, a, r in sessions]
             (raw_base / f"sub-{p}").mkdir(parents=True, exist_ok=True)
             (raw_base / f"sub-{p}" / f"sub-{p}_sessions.tsv").write_text("\n".join(rows) + "\n")
     return root

@@ -58,7 +58,8 @@ def bad_cases(tmp_path_factory, cohort):
     return _bad_files(tmp_path_factory.mktemp("bad"), cohort / "images" / "sub-0001.nii.gz")
 
 
-@pytest.mark.parametrize("case", ["2d", "4d", "nan", "inf", "truncated", "zero_bytes", "not_nifti", "all_zero", "missing"])
+@pytest.mark.parametrize("case", ["2d", "4d", "nan", "inf", "truncated", "zero_bytes", "not_nifti", "all_zero",
+                                  "missing"])
 def test_each_bad_image_names_the_file(bad_cases, case):
     path, message = bad_cases[case]
     with pytest.raises((ValueError, FileNotFoundError)) as err:

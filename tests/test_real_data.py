@@ -20,7 +20,8 @@ from scipy import ndimage
 def test_dhcp_datalist_builder_finds_files_labels_and_exclusions(tmp_path, release):
     root = fake_release(tmp_path / f"rel{release}", release)
     out = root / "datalist.json"
-    proc = subprocess.run([sys.executable, "-m", "scripts.data.dhcp_datalist", "--root", str(root), "--output", str(out),
+    proc = subprocess.run([sys.executable, "-m", "scripts.data.dhcp_datalist", "--root", str(root),
+                           "--output", str(out),
                            "--folds", "2", "--test-fraction", "0.25"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
@@ -92,7 +93,8 @@ def test_preprocessing_aligns_to_the_template_resumes_and_reports_failures(nativ
     listed = tmp_path / "native.json"
     listed.write_text(json.dumps(data))
     out = tmp_path / "prep"
-    cmd = [sys.executable, "-m", "scripts.data.preprocess", "run", "--datalist", str(listed), "--template", str(template),
+    cmd = [sys.executable, "-m", "scripts.data.preprocess", "run", "--datalist", str(listed),
+           "--template", str(template),
            "--template-mask", str(mask), "--output", str(out), "--workers", "2"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -133,7 +135,8 @@ def test_other_registration_methods_align(native, tmp_path, method):
     listed.write_text(json.dumps(data))
     out = tmp_path / "prep"
     args = ["--method", "ants"] if method == "ants" else ["--method", "sitk", "--bspline"]
-    proc = subprocess.run([sys.executable, "-m", "scripts.data.preprocess", "run", "--datalist", str(listed), "--template",
+    proc = subprocess.run([sys.executable, "-m", "scripts.data.preprocess", "run", "--datalist", str(listed),
+                           "--template",
                            str(template), "--template-mask", str(mask), "--output", str(out), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -48,7 +48,8 @@ def test_ddp_training_and_sharded_inference(tmp_path, cohort):
 
     out = tmp_path / "infer"
     proc = _torchrun("inference", "--config_file", "['configs/inference.json','configs/multi_gpu_inference.json']",
-                     "--dataset_dir", str(cohort), "--split", "all", "--ckpt_dir", str(models), "--output_dir", str(out),
+                     "--dataset_dir", str(cohort), "--split", "all", "--ckpt_dir", str(models),
+                     "--output_dir", str(out),
                      "--lrp_presets", "['a2b1']", *TINY)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = read_json(cohort / "datalist.json")

@@ -39,7 +39,8 @@ def test_splits_command_stratifies_test_split_and_folds(tmp_path, cohort):
     items = load_split(str(cohort / "datalist.json"), "all", -1)
     plain = [{"image": it["image"], "label": it["label"]} for it in items]
     datalist = _write_datalist(tmp_path / "d.json", plain, [])
-    with pytest.raises(ValueError, match="lack a 'fold' field; add stratified folds with: python -m scripts.data.splits"):
+    with pytest.raises(ValueError,
+                       match="lack a 'fold' field; add stratified folds with: python -m scripts.data.splits"):
         check_study_datalist(str(datalist))
     out = subprocess.run([sys.executable, "-m", "scripts.data.splits", "--datalist", str(datalist), "--folds", "3",
                           "--test-fraction", "0.25", "--seed", "5"], cwd=ROOT, capture_output=True, text=True)
@@ -47,10 +48,11 @@ def test_splits_command_stratifies_test_split_and_folds(tmp_path, cohort):
     data = json.loads(datalist.read_text())
     n_pre = sum(it["label"] for it in plain)
     assert len(data["test"]) == round(n_pre * 0.25) + round((len(plain) - n_pre) * 0.25)
-    assert {it["image"] for it in data["training"]} | {it["image"] for it in data["test"]} == {it["image"] for it in plain}
+    split_images = {it["image"] for it in data["training"]} | {it["image"] for it in data["test"]}
+    assert split_images == {it["image"] for it in plain}
     info = check_study_datalist(str(datalist))
     assert info["folds"] == [0, 1, 2]
-    for fold in info["folds"]:  # every class spread evenly over the folds
+    for _ in info["folds"]:  # every class spread evenly over the folds
         for label in (0, 1):
             counts = [sum(1 for it in data["training"] if it["fold"] == f and it["label"] == label) for f in range(3)]
             assert max(counts) - min(counts) <= 1
@@ -158,7 +160,8 @@ def test_grid_and_selection():
 
 
 def _study(cohort, work, *extra):
-    cmd = [sys.executable, "-m", "scripts.evaluation.study", "--dataset_dir", str(cohort), "--work_dir", str(work / "w"),
+    cmd = [sys.executable, "-m", "scripts.evaluation.study", "--dataset_dir", str(cohort),
+           "--work_dir", str(work / "w"),
            "--output", str(work / "out"), "--override", json.dumps(TINY_STUDY),
            "--grid", json.dumps({"learning_rate": [1e-3, 3e-4]}), *extra]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)

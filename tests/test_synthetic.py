@@ -56,7 +56,8 @@ def test_preterm_babies_have_more_csf_and_ventricle():
         out = []
         for seed in range(5):
             ph, _, labels, pmask = _subject(100 + seed, fraction)
-            out.append((ph, (labels == CSF).sum() + (labels == VENTRICLES).sum(), (labels == VENTRICLES).sum(), pmask.sum()))
+            ventricles = (labels == VENTRICLES).sum()
+            out.append((ph, (labels == CSF).sum() + ventricles, ventricles, pmask.sum()))
         return out
 
     term, preterm = volumes(0.0), volumes(1.0)
@@ -100,7 +101,8 @@ def test_cohort_files_datalist_and_participants(cohort):
     rows = list(csv.DictReader((cohort / "participants.tsv").open(), delimiter="\t"))
     assert [r["participant_id"] for r in rows] == sorted(i["subject"] for i in items)
     for row in rows:
-        assert (float(row["birth_age"]) < 37) == any(i["label"] == 1 for i in items if i["subject"] == row["participant_id"])
+        preterm = any(i["label"] == 1 for i in items if i["subject"] == row["participant_id"])
+        assert (float(row["birth_age"]) < 37) == preterm
 
 
 def test_cohort_regeneration_is_identical(tmp_path, cohort):

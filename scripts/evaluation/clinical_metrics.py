@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from monai.metrics import compute_confusion_matrix_metric, compute_roc_auc, get_confusion_matrix
 
 __all__ = ["CLASS_NAMES", "classification_metrics", "misclassification_table", "subject_table"]
 
@@ -16,7 +17,6 @@ CLASS_NAMES = {0: "term", 1: "preterm"}
 def classification_metrics(labels: Sequence[int], probs: Sequence[Sequence[float]]) -> dict:
     """Accuracy, TPR (preterm recall), TNR (term recall), balanced accuracy, ROC AUC and the confusion counts from
     integer labels and (N, 2) class probabilities; the prediction is the arg-max class."""
-    from monai.metrics import compute_confusion_matrix_metric, compute_roc_auc, get_confusion_matrix
 
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     p = torch.as_tensor(np.asarray(probs, dtype=np.float64))

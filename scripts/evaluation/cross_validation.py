@@ -16,14 +16,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+from monai.bundle import ConfigWorkflow
+from tqdm import tqdm
 
+from scripts import BUNDLE_ROOT
 from scripts.runtime.outputs import atomic_write_text
 
 __all__ = ["METRICS", "expand_grid", "run_bundle_workflow", "run_cv", "same_run", "select_best", "setting_label",
            "summarise_cv"]
 
 logger = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = BUNDLE_ROOT
 METRICS = ("val_balanced_accuracy", "val_auc", "val_accuracy")
 
 
@@ -55,7 +58,6 @@ def same_run(saved: dict | None, overrides: dict) -> bool:
 
 def run_bundle_workflow(config_files: Sequence[str], run_id: str, overrides: dict):
     """Run a bundle workflow in-process (as ``python -m monai.bundle run``) and return it, parsed objects intact."""
-    from monai.bundle import ConfigWorkflow
 
     files = [str(ROOT / "configs" / f) if not Path(f).is_absolute() else f for f in config_files]
     workflow = ConfigWorkflow(config_file=files, run_id=run_id, workflow_type=None,
@@ -80,7 +82,6 @@ def _train_fold(overrides: dict) -> dict:
 def run_cv(settings: list[dict], folds: Sequence[int], common: dict, work_dir: Path,
            train_fold: Callable[[dict], dict] = _train_fold) -> list[dict]:
     """Train every setting on every fold (skipping finished ones) and return one row per (setting, fold)."""
-    from tqdm import tqdm
 
     rows = []
     jobs = [(s, f) for s in settings for f in folds]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import logging
@@ -24,6 +25,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.visualize import GradCAM, OcclusionSensitivity, SmoothGrad, VanillaGrad
 
+from scripts import BUNDLE_ROOT
 from scripts.evaluation.explanation_metrics import (
     aopc,
     mass_accuracy,
@@ -40,7 +42,7 @@ from scripts.runtime.errors import report_input_errors
 from scripts.runtime.outputs import atomic_target_for, atomic_write_text
 
 logger = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = BUNDLE_ROOT
 LRP_METHODS = ("lrp_a1b0", "lrp_a2b1", "lrp_epsilon_a2b1", "lrp_zbox_a2b1")
 OTHER_METHODS = ("gradient_x_input", "gradient", "smoothgrad", "gradcam", "occlusion")
 TARGET = 1  # preterm
@@ -147,7 +149,8 @@ def evaluate(args) -> list[dict]:
         ]
         curves.setdefault("random", []).append(np.mean(random_curves, axis=0))
         for method in methods:
-            (relevance, conservation), seconds, peak = measure_call(lambda: compute_map(method, network, x, settings))
+            explain_one = functools.partial(compute_map, method, network, x, settings)
+            (relevance, conservation), seconds, peak = measure_call(explain_one)
             order = torch.argsort(patch_scores(torch.as_tensor(relevance), args.patch).flatten(), descending=True)
             curve = perturbation_curve(score, x, order, args.patch, args.steps, args.per_step)
             curves.setdefault(method, []).append(curve)
@@ -177,7 +180,8 @@ def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
-        out.append({"method": method, **{c: float(np.nanmean([r[c] for r in mine])) if not all(np.isnan(r[c]) for r in mine)
+        out.append({"method": method, **{c: float(np.nanmean([r[c] for r in mine]))
+                                         if not all(np.isnan(r[c]) for r in mine)
                                          else float("nan") for c in COLUMNS[1:]}, "n": len(mine)})
     return out
 
@@ -208,10 +212,10 @@ def write_outputs(rows, curves, panel, output: Path, steps_fraction: str) -> Non
 
 
 def _figures(curves, panel, output: Path) -> None:
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (the Agg backend is chosen before pyplot is imported)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, values in curves.items():
@@ -275,7 +279,8 @@ def main(argv=None) -> int:
         ap.error(f"unknown methods {sorted(unknown)}; choose from {LRP_METHODS + OTHER_METHODS}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     rows, curves, panel = evaluate(args)
-    fraction = f"{args.steps} steps x {args.per_step} patches of {args.patch}^3 voxels are replaced by 0 (the brain mean)"
+    fraction = (f"{args.steps} steps x {args.per_step} patches of {args.patch}^3 voxels are replaced by 0 "
+                "(the brain mean)")
     write_outputs(rows, curves, panel, Path(args.output), fraction)
     print((Path(args.output) / "explanations.md").read_text())
     return 0

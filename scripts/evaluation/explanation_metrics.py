@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 __all__ = ["aopc", "mass_accuracy", "patch_scores", "perturbation_curve", "pointing_game", "region_share"]
 
@@ -29,7 +30,6 @@ def pointing_game(relevance: np.ndarray, region: np.ndarray, tolerance: int = 0)
     """1.0 if the most relevant voxel lies in ``region`` (dilated by ``tolerance`` voxels), else 0.0."""
     region = np.asarray(region, dtype=bool)
     if tolerance > 0:
-        from scipy import ndimage
 
         region = ndimage.binary_dilation(region, iterations=tolerance)
     idx = np.unravel_index(int(np.argmax(relevance)), np.shape(relevance))

@@ -29,10 +29,10 @@ def group_figure(means: Mapping[str, Mapping[str, np.ndarray]], presets: Sequenc
                  counts: Mapping[str, int] | None = None, title: str = "") -> None:
     """Rows: classes (``means`` keys, e.g. preterm, term); columns: the mean input ("input") then the mean
     relevance for each preset, on a diverging map centred on zero with one colour bar per column."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (the Agg backend is chosen before pyplot is imported)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415
 
     classes = list(means)
     columns = ["input", *presets]

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import gc
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -50,8 +52,6 @@ def reexec_with_returning_malloc(module: str | None = None) -> None:
     """Restart this process once with glibc's mmap threshold fixed at 64 KiB, so that every large tensor is
     mapped and unmapped on its own and the peak RSS reflects the memory a call really needed (with the
     default dynamic threshold, freed blocks stay resident and later peaks read as zero)."""
-    import os
-    import sys
 
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") or not sys.platform.startswith("linux"):
         return

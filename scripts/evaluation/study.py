@@ -25,6 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+from monai.bundle import ConfigParser
+
+from scripts.data.synthetic_anatomy import DRAWEM9
 from scripts.evaluation.clinical_metrics import (
     CLASS_NAMES,
     classification_metrics,
@@ -59,7 +62,6 @@ PRESETS = ["a1b0", "a2b1", "a3b2"]
 
 
 def _parser(config: str, overrides: dict):
-    from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / config))
@@ -91,7 +93,6 @@ def group_analysis(rows: list[dict], items: list[dict], maps_dir: Path, presets:
                    parser) -> tuple[dict, dict, list[dict]]:
     """Mean input and relevance maps of the correctly classified subjects of each class (NIfTIs in
     ``group_dir``), and the tissue table when every item has a ``tissue`` label map."""
-    from scripts.data.synthetic_anatomy import DRAWEM9
 
     by_subject = {subject_name(it["image"]): it for it in items}
     with_tissue = all("tissue" in it for it in items)
@@ -126,7 +127,8 @@ def _markdown(summary, best, metrics, mis, anatomy, info, timings, args, common)
         f"Command: `{shlex.join(['python', '-m', 'scripts.evaluation.study', *args.argv])}`", "",
         f"Datalist: {info['datalist']} — training split term/preterm {info['training']}, "
         f"{len(info['folds'])} folds; test split term/preterm {info['test']}.",
-        f"Config overrides for every stage: `{json.dumps({k: v for k, v in common.items() if k not in ('datalist', 'dataset_dir')})}`.",
+        "Config overrides for every stage: "
+        f"`{json.dumps({k: v for k, v in common.items() if k not in ('datalist', 'dataset_dir')})}`.",
         "", "## Cross-validation (validation metrics after the last epoch, mean ± sd over folds)", "",
     ]
     table = [{"setting": r["setting"], "folds": r["folds"],
@@ -137,7 +139,8 @@ def _markdown(summary, best, metrics, mis, anatomy, info, timings, args, common)
                                         "chosen"],
                                 ["setting", "folds", "balanced accuracy", "ROC AUC", "accuracy", "chosen"]))
     lines += ["## Held-out test split (preterm = positive)", "",
-              markdown_table([metrics], ["n", "accuracy", "tpr", "tnr", "balanced_accuracy", "auc", "tp", "fn", "tn", "fp"],
+              markdown_table([metrics],
+                             ["n", "accuracy", "tpr", "tnr", "balanced_accuracy", "auc", "tp", "fn", "tn", "fp"],
                              ["n", "accuracy", "TPR", "TNR", "balanced accuracy", "ROC AUC", "TP", "FN", "TN", "FP"]),
               "## Birth ages (weeks) of correctly classified and misclassified babies", "",
               markdown_table(mis, ["class", "n", "correct", "misclassified", "birth_age_correct_mean",
@@ -150,7 +153,8 @@ def _markdown(summary, best, metrics, mis, anatomy, info, timings, args, common)
                   "voxels of the network input; enrichment = relevance share / volume share (1 = no preference).",
                   ""]
         csf = [r for r in anatomy if r["tissue"] in ("csf", "ventricles")]
-        lines.append(markdown_table(csf, ["class", "preset", "tissue", "relevance_share", "volume_share", "enrichment"]))
+        lines.append(markdown_table(
+            csf, ["class", "preset", "tissue", "relevance_share", "volume_share", "enrichment"]))
         lines += ["All tissue classes: `study_anatomy.csv`.", ""]
     lines += ["## Figure", "", "![group maps](study_group_relevance.png)", "",
               "Rows: correctly classified preterm and term test subjects; columns: the average network input, then "

@@ -51,7 +51,7 @@ class PretermLabelApp(MONAILabelApp):
     def init_infers(self):
         sys.path.insert(0, self.bundle)
         try:
-            from scripts.label_app.tasks import PretermClassification, PretermRelevance
+            from scripts.label_app.tasks import PretermClassification, PretermRelevance  # noqa: PLC0415
         finally:
             sys.path.remove(self.bundle)
         return {

@@ -87,7 +87,7 @@ class LRP:
     def __init__(self, model: nn.Module):
         self.model = _unwrap(model)
 
-    def trace(self, x: torch.Tensor, cache: bool = True) -> "Trace":
+    def trace(self, x: torch.Tensor, cache: bool = True) -> Trace:
         """Run one forward pass and keep what the backward rules need. ``cache`` keeps rule denominators for
         reuse by further composites/targets on this trace (more memory, less time)."""
         return Trace(self.model, x, cache)

@@ -74,7 +74,8 @@ def validate_items(items: list[dict], skip_bad: bool = False, report: str | None
         writer.writerows(bad)
         atomic_write_text(buf.getvalue(), report)
     if items and not good:
-        raise ValueError(f"no usable input: all {len(items)} items failed their checks" + (f" (see {report})" if report else ""))
+        raise ValueError(f"no usable input: all {len(items)} items failed their checks"
+                         + (f" (see {report})" if report else ""))
     return good
 
 
@@ -92,7 +93,8 @@ def class_weights(items: list[dict], factor: float = 1.0, num_classes: int = 2) 
 
 def check_positive_int(value, key: str) -> int:
     """Validate a config override: ``value`` must be a positive integer (config key ``key``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()) or value < 1:
+    integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not integral or value < 1:
         raise ValueError(f"config key '{key}' must be a positive integer, got {value!r}")
     return int(value)
 

@@ -30,7 +30,7 @@ def ensure_datalist(datalist: str | None, dataset_dir: str, synthetic_subjects: 
     if not folder.exists() or not any(folder.iterdir()):
         if int(synthetic_subjects) < 2:
             raise ValueError(f"dataset_dir {folder} is empty and synthetic_subjects={synthetic_subjects} (< 2)")
-        from scripts.data.synthetic import generate_cohort  # heavy import only when needed
+        from scripts.data.synthetic import generate_cohort  # noqa: PLC0415 (heavy; only without a datalist)
 
         logger.warning("no datalist at %s: generating the synthetic cohort (%d subjects) into %s",
                        datalist, synthetic_subjects, folder)
@@ -163,7 +163,8 @@ def _check_item(item, base: Path, datalist: Path, require_label: bool, check_fil
         label = out["label"]
         if isinstance(label, bool) or label not in (0, 1):
             raise ValueError(
-                f"datalist {datalist}: item {out['subject']} ({image}) has label {label!r}; labels must be 0 (term) or 1 (preterm)"
+                f"datalist {datalist}: item {out['subject']} ({image}) has label {label!r}; "
+                "labels must be 0 (term) or 1 (preterm)"
             )
         out["label"] = int(label)
     return out
@@ -190,7 +191,8 @@ def check_study_datalist(datalist: str) -> dict:
     if any(isinstance(f, bool) or not isinstance(f, int) or f < 0 for f in folds):
         raise ValueError(f"datalist {path}: 'fold' values must be integers >= 0, got {folds}; redo them with: {fix}")
     if len(folds) < 2:
-        raise ValueError(f"datalist {path}: cross-validation needs at least 2 folds, found {folds}; redo them with: {fix}")
+        raise ValueError(f"datalist {path}: cross-validation needs at least 2 folds, found {folds}; "
+                         f"redo them with: {fix}")
     for fold in folds:
         counts = [sum(1 for it in items if it["fold"] == fold and it["label"] == c) for c in (0, 1)]
         for c, name in ((0, "term"), (1, "preterm")):

@@ -10,6 +10,7 @@ traceback. Every other error keeps Python's usual traceback.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import traceback
@@ -65,7 +66,6 @@ def _hook(exc_type, exc, tb, default=sys.excepthook):
 def report_input_errors(main):
     """Decorator for the ``python -m scripts.<tool>`` entry points: an input error ends the command with
     ``error: <message>`` on stderr and exit status 2 (``PRETERM_TRACEBACK=1``: re-raised)."""
-    import functools
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):

@@ -63,7 +63,8 @@ def test_in_process_classification_and_relevance(app, reference):
         np.testing.assert_allclose(returned.affine, handler.affine, atol=1e-4)
         assert returned.get_data_dtype() == np.float32
         assert result["params"]["preset"] == "a2b1"
-        assert result["params"]["probabilities"]["preterm"] == pytest.approx(float(rows[subject]["prob_preterm"]), abs=1e-5)
+        assert result["params"]["probabilities"]["preterm"] == pytest.approx(
+            float(rows[subject]["prob_preterm"]), abs=1e-5)
         os.remove(result["file"])
 
 
