@@ -29,6 +29,7 @@ from scripts.runtime.datalist import folder_items
 from scripts.runtime.explain import explain, write_explanation
 from scripts.runtime.network import from_torchscript
 from scripts.runtime.outputs import atomic_write_text, output_path, subject_name
+from scripts.runtime.qc import QCReference, evaluate_input
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,9 @@ class PretermInference(Operator):
     def compute(self, op_input, op_output, context):
         images = op_input.receive("images")
         scripted, eager, preprocessing, names = self._load()
+        reference = QCReference.load(self.model_path.parent)  # the sidecar next to model.ts
+        if reference is None:
+            logger.warning("no QC reference next to %s: input QC is off", self.model_path)
         results = []
         for image in images:
             source = image.meta["filename_or_obj"]
@@ -110,12 +114,16 @@ class PretermInference(Operator):
             if not torch.allclose(explained.logits, logits.cpu(), rtol=1e-4, atol=1e-4):
                 raise RuntimeError(f"{self.model_path}: the rebuilt network does not reproduce the exported model")
             probs = explained.probabilities[0]
+            qc = evaluate_input(reference, eager, net_input)
+            if qc is not None and not qc["pass"]:
+                logger.warning("%s: input QC failed (%s): not like a registered neonatal T2w", source,
+                               ", ".join(qc["failed"]))
             results.append({
                 "subject": subject_name(source), "image": str(source),
                 "probabilities": {names[i]: float(probs[i]) for i in range(len(names))},
                 "prediction": names[int(probs.argmax())], "prediction_index": int(probs.argmax()),
                 "preset": self.preset, "target": explained.summary(0, self.preset)["target"],
-                "model": str(self.model_path),
+                "model": str(self.model_path), "qc": qc,
                 "network_input": net_input, "explained": explained, "preprocessing": preprocessing,
             })
             logger.info("%s: %s (p=%.4f)", results[-1]["subject"], results[-1]["prediction"], float(probs.max()))
@@ -143,7 +151,7 @@ class _ResultWriter(Operator):
 class ProbabilitiesWriter(_ResultWriter):
     """``<output>/<subject>/<subject>_probabilities.json`` per image, written atomically."""
 
-    KEYS = ("subject", "image", "probabilities", "prediction", "prediction_index", "model")
+    KEYS = ("subject", "image", "probabilities", "prediction", "prediction_index", "model", "qc")
 
     def write(self, result: dict) -> None:
         atomic_write_text(json.dumps({k: result[k] for k in self.KEYS}, indent=2) + "\n",

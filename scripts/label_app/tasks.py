@@ -28,6 +28,7 @@ from monailabel.tasks.infer.bundle import BundleInferTask
 from scripts.runtime.checks import EXPORT_COMMAND, TRAIN_COMMAND, check_image
 from scripts.runtime.explain import explain
 from scripts.runtime.network import from_torchscript
+from scripts.runtime.qc import QCReference, check_policy, evaluate_input
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,10 @@ class _BundleTask(BundleInferTask):
             raise RuntimeError(f"{bundle}: MONAI Label could not load the bundle (configs/inference.json, models/)")
         self.spatial_shape = self.bundle_config.get_parsed_content("spatial_shape")
         self.pixdim = self.bundle_config.get_parsed_content("pixdim")
+        self.qc_policy = check_policy(self.bundle_config.get_parsed_content("qc"))
+        self.qc_reference = QCReference.load(os.path.join(bundle, "models")) if self.qc_policy != "off" else None
+        if self.qc_policy != "off" and self.qc_reference is None:
+            logger.warning("no QC reference in %s/models: input QC is off", bundle)
 
     def _load_bundle_config(self, path, config) -> ConfigParser:
         parser = super()._load_bundle_config(path, config)
@@ -77,6 +82,31 @@ class _BundleTask(BundleInferTask):
 
     def pre_transforms(self, data=None):
         return [_StashImagePath(), *super().pre_transforms(data)]
+
+    def _eager_network(self, device, data):
+        network = self._get_network(device, data)
+        return from_torchscript(network).to(device) if isinstance(network, torch.jit.ScriptModule) else network
+
+    def _check_input(self, data: dict, network) -> None:
+        """Input QC of the network input (``qc`` key of the bundle config: flag / refuse / off); the verdict goes
+        into the result params, and ``refuse`` answers with an error naming the failed measures."""
+        verdict = evaluate_input(self.qc_reference, network, data[self.input_key])
+        data["qc"] = verdict if verdict is not None else {"pass": None, "failed": [], "scores": {}}
+        if verdict is not None and not verdict["pass"]:
+            reason = "input QC failed (" + ", ".join(verdict["failed"]) + "): not like a registered neonatal T2w"
+            if self.qc_policy == "refuse":
+                raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"{data.get('input_path', '')}: {reason}")
+            logger.warning("%s: %s", data.get("input_path", ""), reason)
+
+    def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda"):
+        self._check_input(data, self._eager_network(device, data))
+        return super().run_inferer(data, convert_to_batch, device)
+
+    def writer(self, data: dict[str, Any], extension=None, dtype=None):
+        result_file, result_json = super().writer(data, extension, dtype)
+        result_json = dict(result_json or {})
+        result_json["qc"] = data.get("qc")
+        return result_file, result_json
 
     def __call__(self, request, callbacks=None):
         image = request.get("image")
@@ -107,9 +137,8 @@ class PretermRelevance(_BundleTask):
         self.description = f"LRP relevance map ({preset}) of the term / preterm decision, overlaid on the scan"
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda"):
-        network = self._get_network(device, data)
-        if isinstance(network, torch.jit.ScriptModule):
-            network = from_torchscript(network).to(device)
+        network = self._eager_network(device, data)
+        self._check_input(data, network)
         image = data[self.input_key]
         explained = explain(network, image[None], [self.preset], self.target)
         summary = explained.summary(0, self.preset)

@@ -29,14 +29,17 @@ from monai.handlers import CheckpointSaver, MetricsSaver
 
 from scripts.runtime.explain import check_presets, explain, write_explanation
 from scripts.runtime.outputs import CrashSafeTable, atomic_target_for, remove_stale_temporaries, source_file
+from scripts.runtime.qc import COLUMNS as QC_COLUMNS
+from scripts.runtime.qc import qc_row
 
 __all__ = ["AtomicCheckpointSaver", "AtomicMetricsSaver", "LRPHandler", "PredictionWriter", "ResumableTraining",
            "run_if_pending"]
 
 logger = logging.getLogger(__name__)
 RELEVANCE_COLUMNS = ["subject", "preset", "pred", "prob_term", "prob_preterm", "target", "start_relevance",
-                     "relevance_sum", "conservation", "run_key"]
-PREDICTION_COLUMNS = ["subject", "image", "prob_term", "prob_preterm", "prediction", "label", "run_key"]
+                     "relevance_sum", "conservation", "run_key", *QC_COLUMNS]
+PREDICTION_COLUMNS = ["subject", "image", "prob_term", "prob_preterm", "prediction", "label", "run_key",
+                      *QC_COLUMNS]
 
 
 def run_if_pending(engine: Engine, data) -> None:
@@ -49,6 +52,11 @@ def run_if_pending(engine: Engine, data) -> None:
 
 def _items(batch) -> list:
     return batch if isinstance(batch, list) else [batch]
+
+
+def _qc(engine: Engine, subject: str) -> dict | None:
+    """The input-QC verdict of ``subject`` (``QCHandler``), None without QC."""
+    return getattr(engine.state, "qc", {}).get(subject)
 
 
 class LRPHandler:
@@ -97,8 +105,11 @@ class LRPHandler:
             self.table.load(keep=lambda row: row["run_key"] == self.run_key)
 
     def __call__(self, engine: Engine) -> None:
-        items = _items(engine.state.batch)
-        outputs = _items(engine.state.output)
+        kept = [(item, out) for item, out in zip(_items(engine.state.batch), _items(engine.state.output))
+                if not (_qc(engine, source_file(item, self.image_key)[0]) or {}).get("refused")]
+        if not kept:
+            return
+        items, outputs = [k[0] for k in kept], [k[1] for k in kept]
         images = torch.stack([torch.as_tensor(item[self.image_key]) for item in items])
         probabilities = None
         if all(isinstance(o, dict) and self.pred_key in o for o in outputs):
@@ -116,7 +127,8 @@ class LRPHandler:
                     "subject": subject, "preset": preset, "pred": s["pred"], "prob_term": f"{s['prob_term']:.6f}",
                     "prob_preterm": f"{s['prob_preterm']:.6f}", "target": s["target"],
                     "start_relevance": f"{s['start_relevance']:.6g}", "relevance_sum": f"{s['relevance_sum']:.6g}",
-                    "conservation": f"{s['conservation']:.6g}", "run_key": self.run_key})
+                    "conservation": f"{s['conservation']:.6g}", "run_key": self.run_key,
+                    **qc_row(_qc(engine, subject))})
         self.table.save()
 
 
@@ -153,6 +165,9 @@ class PredictionWriter:
         outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
         for item, out in zip(batch, outputs):
             subject, image = source_file(item, self.image_key)
+            verdict = _qc(engine, subject)
+            if verdict and verdict.get("refused"):
+                continue  # listed in skipped.csv by the QC handler
             prob = torch.as_tensor(out[self.pred_key]).detach().float().cpu().reshape(-1)
             label = item.get(self.label_key) if isinstance(item, dict) else None
             if label is not None:
@@ -160,7 +175,7 @@ class PredictionWriter:
                 label = int(label.argmax()) if label.numel() > 1 else int(label[0])
             self.table.add({"subject": subject, "image": image, "prob_term": f"{float(prob[0]):.6f}",
                             "prob_preterm": f"{float(prob[1]):.6f}", "prediction": int(prob.argmax()),
-                            "label": label, "run_key": self.run_key})
+                            "label": label, "run_key": self.run_key, **qc_row(verdict)})
         self.table.save()
 
 

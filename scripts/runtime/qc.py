@@ -1,0 +1,367 @@
+"""Input quality control: does the network input look like a registered neonatal T2w brain of the training
+population, and do the network's own features say the same?
+
+Five measures on the network input (after the config's preprocessing) and on the penultimate-layer features,
+each a *badness* (larger is worse):
+
+``similarity``        1 - normalised cross-correlation with the mean training input (both at 8 mm)
+``outside_brain``     share of the input's non-zero voxels that lie outside the training brain region (4 mm)
+``missing_brain``     share of the training brain region the input leaves empty (4 mm)
+``intensity``         largest |z| of the skewness, 1st and 99th percentile of the brain intensities against the
+                      training subjects' values (the input is z-scored, so mean and spread say nothing)
+``feature_distance``  Mahalanobis distance of the penultimate-layer features to the nearest training class mean
+                      with one shared covariance (Lee et al. 2018, "A simple unified framework for detecting
+                      out-of-distribution samples and adversarial attacks")
+
+A subject fails a measure when it exceeds the threshold = (the training split's maximum) x (the measure's
+margin), so no training subject fails by construction. Training writes the reference next to the weights
+(``QCReferenceWriter``): ``qc_reference.json`` (statistics, thresholds, margins), ``qc_mean_input.nii.gz``
+(8 mm) and ``qc_brain_region.nii.gz`` (4 mm); editing the margins or thresholds in the JSON changes the policy without
+retraining. Inference applies it with ``QCHandler`` (policy ``flag``, ``refuse`` or ``off``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ignite.distributed as idist
+import nibabel as nib
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.data import Dataset
+
+from scripts.runtime.outputs import CrashSafeTable, atomic_write_text, save_nifti, source_file
+
+__all__ = ["COLUMNS", "MARGINS", "MEASURES", "POLICIES", "QCHandler", "QCReference", "QCReferenceWriter",
+           "build_reference", "check_policy", "evaluate_input", "network_features", "qc_row"]
+
+logger = logging.getLogger(__name__)
+MEASURES = ("similarity", "outside_brain", "missing_brain", "intensity", "feature_distance")
+# threshold = training maximum x margin; documented in docs/README.md (input quality control)
+MARGINS = {"similarity": 1.25, "outside_brain": 2.0, "missing_brain": 2.0, "intensity": 1.5,
+           "feature_distance": 1.5}
+POLICIES = ("flag", "refuse", "off")
+SHRINKAGE = 0.1  # share of the mean variance added to the feature covariance's diagonal
+REDUCTION = 4  # voxels per side of the grid of the brain-region measures (4 mm at 1 mm)
+SIMILARITY_REDUCTION = 8  # and of the similarity (8 mm: anatomy, not subject-specific detail)
+COLUMNS = ["qc_pass", "qc_failed", *(f"qc_{m}" for m in MEASURES)]
+REFERENCE = "qc_reference.json"
+MEAN_IMAGE = "qc_mean_input.nii.gz"
+REGION = "qc_brain_region.nii.gz"
+
+
+def check_policy(value) -> str:
+    if value not in POLICIES:
+        raise ValueError(f"config key 'qc' must be one of {list(POLICIES)}, got {value!r}")
+    return value
+
+
+def reduce(volume: np.ndarray, factor: int = REDUCTION) -> np.ndarray:
+    """Average over blocks of factor^3 voxels (a (D, H, W) array; sides cut to multiples)."""
+    t = torch.as_tensor(np.asarray(volume, dtype=np.float32))[None, None]
+    return torch.nn.functional.avg_pool3d(t, factor)[0, 0].numpy()
+
+
+def _ncc(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
+    denominator = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / denominator) if denominator > 0 else 0.0
+
+
+def intensity_stats(volume: np.ndarray) -> np.ndarray:
+    """Skewness, 1st and 99th percentile of the non-zero voxels (zeros: an empty input)."""
+    values = volume[volume != 0].astype(np.float64)
+    if values.size < 2 or values.std() == 0:
+        return np.zeros(3)
+    z = (values - values.mean()) / values.std()
+    return np.array([float((z ** 3).mean()), *np.percentile(values, [1, 99])])
+
+
+def _penultimate(network: torch.nn.Module) -> torch.nn.Module:
+    network = getattr(network, "module", network)
+    linears = [m for m in network.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise ValueError("QC needs a network whose last layer is a torch.nn.Linear")
+    return linears[-1]
+
+
+def network_features(network: torch.nn.Module, images: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+    """Penultimate-layer features (the input of the last linear layer) and logits for a (B, 1, ...) batch."""
+    captured = {}
+    hook = _penultimate(network).register_forward_pre_hook(lambda m, args: captured.setdefault("f", args[0]))
+    try:
+        with torch.no_grad():
+            logits = network(images)
+    finally:
+        hook.remove()
+    return captured["f"].detach().float().cpu().numpy().reshape(len(images), -1), logits
+
+
+def fingerprint(network: torch.nn.Module) -> str:
+    """Short hash of the last layer's weights: tells which trained model a reference belongs to (``model.pt``
+    and the ``model.ts`` exported from it share it)."""
+    weight = _penultimate(network).weight.detach().float().cpu().numpy()
+    return hashlib.sha256(np.ascontiguousarray(weight).tobytes()).hexdigest()[:16]
+
+
+@dataclass
+class QCReference:
+    """The training population as QC sees it, with the thresholds (see the module docstring)."""
+
+    mean_image: np.ndarray  # SIMILARITY_REDUCTION grid
+    region: np.ndarray  # REDUCTION grid, bool
+    affine: np.ndarray  # of the network input
+    intensity_mean: np.ndarray
+    intensity_std: np.ndarray
+    class_means: np.ndarray  # (C, F)
+    precision: np.ndarray  # (F, F)
+    training_max: dict
+    margins: dict = field(default_factory=lambda: dict(MARGINS))
+    thresholds: dict = field(default_factory=dict)
+    fingerprint: str = ""
+    subjects: int = 0
+
+    def __post_init__(self):
+        if not self.thresholds:
+            self.thresholds = {m: float(self.training_max[m]) * float(self.margins[m]) for m in MEASURES}
+
+    def measure(self, volume: np.ndarray, features: np.ndarray) -> dict:
+        """Every measure of one (D, H, W) network input and its (F,) features."""
+        reduced = reduce(volume, SIMILARITY_REDUCTION)
+        occupancy = reduce((volume != 0).astype(np.float32))
+        if reduced.shape != self.mean_image.shape or occupancy.shape != self.region.shape:
+            raise ValueError(f"the QC reference (grid {self.region.shape} at {REDUCTION} mm) does not fit an input "
+                             f"of shape {volume.shape}; retrain with this spatial_shape to create its reference")
+        filled = float(occupancy.sum())
+        z = np.abs(intensity_stats(volume) - self.intensity_mean) / self.intensity_std
+        diff = features[None, :] - self.class_means
+        distance = np.sqrt(np.maximum(np.einsum("cf,fg,cg->c", diff, self.precision, diff), 0)).min()
+        return {"similarity": 1.0 - _ncc(reduced, self.mean_image),
+                "outside_brain": float((occupancy * ~self.region).sum() / filled) if filled else 1.0,
+                "missing_brain": float(((1 - occupancy) * self.region).sum() / max(self.region.sum(), 1)),
+                "intensity": float(z.max()),
+                "feature_distance": float(distance)}
+
+    def matches(self, network: torch.nn.Module) -> bool:
+        """Whether the reference was computed for these weights (a retrained model needs its own)."""
+        if self.fingerprint and self.fingerprint != fingerprint(network):
+            logger.warning("the QC reference (fingerprint %s) belongs to other weights than the model's (%s): input "
+                           "QC is off; retrain, or rebuild the reference with the training command",
+                           self.fingerprint, fingerprint(network))
+            return False
+        return True
+
+    def verdict(self, scores: dict) -> tuple[bool, list[str]]:
+        failed = [m for m in MEASURES if not scores[m] <= self.thresholds[m]]  # NaN fails
+        return not failed, failed
+
+    # -- files next to the weights ------------------------------------------------------------------------------
+    def save(self, folder: str | os.PathLike) -> Path:
+        folder = Path(folder)
+        save_nifti(self.mean_image, self.affine @ np.diag([SIMILARITY_REDUCTION] * 3 + [1]), folder / MEAN_IMAGE)
+        save_nifti(self.region.astype(np.uint8), self.affine @ np.diag([REDUCTION] * 3 + [1]), folder / REGION,
+                   dtype=np.uint8)
+        content = {
+            "description": "Input QC reference of the weights beside it (scripts/runtime/qc.py); a subject fails "
+                           "a measure when it exceeds thresholds[measure]; thresholds = training_max x margins",
+            "fingerprint": self.fingerprint, "subjects": self.subjects, "input_affine": self.affine.tolist(),
+            "margins": self.margins, "training_max": self.training_max, "thresholds": self.thresholds,
+            "intensity_mean": self.intensity_mean.tolist(), "intensity_std": self.intensity_std.tolist(),
+            "class_means": self.class_means.tolist(), "precision": self.precision.tolist(),
+            "mean_image": MEAN_IMAGE, "brain_region": REGION,
+        }
+        return atomic_write_text(json.dumps(content, indent=1) + "\n", folder / REFERENCE)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> QCReference | None:
+        """The reference saved in ``folder``; None when there is none (older weights)."""
+        path = Path(folder) / REFERENCE
+        if not path.is_file():
+            return None
+        try:
+            content = json.loads(path.read_text())
+            mean = nib.load(str(Path(folder) / content["mean_image"]))
+            region = np.asarray(nib.load(str(Path(folder) / content["brain_region"])).dataobj) > 0
+            margins = {m: float(content["margins"][m]) for m in MEASURES}
+            training_max = {m: float(content["training_max"][m]) for m in MEASURES}
+            thresholds = {m: float(content["thresholds"][m]) for m in MEASURES}
+            return cls(np.asarray(mean.dataobj, dtype=np.float32), region, np.asarray(content["input_affine"]),
+                       np.asarray(content["intensity_mean"]), np.asarray(content["intensity_std"]),
+                       np.asarray(content["class_means"]), np.asarray(content["precision"]), training_max,
+                       margins, thresholds, content.get("fingerprint", ""), int(content.get("subjects", 0)))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: not a readable QC reference ({type(err).__name__}: {err}); recreate it with "
+                             "the training command or delete it (QC is then off)") from err
+
+
+def build_reference(network: torch.nn.Module, inputs: Sequence, labels: Sequence[int],
+                    margins: dict | None = None) -> QCReference:
+    """The reference from the training split: ``inputs`` are the preprocessed network inputs (1, D, H, W)
+    MetaTensors, ``labels`` their classes."""
+    network = getattr(network, "module", network)
+    was_training = network.training
+    network.eval()
+    device = next(network.parameters()).device
+    volumes, feats = [], []
+    try:
+        for image in inputs:
+            x = torch.as_tensor(image).as_subclass(torch.Tensor)[None].to(device=device, dtype=torch.float32)
+            feats.append(network_features(network, x)[0][0])
+            volumes.append(x[0, 0].cpu().numpy())
+    finally:
+        network.train(was_training)
+    labels = np.asarray(labels)
+    feats = np.stack(feats).astype(np.float64)
+    reduced = np.stack([reduce(v, SIMILARITY_REDUCTION) for v in volumes])
+    occupancy = np.stack([reduce((v != 0).astype(np.float32)) for v in volumes]).mean(0)
+    stats = np.stack([intensity_stats(v) for v in volumes])
+    affine = np.asarray(getattr(inputs[0], "affine", np.eye(4)), dtype=float)
+
+    def fit(keep: np.ndarray) -> QCReference:
+        classes = sorted(set(labels[keep].tolist()))
+        class_means = np.stack([feats[keep & (labels == c)].mean(0) for c in classes])
+        centred = feats[keep] - class_means[np.searchsorted(classes, labels[keep])]
+        cov = centred.T @ centred / max(int(keep.sum()), 1)
+        shrink = SHRINKAGE * float(np.trace(cov)) / len(cov) + 1e-8  # a well-conditioned covariance estimate
+        return QCReference(reduced[keep].mean(0), occupancy > 0.5, affine, stats[keep].mean(0),
+                           stats[keep].std(0) + 1e-6, class_means, np.linalg.inv(cov + shrink * np.eye(len(cov))),
+                           training_max=dict.fromkeys(MEASURES, 0.0), margins=dict(margins or MARGINS),
+                           thresholds=dict.fromkeys(MEASURES, 0.0), fingerprint=fingerprint(network),
+                           subjects=int(keep.sum()))
+
+    everyone = np.ones(len(volumes), dtype=bool)
+    reference = fit(everyone)
+    # each training subject measured against the reference of all the others (leave one out): in-sample scores
+    # would be optimistic, and the thresholds must hold for subjects the reference has not seen
+    scores = []
+    for i in range(len(volumes)):
+        others = everyone.copy()
+        others[i] = False
+        scores.append(fit(others).measure(volumes[i], feats[i]))
+    reference.training_max = {m: max(s[m] for s in scores) for m in MEASURES}
+    reference.thresholds = {m: reference.training_max[m] * reference.margins[m] for m in MEASURES}
+    return reference
+
+
+def qc_row(verdict: dict | None) -> dict:
+    """The QC columns of one subject's table row (empty when QC is off)."""
+    if not verdict:
+        return dict.fromkeys(COLUMNS, "")
+    return {"qc_pass": str(verdict["pass"]).lower(), "qc_failed": ";".join(verdict["failed"]),
+            **{f"qc_{m}": f"{verdict['scores'][m]:.6g}" for m in MEASURES}}
+
+
+class QCReferenceWriter:
+    """Trainer handler: when training completes, compute the QC reference of the saved best model
+    (``ckpt_path``, loaded weights-only) on the training split through the deterministic preprocessing, and
+    write it next to the weights (rank 0)."""
+
+    def __init__(self, data: Sequence[dict], transform, network: torch.nn.Module, ckpt_path: str,
+                 output_dir: str | None = None) -> None:
+        self.data, self.transform, self.network = list(data), transform, network
+        self.ckpt_path = Path(ckpt_path)
+        self.output_dir = Path(output_dir) if output_dir else self.ckpt_path.parent
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine | None = None) -> None:
+        if idist.get_rank() != 0 or not self.ckpt_path.is_file():
+            return
+        network = copy.deepcopy(getattr(self.network, "module", self.network))
+        network.load_state_dict(torch.load(self.ckpt_path, map_location="cpu", weights_only=True))
+        dataset = Dataset(self.data, self.transform)
+        inputs = [dataset[i]["image"] for i in range(len(dataset))]
+        reference = build_reference(network, inputs, [int(item["label"]) for item in self.data])
+        reference.save(self.output_dir)
+        logger.info("QC reference of %s from %d training subjects: %s", self.ckpt_path, reference.subjects,
+                    self.output_dir / REFERENCE)
+
+
+class QCHandler:
+    """Evaluator handler (attach it before the LRP handler and the prediction writer): input QC of every
+    subject. Each verdict goes to ``engine.state.qc[subject]`` (``pass``, ``failed``, ``scores``), which the
+    writers put into their tables. ``flag``: one warning per failing subject, naming the file and the measures;
+    ``refuse``: the subject is listed in ``skipped.csv`` and the writers write nothing for it; ``off``: no QC.
+    Weights without a reference (trained before QC existed) run with QC off and a one-line notice."""
+
+    def __init__(self, reference_dir: str, policy: str = "flag", output_dir: str | None = None,
+                 image_key: str = "image", network: torch.nn.Module | None = None) -> None:
+        self.policy = check_policy(policy)
+        self.reference_dir = Path(reference_dir)
+        self.reference = QCReference.load(self.reference_dir) if self.policy != "off" else None
+        if self.policy != "off" and self.reference is None:
+            logger.warning("no QC reference (%s) next to the weights: input QC is off; retrain to create it",
+                           self.reference_dir / REFERENCE)
+        self.image_key = image_key
+        self.network = network
+        self.skipped = (CrashSafeTable(Path(output_dir) / "skipped.csv", ["subject", "image", "reason"], ("subject",))
+                        if output_dir else None)
+        self._features: torch.Tensor | None = None
+        self._hook = None
+
+    def attach(self, engine: Engine) -> None:
+        if self.reference is None:
+            return
+        engine.add_event_handler(Events.STARTED, self._start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        if self.skipped is not None:
+            engine.add_event_handler(Events.COMPLETED, lambda _: self.skipped.finish())
+
+    def _capture(self, module, args) -> None:
+        self._features = args[0].detach()
+
+    def _start(self, engine: Engine) -> None:
+        engine.state.qc = {}
+        network = self.network if self.network is not None else engine.network
+        if not self.reference.matches(network):
+            self.reference = None
+            return
+        if self._hook is None:  # the evaluator's own forward pass gives the features (no extra forward)
+            self._hook = _penultimate(network).register_forward_pre_hook(self._capture)
+        if self.skipped is not None:
+            self.skipped.load()
+
+    def __call__(self, engine: Engine) -> None:
+        if self.reference is None:
+            return
+        items = engine.state.batch if isinstance(engine.state.batch, list) else [engine.state.batch]
+        features = self._features.float().cpu().numpy().reshape(len(items), -1)
+        for i, item in enumerate(items):
+            subject, source = source_file(item, self.image_key)
+            volume = torch.as_tensor(item[self.image_key])[0].cpu().numpy()
+            scores = self.reference.measure(volume, features[i])
+            passed, failed = self.reference.verdict(scores)
+            verdict = {"pass": passed, "failed": failed, "scores": scores,
+                       "refused": not passed and self.policy == "refuse"}
+            engine.state.qc[subject] = verdict
+            if passed:
+                if self.skipped is not None:
+                    self.skipped.rows.pop((subject,), None)  # refused by an earlier run, passes now
+                continue
+            reason = "input QC failed: " + ", ".join(
+                f"{m} {scores[m]:.3g} > {self.reference.thresholds[m]:.3g}" for m in failed)
+            logger.warning("%s: %s%s", source, reason, " (refused)" if verdict["refused"] else "")
+            if verdict["refused"] and self.skipped is not None:
+                self.skipped.add({"subject": subject, "image": source, "reason": reason})
+        if self.skipped is not None:
+            self.skipped.save()
+
+
+def evaluate_input(reference: QCReference | None, network: torch.nn.Module, image: torch.Tensor) -> dict | None:
+    """QC verdict of one (1, D, H, W) network input outside an engine (the Label and Deploy apps)."""
+    if reference is None or not reference.matches(network):
+        return None
+    x = torch.as_tensor(image).as_subclass(torch.Tensor)[None].to(next(network.parameters()).device, torch.float32)
+    features, _ = network_features(network, x)
+    scores = reference.measure(x[0, 0].cpu().numpy(), features[0])
+    passed, failed = reference.verdict(scores)
+    return {"pass": passed, "failed": failed, "scores": scores}

@@ -1,0 +1,145 @@
+"""Input quality control: the reference training writes next to the weights, the verdicts ``run inference`` gives
+on test subjects and on corrupted variants of them (voxel array changed, header unchanged), the ``refuse``
+policy, and weights trained before QC existed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, TINY, TINY_OVERRIDES, run_bundle
+from monai.bundle import ConfigParser
+
+from scripts.evaluation.qc_eval import CORRUPTIONS, write_variants
+from scripts.runtime.datalist import load_split
+from scripts.runtime.qc import MEASURES, REFERENCE, QCReference, evaluate_input, fingerprint
+
+
+def _rows(path: Path) -> dict[str, dict]:
+    return {r["subject"]: r for r in csv.DictReader(path.open())} if path.is_file() else {}
+
+
+def _network(ckpt_dir: Path):
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(ROOT), **TINY_OVERRIDES, "device": "$torch.device('cpu')"})
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(ckpt_dir / "model.pt", weights_only=True))
+    return network.eval(), parser.get_parsed_content("preprocessing")
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory, cohort):
+    items = load_split(str(cohort / "datalist.json"), "test", -1)
+    folder = tmp_path_factory.mktemp("qc_inputs")
+    return folder, write_variants(items, folder)
+
+
+def test_training_writes_a_reference_that_round_trips(trained, tmp_path):
+    ckpt_dir, _ = trained
+    reference = QCReference.load(ckpt_dir)
+    assert reference is not None, "training wrote no QC reference next to model.pt"
+    network, _ = _network(ckpt_dir)
+    assert reference.fingerprint == fingerprint(network)
+    for m in MEASURES:  # threshold = training maximum x margin, no training subject above it by construction
+        assert reference.thresholds[m] == pytest.approx(reference.training_max[m] * reference.margins[m])
+        assert reference.margins[m] >= 1
+    reference.save(tmp_path)
+    again = QCReference.load(tmp_path)
+    np.testing.assert_array_equal(again.mean_image, reference.mean_image)
+    np.testing.assert_array_equal(again.region, reference.region)
+    np.testing.assert_allclose(again.precision, reference.precision)
+    assert again.thresholds == reference.thresholds and again.fingerprint == reference.fingerprint
+    # the policy changes by editing the JSON, without retraining
+    content = json.loads((tmp_path / REFERENCE).read_text())
+    content["thresholds"]["similarity"] = 0.0
+    (tmp_path / REFERENCE).write_text(json.dumps(content))
+    assert QCReference.load(tmp_path).verdict({**dict.fromkeys(MEASURES, 0.0), "similarity": 0.01}) == (
+        False, ["similarity"])
+
+
+def test_flag_passes_the_test_split_and_flags_every_corruption(tmp_path, variants, trained):
+    folder, records = variants
+    ckpt_dir, _ = trained
+    out = tmp_path / "out"
+    proc = run_bundle("inference", "configs/inference.json", "--dataset_dir", str(folder), "--ckpt_dir",
+                      str(ckpt_dir), "--output_dir", str(out), "--lrp_presets", "['a2b1']", "--skip_bad", "true",
+                      "--save_input", "false", *TINY)
+    predictions, skipped = _rows(out / "predictions.csv"), _rows(out / "skipped.csv")
+    relevance = _rows(out / "relevance.csv")
+    log = proc.stdout + proc.stderr
+    for record in records:
+        subject, corruption = record["subject"], record["corruption"]
+        if corruption == "none":
+            assert predictions[subject]["qc_pass"] == "true", (subject, predictions[subject])
+            continue
+        if subject in skipped:  # refused before QC by the input checks (the tiny network's small field of view)
+            assert corruption == "upsampled_2x" and "field of view" in skipped[subject]["reason"]
+            continue
+        row = predictions[subject]
+        assert row["qc_pass"] == "false", (corruption, row)
+        failed = row["qc_failed"].split(";")
+        assert failed and set(failed) <= set(MEASURES), row
+        assert all(float(row[f"qc_{m}"]) >= 0 for m in MEASURES)
+        assert relevance[subject]["qc_pass"] == "false" and relevance[subject]["qc_failed"] == row["qc_failed"]
+        assert f"{record['image']}: input QC failed: {failed[0]}" in log  # one warning naming file and measure
+    assert {r["corruption"] for r in records} == {"none", *CORRUPTIONS}
+
+
+def test_qc_itself_flags_the_array_not_resampled_to_1mm(variants, trained):
+    """The upsampled variant is refused earlier by the field-of-view check at the tiny test size; QC on its
+    network input flags it too (at the default size the field-of-view check lets it through)."""
+    folder, records = variants
+    ckpt_dir, _ = trained
+    network, preprocessing = _network(ckpt_dir)
+    reference = QCReference.load(ckpt_dir)
+    for record in records:
+        if record["corruption"] in ("upsampled_2x", "none"):
+            verdict = evaluate_input(reference, network, preprocessing({"image": record["image"]})["image"])
+            assert verdict["pass"] == (record["corruption"] == "none"), (record, verdict)
+
+
+def test_refuse_writes_nothing_for_a_flagged_subject_and_goes_on(tmp_path, variants, trained):
+    folder, records = variants
+    ckpt_dir, _ = trained
+    chosen = [r for r in records if r["corruption"] in ("none", "noise", "shifted_20mm")][:6]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for record in chosen:
+        shutil.copy(record["image"], inputs)
+    out = tmp_path / "out"
+    run_bundle("inference", "configs/inference.json", "--dataset_dir", str(inputs), "--ckpt_dir", str(ckpt_dir),
+               "--output_dir", str(out), "--lrp_presets", "['a2b1']", "--qc", "refuse", *TINY)
+    predictions, skipped = _rows(out / "predictions.csv"), _rows(out / "skipped.csv")
+    good = {r["subject"] for r in chosen if r["corruption"] == "none"}
+    bad = {r["subject"] for r in chosen} - good
+    assert good and bad
+    assert set(predictions) == good and set(_rows(out / "relevance.csv")) == good
+    assert set(skipped) == bad and all(skipped[s]["reason"].startswith("input QC failed") for s in bad)
+    assert all((out / s).is_dir() for s in good) and not any((out / s).exists() for s in bad)
+
+
+def test_weights_without_a_reference_run_with_qc_off(tmp_path, cohort, trained):
+    ckpt_dir, _ = trained
+    old = tmp_path / "models"
+    old.mkdir()
+    shutil.copy(ckpt_dir / "model.pt", old)
+    out = tmp_path / "out"
+    proc = run_bundle("inference", "configs/inference.json", "--dataset_dir", str(cohort), "--ckpt_dir", str(old),
+                      "--output_dir", str(out), "--lrp_presets", "['a2b1']", *TINY)
+    notices = [line for line in (proc.stdout + proc.stderr).splitlines() if "no QC reference" in line]
+    assert len(notices) == 1 and "input QC is off" in notices[0]
+    assert all(r["qc_pass"] == "" for r in _rows(out / "predictions.csv").values())
+
+
+def test_bad_policy_names_the_key(tmp_path, cohort, trained):
+    proc = run_bundle("inference", "configs/inference.json", "--dataset_dir", str(cohort), "--ckpt_dir",
+                      str(trained[0]), "--output_dir", str(tmp_path), "--qc", "maybe", *TINY, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-2] == "error: config key 'qc' must be one of ['flag', 'refuse', 'off'], " \
+                                                   "got 'maybe'"
