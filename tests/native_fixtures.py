@@ -123,10 +123,11 @@ EXCLUDED = {("sub-A01", "ses-1"): "another session", ("sub-B02", "ses-3"): "scan
             ("sub-H08", "ses-9"): "birth_age missing"}
 
 
-def fake_release(root: Path, release: int) -> Path:
+def fake_release(root: Path, release: int | str) -> Path:
     """A dHCP-like tree: release 2 (sourcedata/, combined_rel02.tsv, ids without prefixes, 'gender') or
-    release 3 (rawdata/, participants.tsv + per-subject sessions.tsv, 'sex'), with the naming variants of
-    masks and tissue labels of both releases."""
+    release 3 (rawdata/, participants.tsv + per-subject sessions.tsv, 'sex'; ``"3-root"``: participants.tsv at
+    the release root, the sessions tables under rawdata/), with the naming variants of masks and tissue labels of
+    both releases."""
     raw_base = root / ("sourcedata" if release == 2 else "rawdata")
     deriv = root / "derivatives" / "dhcp_anat_pipeline"
     masks = (["_desc-bet_space-T2w_brainmask.nii.gz", "_brainmask_bet.nii.gz"] if release == 2
@@ -160,7 +161,7 @@ def fake_release(root: Path, release: int) -> Path:
         lines = ["participant_id\tsex\tbirth_age\tbirth_weight"]
         lines += [f"sub-{p}\t{sex}\t{b}\t3.0" for p, (b, sex, _) in people.items()]
         raw_base.mkdir(parents=True, exist_ok=True)
-        (raw_base / "participants.tsv").write_text("\n".join(lines) + "\n")
+        (root if release == "3-root" else raw_base).joinpath("participants.tsv").write_text("\n".join(lines) + "\n")
         for p, (_, _, sessions) in people.items():
             rows = ["session_id\tscan_age\tradiology_score\tsedation"]
             rows += [f"ses-{s}\t{a}\t{r}\t0" for s, a, r in sessions]

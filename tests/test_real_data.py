@@ -12,11 +12,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import ROOT
-from native_fixtures import EXCLUDED, KEPT, dice, fake_release, native_datalist, write_template
+from native_fixtures import EXCLUDED, KEPT, SESSIONS, dice, fake_release, native_datalist, write_template
 from scipy import ndimage
 
 
-@pytest.mark.parametrize("release", [2, 3])
+@pytest.mark.parametrize("release", [2, 3, "3-root"])
 def test_dhcp_datalist_builder_finds_files_labels_and_exclusions(tmp_path, release):
     root = fake_release(tmp_path / f"rel{release}", release)
     out = root / "datalist.json"
@@ -65,6 +65,19 @@ def test_dhcp_builder_errors_name_what_is_missing(tmp_path):
                            str(tmp_path / "d.json")], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "scan_age" in proc.stderr
     assert not (tmp_path / "d.json").exists()
+
+
+def test_dhcp_builder_lists_the_exclusions_when_nothing_is_left(tmp_path):
+    root = fake_release(tmp_path / "rel3", 3)
+    out = root / "datalist.json"
+    proc = subprocess.run([sys.executable, "-m", "scripts.data.dhcp_datalist", "--root", str(root), "--output",
+                           str(out), "--min-scan-age", "50"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and not out.exists()
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "no session is left" in proc.stderr
+    rows = list(csv.DictReader((root / "datalist_exclusions.csv").open()))
+    assert len(rows) == len(SESSIONS)
+    for row in rows:  # every reason printed before the error
+        assert f"excluded {row['subject']} {row['session']}: {row['reason']}" in proc.stderr
 
 
 def _before_dice(native_mask: Path, reference: Path) -> float:

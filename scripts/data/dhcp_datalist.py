@@ -22,9 +22,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import nibabel as nib
+
+from scripts.data.splits import assign_splits
 from scripts.runtime.errors import report_input_errors
 from scripts.runtime.outputs import atomic_write_text, write_csv
-from scripts.data.splits import assign_splits
 
 __all__ = ["build_datalist", "find_files", "read_sessions"]
 
@@ -96,11 +98,14 @@ def read_sessions(root: Path, table: Path | None = None) -> tuple[list[dict], st
     sessions = []
     for person in people:
         subject = _id(person["participant_id"], "sub-")
-        found = sorted(participants.parent.glob(f"{subject}/{subject}_sessions.tsv"))
+        # the per-subject tables lie beside participants.tsv, or under rawdata/ when it sits at the release root
+        places = list(dict.fromkeys([participants.parent, root, root / "rawdata"]))
+        found = [t for place in places for t in sorted(place.glob(f"{subject}/{subject}_sessions.tsv"))]
         if not found:
             sessions.append({"subject": subject, "session": "", "birth_age": _float(person["birth_age"]),
                              "scan_age": math.nan, "sex": _sex(person), "radiology_score": "",
-                             "error": f"no {subject}/{subject}_sessions.tsv"})
+                             "error": "no " + " or ".join(str(place / subject / f"{subject}_sessions.tsv")
+                                                          for place in places)})
             continue
         rows = _read_tsv(found[0])
         _require(rows, found[0], ["session_id", "scan_age"])
@@ -138,8 +143,6 @@ def build_datalist(root, output, table=None, min_scan_age: float = TERM_WEEKS, s
                    exclude_radiology: Sequence[str] = ("Q",), test_fraction: float = 0.1, folds: int = 10,
                    seed: int = 0) -> dict:
     """Write the datalist JSON and the exclusions CSV; return a summary (counts per class, exclusions)."""
-    import nibabel as nib
-
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"release root {root} not found")
@@ -182,17 +185,22 @@ def build_datalist(root, output, table=None, min_scan_age: float = TERM_WEEKS, s
                     scan_age=chosen["scan_age"], sex=chosen["sex"], subject=subject, session=chosen["session"])
         items.append(item)
     counts = {"term": sum(1 for it in items if it["label"] == 0), "preterm": sum(1 for it in items if it["label"] == 1)}
-    if not items:
-        raise ValueError(f"{root}: no session is left after the exclusions (see the list of {len(excluded)})")
-    if min(counts.values()) < 2:
-        raise ValueError(f"{root}: too few subjects per class to split ({counts})")
-    training, test = assign_splits(items, test_fraction=test_fraction, folds=folds, seed=seed)
     output = Path(output)
+    exclusions = output.with_name(output.name.split(".")[0] + "_exclusions.csv")
+    if not items or min(counts.values()) < 2:
+        write_csv(excluded, exclusions, ["subject", "session", "reason"])  # the reasons, before failing
+        for row in excluded:
+            logger.error("excluded %s %s: %s", row["subject"], row["session"], row["reason"])
+        if not items:
+            raise ValueError(f"{root}: no session is left after the exclusions (all {len(excluded)} listed above "
+                             f"and in {exclusions})")
+        raise ValueError(f"{root}: too few subjects per class to split ({counts}); exclusions in {exclusions}")
+    training, test = assign_splits(items, test_fraction=test_fraction, folds=folds, seed=seed)
     datalist = {"description": f"dHCP T2w datalist built by scripts.data.dhcp_datalist from {root} ({source}); "
                                "native space: run scripts.data.preprocess before training",
                 "labels": {"0": "term (birth >= 37 weeks)", "1": "preterm"}, "training": training, "test": test}
     atomic_write_text(json.dumps(datalist, indent=2), output)
-    write_csv(excluded, output.with_name(output.name.split(".")[0] + "_exclusions.csv"), ["subject", "session", "reason"])
+    write_csv(excluded, exclusions, ["subject", "session", "reason"])
     summary = {"subjects": len(items), **counts, "test": len(test), "excluded": excluded, "tables": source}
     logger.info("%s: %d subjects (term %d, preterm %d), %d excluded sessions", output, len(items), counts["term"],
                 counts["preterm"], len(excluded))
