@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,14 +308,22 @@ class QCHandler:
                         if output_dir else None)
         self._features: torch.Tensor | None = None
         self._hook = None
+        self.seconds = 0.0  # time spent on QC in this run (the measures; the features come from the forward pass)
+        self.count = 0
 
     def attach(self, engine: Engine) -> None:
         if self.reference is None:
             return
         engine.add_event_handler(Events.STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self._finish)
+
+    def _finish(self, engine: Engine) -> None:
         if self.skipped is not None:
-            engine.add_event_handler(Events.COMPLETED, lambda _: self.skipped.finish())
+            self.skipped.finish()
+        if self.count:
+            logger.info("input QC of %d subjects took %.2f s (%.3f s per subject)", self.count, self.seconds,
+                        self.seconds / self.count)
 
     def _capture(self, module, args) -> None:
         self._features = args[0].detach()
@@ -333,6 +342,7 @@ class QCHandler:
     def __call__(self, engine: Engine) -> None:
         if self.reference is None:
             return
+        start = time.perf_counter()
         items = engine.state.batch if isinstance(engine.state.batch, list) else [engine.state.batch]
         features = self._features.float().cpu().numpy().reshape(len(items), -1)
         for i, item in enumerate(items):
@@ -354,6 +364,8 @@ class QCHandler:
                 self.skipped.add({"subject": subject, "image": source, "reason": reason})
         if self.skipped is not None:
             self.skipped.save()
+        self.seconds += time.perf_counter() - start
+        self.count += len(items)
 
 
 def evaluate_input(reference: QCReference | None, network: torch.nn.Module, image: torch.Tensor) -> dict | None:
