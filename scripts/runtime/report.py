@@ -373,6 +373,7 @@ def build_report(output_dir: str | os.PathLike, presets: Sequence[str] | None = 
         except (OSError, ValueError) as err:
             subject.reason = str(err)
             subject.mosaic = None
+            report_image(output, subject.name, f"mosaic_{preset}").unlink(missing_ok=True)  # no stale picture
             continue
         item = by_item.get(subject.name)
         if item is not None and item.get("tissue") and label_transform is not None:
