@@ -3,7 +3,8 @@
 #   bash run.sh train   - generates the synthetic cohort, trains, evaluates on the held-out split and writes
 #                         predictions + relevance maps (eval/)
 #   bash run.sh test    - runs every test: ruff, the main suite, then the MONAI Label and MONAI Deploy apps' tests in
-#                         their own environments (nox sessions label and deploy, see noxfile.py)
+#                         their own environments (nox sessions label and deploy, see noxfile.py); installs Debian's
+#                         chromium where missing (the run report's browser test; it skips where that is impossible)
 #   bash run.sh setup   - only the environment
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -26,6 +27,27 @@ setup() {
     fi
 }
 
+# headless Chromium for the run report's browser test (tests/test_report.py, through Playwright's Python package
+# pointed at this browser: no browser download); without root or apt-get the test skips and says why
+ensure_chromium() {
+    if [ -n "${CHROMIUM:-}" ] || command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
+        return 0
+    fi
+    local sudo=""
+    if [ "$(id -u)" != 0 ]; then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; else
+            echo "run.sh: chromium is missing and cannot be installed without root: the browser test will skip" >&2
+            return 0
+        fi
+    fi
+    if command -v apt-get >/dev/null 2>&1; then
+        $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null \
+            || echo "run.sh: apt-get could not install chromium: the browser test will skip" >&2
+    else
+        echo "run.sh: no apt-get to install chromium: the browser test will skip" >&2
+    fi
+}
+
 case "${1:-}" in
     setup)
         setup dev ;;
@@ -37,6 +59,7 @@ case "${1:-}" in
         $B inference --config_file configs/inference.json ;;
     test)
         setup dev
+        ensure_chromium
         shift || true
         "$VENV/bin/ruff" check .   # lint (ruff.toml): part of the test command
         "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests "$@"

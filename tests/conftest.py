@@ -15,9 +15,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# tiny settings so that the real configs run in seconds: the 128x96x96 volumes are centre-cropped
-TINY_OVERRIDES = {"spatial_shape": [64, 48, 48], "channels": [4, 8], "hidden": 8}
-TINY = [arg for key, value in TINY_OVERRIDES.items() for arg in (f"--{key}", json.dumps(value, separators=(",", ":")))]
+# tiny settings so that the real configs run in seconds: the 128x96x96 volumes are centre-cropped; the run report
+# (on by default for users) is off except in the tests of the report (tests/test_report.py: tiny_args(report=True))
+TINY_OVERRIDES = {"spatial_shape": [64, 48, 48], "channels": [4, 8], "hidden": 8, "report": False}
+
+
+def tiny_args(**changes) -> list[str]:
+    """``TINY_OVERRIDES`` (with ``changes``) as command-line overrides: ``--key value`` pairs."""
+    return [arg for key, value in {**TINY_OVERRIDES, **changes}.items()
+            for arg in (f"--{key}", json.dumps(value, separators=(",", ":")))]
+
+
+TINY = tiny_args()
 
 
 # the MONAI Label and Deploy apps have their own environments (nox sessions label / deploy, see noxfile.py)
@@ -50,10 +59,11 @@ def run_bundle(run_id: str, config: str, *overrides: str, check: bool = True, ti
 def trained(tmp_path_factory, cohort):
     """A tiny model trained through the real CLI on the session cohort: (ckpt_dir, work dir)."""
     work = tmp_path_factory.mktemp("trained")
-    run_bundle(
+    proc = run_bundle(
         "training", "configs/train.json", "--dataset_dir", str(cohort), "--ckpt_dir", str(work / "models"),
         "--output_dir", str(work / "train_out"), "--num_epochs", "2", *TINY,
     )
+    (work / "training.log").write_text(proc.stdout + proc.stderr)  # a non-terminal run's log (tests/test_report.py)
     return work / "models", work
 
 

@@ -123,12 +123,12 @@ def test_shared_transforms_are_equal_copies():
 
 
 def test_rank_zero_only_handlers_are_last():
-    """multi_gpu_train.json drops the last two train handlers on ranks > 0 (the model zoo's idiom): they must be
-    the logging ones, in train.json and in train_full.json."""
-    assert "[: -2 if torch.distributed.get_rank() > 0 else None]" in read_json(
+    """multi_gpu_train.json drops the last three train handlers on ranks > 0 (the model zoo's idiom): they must be
+    the logging ones (stats, TensorBoard, progress bar + epoch summary), in train.json and in train_full.json."""
+    assert "[: -3 if torch.distributed.get_rank() > 0 else None]" in read_json(
         ROOT / "configs" / "multi_gpu_train.json")["train#trainer#train_handlers"]
     for handlers in (read_json(ROOT / "configs" / "train.json")["train"]["handlers"],
                      read_json(ROOT / "configs" / "train_full.json")["train#handlers"]):
         targets = [h["_target_"].split(".")[-1] for h in handlers]
-        assert targets[-2:] == ["StatsHandler", "TensorBoardStatsHandler"]
-        assert "LrScheduleHandler" in targets[:-2] and "ResumableTraining" in targets[:-2]
+        assert targets[-3:] == ["StatsHandler", "TensorBoardStatsHandler", "TrainingProgress"]
+        assert "LrScheduleHandler" in targets[:-3] and "ResumableTraining" in targets[:-3]

@@ -77,9 +77,13 @@ def test_perfect_ranking_beats_random_on_a_toy_model():
     assert aopc(np.array([1.0, 1.0, 1.0])) == 0.0 and aopc(np.array([2.0, 1.0, 0.0])) == 1.5
 
 
-def test_command_runs_end_to_end_at_reduced_size(tmp_path, cohort, trained):
+def test_command_runs_end_to_end_at_reduced_size(tmp_path, cohort, trained, monkeypatch):
+    from scripts.evaluation import explain_eval
     from scripts.evaluation.explain_eval import main
 
+    panels = []  # the explanation panel's rows: panel, colour limit, saturated share of its brain pixels
+    draw = explain_eval.explanation_panel
+    monkeypatch.setattr(explain_eval, "explanation_panel", lambda *a, **k: panels.extend(draw(*a, **k)) or panels)
     out = tmp_path / "results"
     overrides = json.dumps({"dataset_dir": str(cohort), "spatial_shape": [64, 48, 48], "channels": [4, 8], "hidden": 8})
     assert main(["--reduced", "--split", "all", "--subjects", "2", "--ckpt", str(trained[0] / "model.pt"),
@@ -97,6 +101,11 @@ def test_command_runs_end_to_end_at_reduced_size(tmp_path, cohort, trained):
     assert "| lrp_a2b1 |" in table and "| gradcam |" in table
     for png in ("perturbation_curves.png", "maps_panel.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p["panel"] for p in panels] == [m for m in explain_eval.LRP_METHODS + explain_eval.OTHER_METHODS]
+    saturated = {p["panel"]: round(p["saturated"], 3) for p in panels if p["saturated"] > 0.5}
+    assert not saturated, f"saturated panels of maps_panel.png (share of brain pixels >= 0.98 L): {saturated}"
+    assert all(p["limit"] > 0 for p in panels)
+    assert "Colour rule: each method has its own" in table and "![maps of every method](maps_panel.png)" in table
 
 
 def test_unknown_method_is_rejected():

@@ -8,7 +8,7 @@ import sys
 
 import nibabel as nib
 import torch
-from conftest import ROOT, TINY, read_json
+from conftest import ROOT, TINY, read_json, tiny_args
 
 
 def test_torchscript_export_equals_eager(tmp_path, trained):
@@ -50,7 +50,7 @@ def test_ddp_training_and_sharded_inference(tmp_path, cohort):
     proc = _torchrun("inference", "--config_file", "['configs/inference.json','configs/multi_gpu_inference.json']",
                      "--dataset_dir", str(cohort), "--split", "all", "--ckpt_dir", str(models),
                      "--output_dir", str(out),
-                     "--lrp_presets", "['a2b1']", *TINY)
+                     "--lrp_presets", "['a2b1']", *tiny_args(report=True))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = read_json(cohort / "datalist.json")
     subjects = sorted(it["subject"] for it in data["training"] + data["test"])
@@ -60,5 +60,10 @@ def test_ddp_training_and_sharded_inference(tmp_path, cohort):
     for s in subjects:
         assert nib.load(out / s / f"{s}_relevance_a2b1.nii.gz").shape == (64, 48, 48)
     assert not list(out.glob(".*")), "rank part files remain"
+    # rank 0 writes the run report from the merged tables: every subject of both shards, each with its mosaic
+    table = (out / "report" / "index.html").read_text().split('id="predictions"')[1]
+    assert table.count("<tr") - 1 == len(subjects)  # a header row, then one row per subject
+    for s in subjects:
+        assert (out / "report" / s / f"{s}_mosaic_a2b1.png").is_file()
     log = proc.stdout + proc.stderr
     assert "Epoch[1] Complete" in log

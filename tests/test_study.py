@@ -3,6 +3,7 @@ one-command cross-validated study on a synthetic cohort (tiny settings), with it
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -207,6 +208,13 @@ def test_study_command_end_to_end_and_resume(tmp_path, cohort):
     assert {r["tissue"] for r in anatomy} >= {"csf", "ventricles", "white_matter", "outside_brain"}
     assert (out / "study_group_relevance.png").stat().st_size > 10_000
     assert "## Held-out test split" in (out / "study.md").read_text()
+    # study.html: the same with its figure, and every test subject linked to its page of the run report
+    page = (out / "study.html").read_text()
+    assert "<h2>Held-out test split (preterm = positive)</h2>" in page and 'src="study_group_relevance.png"' in page
+    for r in rows:
+        link = re.search(rf'<a href="([^"]+)">{re.escape(r["subject"])}</a>', page)
+        assert link and (out / link.group(1)).resolve() == (work / "final" / "test" / "report" / r["subject"]
+                                                             / "index.html").resolve()
 
     # resume: a fold whose result is gone is the only one trained again; the final model is reused
     (work / "cv" / "learning_rate-0.0003" / "fold2" / "result.json").unlink()

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from scripts.runtime.errors import report_input_errors
 from scripts.runtime.outputs import atomic_write_text, remove_stale_temporaries, subject_name, write_csv
+from scripts.runtime.progress import progress
 from scripts.data.registration import get_backend, write_image
 
 __all__ = ["make_reference", "output_name", "preprocess_subject", "run_batch", "to_native"]
@@ -135,8 +136,6 @@ def _job(args):
 def run_batch(datalist: str, template: str, output: str, template_mask: str | None = None, method: str = "sitk",
               options: dict | None = None, workers: int = 1) -> dict:
     """Preprocess every item of ``datalist`` (training and test) and write ``<output>/datalist.json``."""
-    from tqdm import tqdm
-
     path = Path(datalist)
     if not path.is_file():
         raise FileNotFoundError(f"datalist {path} not found")
@@ -162,7 +161,7 @@ def run_batch(datalist: str, template: str, output: str, template_mask: str | No
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = [pool.submit(_job, (item, str(reference), str(out), method, options or {}, threads))
                    for _, item in jobs]
-        for future in tqdm(as_completed(futures), total=len(futures), desc="preprocess", unit="subject"):
+        for future in progress(as_completed(futures), len(futures), "preprocess", "subject"):
             item, record, error = future.result()
             if error:
                 logger.error("%s failed: %s", item.get("image"), error)

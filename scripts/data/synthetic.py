@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from scripts.runtime.progress import progress
 from scripts.runtime.outputs import atomic_write_text, read_volume, save_nifti
 from scripts.data.splits import assign_splits
 from scripts.data.synthetic_anatomy import (
@@ -253,9 +254,10 @@ def generate_cohort(
     logger.info("generating %d synthetic subjects into %s with %d workers", subjects, out, workers)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            results = list(pool.map(_subject_job, jobs, chunksize=1))
+            results = list(progress(pool.map(_subject_job, jobs, chunksize=1), len(jobs), "synthetic cohort",
+                                    "subject"))
     else:
-        results = [_subject_job(job) for job in jobs]
+        results = [_subject_job(job) for job in progress(jobs, len(jobs), "synthetic cohort", "subject")]
 
     rows = io.StringIO()
     writer = csv.writer(rows, delimiter="\t", lineterminator="\n")

@@ -34,6 +34,7 @@ from scripts.evaluation.explanation_metrics import (
     pointing_game,
     region_share,
 )
+from scripts.evaluation.figures import COLOUR_RULE_TEXT, explanation_panel
 from scripts.evaluation.profiling import measure_call, reexec_with_returning_malloc
 from scripts.lrp import LRP
 from scripts.runtime.checks import check_shape, validate_items
@@ -109,8 +110,10 @@ def compute_map(method: str, network, x: torch.Tensor, settings: dict):
         cam = GradCAM(nn_module=network, target_layers=_last_conv_block(network))
         return cam(x, class_idx=TARGET)[0, 0].detach().numpy(), None
     if method == "occlusion":
+        # activate=False: MONAI's default softmax would turn the occluded outputs into probabilities, and the logit
+        # minus a probability is a near-constant offset that hides the map's structure
         occ = OcclusionSensitivity(nn_module=network, mask_size=settings["occlusion_mask"], n_batch=4, overlap=0.0,
-                                   mode="mean_img")
+                                   mode="mean_img", activate=False)
         with torch.no_grad():
             logit = float(network(x)[0, TARGET])
         occ_map, _ = occ(x)
@@ -168,6 +171,9 @@ def evaluate(args) -> list[dict]:
         if n == 0:
             panel["_image"] = x[0, 0].numpy()
             panel["_phenotype"] = regions["phenotype"]
+            panel["_brain"] = brain
+            panel["_affine"] = np.asarray(data["image"].affine)
+            panel["_subject"] = item["subject"]
         logger.info("explained %s (%d/%d)", item["subject"], n + 1, len(items))
     return rows, curves, panel
 
@@ -186,7 +192,9 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def write_outputs(rows, curves, panel, output: Path, steps_fraction: str) -> None:
+def write_outputs(rows, curves, panel, output: Path, steps_fraction: str) -> list[dict]:
+    """Tables and figures into ``output``; returns the explanation panel's rows (panel, colour limit, saturated
+    share of its brain pixels)."""
     output.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
@@ -207,11 +215,21 @@ def write_outputs(rows, curves, panel, output: Path, steps_fraction: str) -> Non
     for s in summary:
         lines.append("| " + " | ".join([s["method"]] + [f"{s[c]:.3f}" if c not in ("seconds",) else f"{s[c]:.2f}"
                                                          for c in COLUMNS[1:]]).replace("nan", "-") + " |")
+    lines += [
+        "", "## Figures", "", "![perturbation curves](perturbation_curves.png)", "",
+        "Mean preterm logit over the perturbation steps (most relevant patches first; dashed: random order).", "",
+        "![maps of every method](maps_panel.png)", "",
+        f"One axial slice of {panel.get('_subject', 'the first subject')} through the largest part of the phenotype "
+        "(yellow outline) and each method's map of the preterm logit. Colour rule: each method has its own "
+        f"{COLOUR_RULE_TEXT}, and its own colour bar (red: evidence for preterm, blue: against). GradCAM is the "
+        "coarse grid of the last conv block (8x6x6 with the default network) upsampled to the input by MONAI; "
+        "gradient and SmoothGrad are magnitudes (only red).",
+    ]
     atomic_write_text("\n".join(lines) + "\n", output / "explanations.md")
-    _figures(curves, panel, output)
+    return _figures(curves, panel, output)
 
 
-def _figures(curves, panel, output: Path) -> None:
+def _figures(curves, panel, output: Path) -> list[dict]:
     import matplotlib  # noqa: PLC0415 (the Agg backend is chosen before pyplot is imported)
 
     matplotlib.use("Agg")
@@ -224,31 +242,18 @@ def _figures(curves, panel, output: Path) -> None:
                 ls="--" if method == "random" else "-", color="k" if method == "random" else None)
     ax.set_xlabel("perturbation step (patches replaced by the brain mean)")
     ax.set_ylabel("preterm logit")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=8, ncol=2)
     ax.set_title("Region perturbation, most relevant patches first")
     fig.tight_layout()
     with atomic_target_for(output / "perturbation_curves.png") as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
-    methods = [m for m in panel if not m.startswith("_")]
-    image = panel["_image"]
-    z = int(np.argmax(panel["_phenotype"].sum(axis=(0, 1)))) if panel["_phenotype"].any() else image.shape[2] // 2
-    fig, axes = plt.subplots(1, len(methods) + 1, figsize=(2.2 * (len(methods) + 1), 2.8))
-    axes[0].imshow(image[:, :, z].T, cmap="gray", origin="lower")
-    axes[0].contour(panel["_phenotype"][:, :, z].T, levels=[0.5], colors="y", linewidths=0.5, origin="lower")
-    axes[0].set_title("input + phenotype", fontsize=7)
-    for ax, method in zip(axes[1:], methods):
-        m = panel[method][:, :, z]
-        lim = float(np.abs(m).max()) or 1.0
-        ax.imshow(m.T, cmap="bwr", vmin=-lim, vmax=lim, origin="lower")
-        ax.set_title(method, fontsize=7)
-    for ax in axes:
-        ax.axis("off")
-    fig.tight_layout()
-    with atomic_target_for(output / "maps_panel.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    maps = {m: v for m, v in panel.items() if not m.startswith("_")}
+    return explanation_panel(panel["_image"], maps, output / "maps_panel.png", brain=panel.get("_brain"),
+                             region=panel.get("_phenotype"), affine=panel.get("_affine"),
+                             title=f"{panel.get('_subject', '')}: maps of the preterm logit, one colour scale per "
+                                   "method (symmetric, 99.5th percentile of |value| over the brain)")
 
 
 @report_input_errors
@@ -281,7 +286,9 @@ def main(argv=None) -> int:
     rows, curves, panel = evaluate(args)
     fraction = (f"{args.steps} steps x {args.per_step} patches of {args.patch}^3 voxels are replaced by 0 "
                 "(the brain mean)")
-    write_outputs(rows, curves, panel, Path(args.output), fraction)
+    panels = write_outputs(rows, curves, panel, Path(args.output), fraction)
+    logger.info("maps_panel.png, share of saturated brain pixels (>= 0.98 L) per panel: %s",
+                ", ".join(f"{p['panel']} {100 * p['saturated']:.1f} %" for p in panels))
     print((Path(args.output) / "explanations.md").read_text())
     return 0
 

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from scripts.runtime.outputs import read_volume
+from scripts.runtime.report import relevance_by_tissue  # one definition: the run report uses it too
 
 __all__ = ["mean_volume", "relevance_by_tissue", "tissue_shares_table"]
 
@@ -26,21 +27,6 @@ def mean_volume(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, np.ndar
             raise ValueError(f"{path}: grid {data.shape} differs from {paths[0]} ({shape}); maps must share one grid")
         total += data
     return total / len(paths), affine
-
-
-def relevance_by_tissue(relevance: np.ndarray, tissue: np.ndarray, names: Mapping[int, str]) -> dict[str, tuple]:
-    """For each tissue label (and ``outside_brain`` for label 0): (share of the positive relevance, share of
-    the voxels). Shares are over the whole grid, so each column sums to 1."""
-    if relevance.shape != tissue.shape:
-        raise ValueError(f"relevance {relevance.shape} and tissue labels {tissue.shape} differ in shape")
-    positive = np.clip(relevance, 0, None)
-    total = float(positive.sum())
-    labels = np.rint(tissue).astype(int)
-    out = {}
-    for label, name in {0: "outside_brain", **dict(names)}.items():
-        region = labels == label
-        out[name] = (float(positive[region].sum()) / total if total > 0 else float("nan"), float(region.mean()))
-    return out
 
 
 def tissue_shares_table(per_subject: Mapping[tuple[str, str], list[dict[str, tuple]]]) -> list[dict]:

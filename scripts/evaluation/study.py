@@ -1,7 +1,8 @@
 """The seed paper's study in one command: 10-fold cross-validation of a small hyper-parameter grid inside the
 training split, training of the best setting on the whole training split, one evaluation on the held-out test
 split, the misclassified babies' birth ages, group-averaged LRP maps per class (Figure 2) and the share of
-relevance per tissue class.
+relevance per tissue class; ``study.md`` and ``study.html`` (the same with its figures, and every test subject
+linked to its page of the test inference's run report).
 
     python -m scripts.evaluation.study                                  # built-in synthetic cohort, full settings
     python -m scripts.evaluation.study --reduced --output docs/results  # 2 mm / smaller network / shorter grid
@@ -17,13 +18,16 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import html
 import json
 import logging
 import logging.config
+import os
 import shlex
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from monai.bundle import ConfigParser
 
@@ -46,11 +50,21 @@ from scripts.evaluation.cross_validation import (
 )
 from scripts.evaluation.figures import group_figure
 from scripts.evaluation.group_relevance import mean_volume, relevance_by_tissue, tissue_shares_table
-from scripts.evaluation.tables import markdown_table
+from scripts.evaluation.tables import markdown_table, markdown_to_html
 from scripts.runtime.checks import validate_items
 from scripts.runtime.datalist import check_study_datalist, load_split
 from scripts.runtime.errors import report_input_errors
-from scripts.runtime.outputs import atomic_write_text, input_path, relevance_path, save_nifti, subject_name, write_csv
+from scripts.runtime.outputs import (
+    atomic_write_text,
+    input_path,
+    relevance_path,
+    report_index,
+    report_page,
+    save_nifti,
+    subject_name,
+    write_csv,
+)
+from scripts.runtime.report import html_page, html_table
 
 logger = logging.getLogger("scripts.evaluation.study")
 
@@ -159,13 +173,38 @@ def _markdown(summary, best, metrics, mis, anatomy, info, timings, args, common)
     lines += ["## Figure", "", "![group maps](study_group_relevance.png)", "",
               "Rows: correctly classified preterm and term test subjects; columns: the average network input, then "
               "the average LRP relevance for each alpha-beta setting (red: evidence for the predicted class, blue: "
-              "against); orthogonal slices through the grid centre.", "",
+              "against); orthogonal slices through the grid centre. Colour rule: one diverging scale per relevance "
+              "column, shared by both rows, symmetric ±L with L = the 99.5th percentile of |relevance| over the "
+              "brain voxels of both average maps.", "",
               "## Run time of this invocation (seconds on this machine)", "",
               "Stages finished by an earlier invocation with the same settings are reused and take about 0 s; "
               "the sum of the fold runs includes the earlier invocations.", "",
               markdown_table([{"stage": k, "seconds": round(v, 1)} for k, v in timings.items()], ["stage", "seconds"],
                              digits=1)]
     return "\n".join(lines)
+
+
+def _html(markdown: str, rows: list[dict], maps_dir: Path, output: Path) -> str:
+    """study.md as HTML with its figures, and the test subjects, each linked to its page of the run report of the
+    test inference (``<work_dir>/final/test/report/``, relative links)."""
+    index = report_index(maps_dir)
+    body = [markdown_to_html(markdown), "<h2>Test subjects</h2>"]
+    if index.is_file():
+        link = quote(Path(os.path.relpath(index, output)).as_posix())
+        body.append(f'<p>Each subject links to its page of the <a href="{link}">run report</a> of the test inference '
+                    "(relevance mosaics of every subject, decision and probability).</p>")
+    table = []
+    for r in rows:
+        page = report_page(maps_dir, r["subject"])
+        name = html.escape(r["subject"])
+        if page.is_file():
+            name = f'<a href="{quote(Path(os.path.relpath(page, output)).as_posix())}">{name}</a>'
+        table.append([name, r["class"], f"{r['birth_age']}", f"{r['scan_age']}", f"{r['prob_preterm']:.3f}",
+                      CLASS_NAMES[r["prediction"]], "yes" if r["correct"] else "<b>no</b>"])
+    body.append(html_table(["subject", "class", "birth age", "scan age", "p(preterm)", "prediction", "correct"],
+                           table, ["" if r["correct"] else "misclassified" for r in rows],
+                           numeric=[False, False, True, True, True, False, False]))
+    return html_page("Study results", "\n".join(body))
 
 
 def run_study(args) -> dict:
@@ -231,8 +270,9 @@ def run_study(args) -> dict:
         title = "Correctly classified test subjects; mean LRP relevance (target: predicted class)"
         group_figure(means, list(args.presets), output / "study_group_relevance.png", counts, title)
     timings["report"] = time.perf_counter() - start
-    atomic_write_text(_markdown(summary, best, metrics, mis, anatomy, info, timings, args, common),
-                      output / "study.md")
+    markdown = _markdown(summary, best, metrics, mis, anatomy, info, timings, args, common)
+    atomic_write_text(markdown, output / "study.md")
+    atomic_write_text(_html(markdown, rows, maps_dir, output), output / "study.html")
     logger.info("study written to %s (work files in %s)", output, work)
     return {"metrics": metrics, "best": best, "anatomy": anatomy, "summary": summary, "rows": rows}
 

@@ -5,9 +5,13 @@ Output contract (change it here only)::
 
     <output_dir>/predictions.csv
     <output_dir>/<subject>/<subject>_<what>.nii.gz     e.g. _relevance_a2b1, _relevance_a2b1_orig, _input
+    <output_dir>/report/index.html                     the run report (``report_index``)
+    <output_dir>/report/<subject>/index.html           a subject's page (``report_page``)
+    <output_dir>/report/<subject>/<subject>_<what>.png its images (``report_image``)
 
 ``subject`` is the input file name without NIfTI extensions (``subject_name``). ``output_path`` is the only
-function that builds those names; ``relevance_path`` / ``input_path`` name the two kinds of map.
+function that builds those names; ``relevance_path`` / ``input_path`` name the two kinds of map, the
+``report_*`` functions the files of the run report.
 
 Every file goes through a temporary name in the same folder and an atomic rename, so a killed run never leaves a
 partial file under a final name; temporaries of dead writers are removed by the next run.
@@ -34,7 +38,8 @@ import torch
 __all__ = [
     "NIFTI_SUFFIXES", "CrashSafeTable", "atomic_target_for", "atomic_write_text", "expected_outputs", "input_path",
     "output_path", "pending_subjects", "read_rows", "read_volume", "relevance_path", "remove_stale_temporaries",
-    "run_key", "save_nifti", "scores_and_labels", "source_file", "subject_name", "write_csv",
+    "report_image", "report_index", "report_page", "run_key", "save_nifti", "scores_and_labels", "source_file",
+    "subject_name", "write_csv",
 ]
 
 logger = logging.getLogger(__name__)
@@ -67,6 +72,24 @@ def relevance_path(output_dir: str | os.PathLike, subject: str, preset: str, ori
 def input_path(output_dir: str | os.PathLike, subject: str) -> Path:
     """The preprocessed network input."""
     return output_path(output_dir, subject, "input")
+
+
+REPORT_FOLDER = "report"
+
+
+def report_index(output_dir: str | os.PathLike) -> Path:
+    """The run report's first page: ``<output_dir>/report/index.html``."""
+    return Path(output_dir) / REPORT_FOLDER / "index.html"
+
+
+def report_page(output_dir: str | os.PathLike, subject: str) -> Path:
+    """A subject's page of the run report: ``<output_dir>/report/<subject>/index.html``."""
+    return Path(output_dir) / REPORT_FOLDER / subject / "index.html"
+
+
+def report_image(output_dir: str | os.PathLike, subject: str, what: str) -> Path:
+    """An image of a subject's report page: ``<output_dir>/report/<subject>/<subject>_<what>.png``."""
+    return output_path(Path(output_dir) / REPORT_FOLDER, subject, what, ".png")
 
 
 def expected_outputs(output_dir: str | os.PathLike, subject: str, presets: Iterable[str], save_input: bool,

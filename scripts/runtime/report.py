@@ -1,0 +1,480 @@
+"""The run report: a browsable HTML report of an inference run, written beside ``predictions.csv`` and readable
+offline from the folder alone (no scripts, no CDN, no server)::
+
+    <output_dir>/report/index.html                 settings, summary, one table row per subject (and per failed
+                                                   subject, with the reason from skipped.csv)
+    <output_dir>/report/<subject>/index.html       mosaics of the first preset's map over the network input,
+                                                   decision and probability, conservation, tissue shares, files
+    <output_dir>/report/<subject>/<subject>_mosaic_<preset>.png
+
+(names from ``scripts.runtime.outputs``). ``build_report`` makes it from what is on disk (``predictions.csv``,
+``relevance.csv``, ``skipped.csv`` and the NIfTIs), so rank 0 of a sharded run and a rerun with nothing left to
+do rebuild it the same way; ``RunReport`` is the Ignite handler that calls it when the evaluator completes.
+Every file is written atomically, the index last; QC columns (``qc_pass``, ``qc_failed``, ``qc_*``) of
+``predictions.csv`` are shown when present.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import quote
+
+import ignite.distributed as idist
+import numpy as np
+from ignite.engine import Engine, Events
+
+from scripts.runtime.outputs import (
+    atomic_write_text,
+    input_path,
+    read_rows,
+    read_volume,
+    relevance_path,
+    report_image,
+    report_index,
+    report_page,
+)
+from scripts.runtime.visual import COLOUR_RULE, overlay_mosaic, save_mosaic
+
+__all__ = ["CLASSES", "RunReport", "build_report", "html_page", "html_table", "qc_flag", "relevance_by_tissue"]
+
+logger = logging.getLogger(__name__)
+CLASSES = ("term", "preterm")
+QC_PREFIX = "qc_"
+
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 1.5em auto; max-width: 1500px;
+       padding: 0 1em; color: #1b1b1b; line-height: 1.4; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; }
+table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.92em; }
+th, td { border: 1px solid #c8c8c8; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f0f0f0; position: sticky; top: 0; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+#predictions td:first-child { white-space: nowrap; }
+tr.misclassified td { background: #fde2e1; } tr.failed td { background: #fff1c2; }
+tr.qc-flagged td:first-child { border-left: 5px solid #d97706; }
+.badge { display: inline-block; padding: 0 0.45em; border-radius: 0.6em; font-size: 0.85em; margin-left: 0.3em; }
+.badge.misclassified { background: #c62828; color: white; } .badge.failed { background: #8d6e00; color: white; }
+.badge.qc-flagged { background: #d97706; color: white; } .badge.correct { background: #2e7d32; color: white; }
+figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
+figcaption { max-width: 70em; font-size: 0.92em; color: #333; }
+nav { margin-bottom: 1em; } nav a { margin-right: 1.2em; }
+.muted { color: #666; } code { background: #f4f4f4; padding: 0 0.2em; }
+"""
+
+
+def html_page(title: str, body: str) -> str:
+    """A complete, self-contained HTML page (inline style, no script, no external resource)."""
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+            f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
+
+
+def html_table(header: Sequence[str], rows: Sequence[Sequence[str]], row_classes: Sequence[str] | None = None,
+               table_id: str = "", numeric: Sequence[bool] | None = None) -> str:
+    """A table whose cells are HTML already (escape text with ``html.escape`` first)."""
+    numeric = list(numeric or [False] * len(header))
+    ident = f' id="{table_id}"' if table_id else ""
+    lines = [f"<table{ident}>", "<thead><tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr></thead>", "<tbody>"]
+    for i, row in enumerate(rows):
+        cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
+        cells = "".join(f'<td class="num">{c}</td>' if numeric[j] else f"<td>{c}</td>" for j, c in enumerate(row))
+        lines.append(f"<tr{cls}>{cells}</tr>")
+    lines += ["</tbody>", "</table>"]
+    return "\n".join(lines)
+
+
+def _href(target: Path, start: Path) -> str:
+    """A relative, URL-quoted link from the folder ``start`` to ``target``."""
+    return quote(Path(os.path.relpath(target, start)).as_posix())
+
+
+def _link(target: Path, start: Path, text: str) -> str:
+    return f'<a href="{_href(target, start)}">{html.escape(text)}</a>'
+
+
+def qc_flag(row: Mapping[str, str]) -> bool | None:
+    """True when a predictions row is flagged by QC (``qc_pass`` false or ``qc_failed`` not empty), False when it
+    passed, None when the table has no QC columns or the values say nothing."""
+    value = str(row.get("qc_pass", "")).strip().lower()
+    failed = str(row.get("qc_failed", "")).strip()
+    if value in ("false", "0", "no", "fail", "failed") or (failed and failed.lower() not in ("0", "false", "none",
+                                                                                            "[]", "nan")):
+        return True
+    if value in ("true", "1", "yes", "pass", "passed"):
+        return False
+    return None
+
+
+def relevance_by_tissue(relevance: np.ndarray, tissue: np.ndarray, names: Mapping[int, str]) -> dict[str, tuple]:
+    """For each tissue label (and ``outside_brain`` for label 0): (share of the positive relevance, share of
+    the voxels). Shares are over the whole grid, so each column sums to 1."""
+    if relevance.shape != tissue.shape:
+        raise ValueError(f"relevance {relevance.shape} and tissue labels {tissue.shape} differ in shape")
+    positive = np.clip(relevance, 0, None)
+    total = float(positive.sum())
+    labels = np.rint(tissue).astype(int)
+    out = {}
+    for label, name in {0: "outside_brain", **dict(names)}.items():
+        region = labels == label
+        out[name] = (float(positive[region].sum()) / total if total > 0 else float("nan"), float(region.mean()))
+    return out
+
+
+def _tissue_names() -> dict[int, str]:
+    try:
+        from scripts.data.synthetic_anatomy import DRAWEM9  # noqa: PLC0415 (the drawem9 names; numpy only)
+    except ImportError:  # pragma: no cover - the bundle always ships it
+        return {k: f"label {k}" for k in range(1, 10)}
+    return dict(DRAWEM9)
+
+
+def _sha256(path: str | os.PathLike | None) -> str:
+    if not path or not Path(path).is_file():
+        return ""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _float(value, default=float("nan")) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _int(value) -> int | None:
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def _class_name(index: int | None) -> str:
+    return CLASSES[index] if index is not None and 0 <= index < len(CLASSES) else "-"
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "-" if value != value else f"{value:.{digits}f}"
+
+
+class _Subject:
+    """Everything the report says about one subject."""
+
+    def __init__(self, name: str, row: Mapping[str, str] | None = None, reason: str = "") -> None:
+        self.name = name
+        self.row = dict(row or {})
+        self.reason = reason  # why it failed, empty when its maps are in the report
+        self.prediction = _int(self.row.get("prediction"))
+        self.label = _int(self.row.get("label"))
+        self.prob = (_float(self.row.get("prob_term")), _float(self.row.get("prob_preterm")))
+        self.qc = qc_flag(self.row)
+        self.conservation = float("nan")  # of the first preset's map, from relevance.csv
+        self.mosaic = None
+        self.tissue: dict[str, tuple] = {}
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.reason)
+
+    @property
+    def correct(self) -> bool | None:
+        if self.label is None or self.prediction is None:
+            return None
+        return self.label == self.prediction
+
+    def decision(self) -> str:
+        if self.prediction is None:
+            return "no prediction"
+        return f"{_class_name(self.prediction)} (p({_class_name(self.prediction)}) = {self.prob[self.prediction]:.3f})"
+
+    def classes(self) -> str:
+        return " ".join(c for c, on in (("failed", self.failed), ("misclassified", self.correct is False),
+                                        ("qc-flagged", self.qc is True)) if on)
+
+    def badges(self) -> str:
+        out = []
+        if self.failed:
+            out.append('<span class="badge failed">failed</span>')
+        if self.correct is False:
+            out.append('<span class="badge misclassified">misclassified</span>')
+        if self.qc is True:
+            out.append('<span class="badge qc-flagged">QC flagged</span>')
+        return "".join(out)
+
+
+def _settings_table(settings: Mapping[str, str]) -> str:
+    return html_table(["setting", "value"], [[html.escape(k), v] for k, v in settings.items()])
+
+
+def _subject_page(output_dir: Path, subject: _Subject, preset: str, presets: Sequence[str],
+                  relevance_rows: Mapping[tuple, Mapping[str, str]], previous: str | None, following: str | None,
+                  target_note: str) -> str:
+    page = report_page(output_dir, subject.name)
+    here = page.parent
+    nav = [_link(report_index(output_dir), here, "all subjects")]
+    if previous:
+        nav.append(_link(report_page(output_dir, previous), here, f"previous: {previous}"))
+    if following:
+        nav.append(_link(report_page(output_dir, following), here, f"next: {following}"))
+    body = [f"<nav>{''.join(nav)}</nav>", f"<h1>{html.escape(subject.name)} {subject.badges()}</h1>"]
+    facts = [f"<b>Prediction:</b> {html.escape(subject.decision())}"]
+    if subject.label is not None:
+        facts.append(f"<b>Label:</b> {_class_name(subject.label)} — "
+                     + ("correct" if subject.correct else "<b>misclassified</b>"))
+    if subject.qc is not None:
+        failed = subject.row.get("qc_failed", "")
+        facts.append("<b>QC:</b> " + ("flagged" + (f" ({html.escape(failed)})" if failed else "") if subject.qc
+                                      else "passed"))
+    body.append("<p>" + "<br>".join(facts) + "</p>")
+    if subject.failed:
+        body.append(f'<p class="failed"><b>No relevance map:</b> {html.escape(subject.reason)}</p>')
+    if subject.mosaic is not None:
+        mosaic = subject.mosaic
+        image = report_image(output_dir, subject.name, f"mosaic_{preset}")
+        decided = subject.decision()
+        underlay = "over the network input (grey)" if mosaic.with_input else "(the network input was not saved)"
+        caption = (f"{html.escape(subject.name)}: prediction {html.escape(decided)}. LRP {html.escape(preset)} "
+                   f"relevance {underlay} ({html.escape(target_note)}); {html.escape(COLOUR_RULE)}: "
+                   f"L = {mosaic.limit:.3g} (colour bar), opacity grows with |relevance|. Rows: axial, coronal, "
+                   f"sagittal slices through the brain (RAS: the subject's right on the right). "
+                   f"{100 * mosaic.saturation:.1f} % of the shown brain pixels reach 0.98 L.")
+        body.append(f'<figure><img src="{_href(image, here)}" alt="relevance mosaic of {html.escape(subject.name)}" '
+                    f'data-limit-low="{-mosaic.limit:.6g}" data-limit-high="{mosaic.limit:.6g}">'
+                    f"<figcaption>{caption}</figcaption></figure>")
+    rows = []
+    for p in presets:
+        r = relevance_rows.get((subject.name, p), {})
+        nifti = relevance_path(output_dir, subject.name, p)
+        rows.append([html.escape(p), _fmt(_float(r.get("conservation")), 3),
+                     html.escape(r.get("relevance_sum", "-") or "-"), _class_name(_int(r.get("target"))),
+                     _link(nifti, here, nifti.name) if nifti.is_file() else '<span class="muted">missing</span>'])
+    if rows:
+        body += ["<h2>Relevance maps</h2>",
+                 html_table(["preset", "conservation", "relevance sum", "explained class", "NIfTI"], rows,
+                            numeric=[False, True, True, False, False])]
+    network_input = input_path(output_dir, subject.name)
+    if network_input.is_file():
+        body.append(f"<p>Network input: {_link(network_input, here, network_input.name)}</p>")
+    if subject.tissue:
+        tissue_rows = [[html.escape(name), _fmt(share * 100, 1), _fmt(volume * 100, 1),
+                        _fmt(share / volume if volume > 0 else float("nan"), 2)]
+                       for name, (share, volume) in subject.tissue.items()]
+        body += [f"<h2>Positive relevance per tissue ({html.escape(preset)})</h2>",
+                 "<p>Relevance share: the tissue's part of the positive relevance; volume share: its part of the "
+                 "voxels of the network grid; enrichment = relevance share / volume share.</p>",
+                 html_table(["tissue", "relevance share (%)", "volume share (%)", "enrichment"], tissue_rows,
+                            numeric=[False, True, True, True])]
+    qc_columns = [c for c in subject.row if c.startswith(QC_PREFIX)]
+    if qc_columns:
+        body += ["<h2>Input QC</h2>", html_table(["check", "value"], [[html.escape(c), html.escape(
+            str(subject.row[c]))] for c in qc_columns])]
+    return html_page(f"{subject.name}: run report", "\n".join(body))
+
+
+def _index_page(output_dir: Path, subjects: list[_Subject], settings: Mapping[str, str], preset: str,
+                qc_columns: list[str], paged: set[str]) -> str:
+    here = report_index(output_dir).parent
+    body = ["<h1>Run report</h1>", "<h2>Settings</h2>", _settings_table(settings)]
+    predicted = [s for s in subjects if s.prediction is not None]
+    labelled = [s for s in predicted if s.correct is not None]
+    summary = [f"{len(predicted)} subjects predicted ({sum(s.prediction == 1 for s in predicted)} preterm, "
+               f"{sum(s.prediction == 0 for s in predicted)} term)"]
+    if labelled:
+        wrong = sum(s.correct is False for s in labelled)
+        summary.append(f"{len(labelled)} with labels: {len(labelled) - wrong} correct, {wrong} misclassified "
+                       f"(accuracy {(len(labelled) - wrong) / len(labelled):.3f})")
+    failed = [s for s in subjects if s.failed]
+    if failed:
+        summary.append(f"{len(failed)} failed (no relevance map)")
+    flagged = [s for s in subjects if s.qc is True]
+    if qc_columns:
+        summary.append(f"{len(flagged)} flagged by input QC")
+    body += ["<h2>Summary</h2>", "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in summary) + "</ul>"]
+    attention = [s for s in subjects if s.classes()]
+    if attention:
+        items = []
+        for s in attention:
+            name = _link(report_page(output_dir, s.name), here, s.name) if s.name in paged else html.escape(s.name)
+            reason = f": {html.escape(s.reason)}" if s.failed else ""
+            items.append(f"<li>{name} {s.badges()}{reason}</li>")
+        body += ["<h2>Needs attention</h2>", "<ul>" + "".join(items) + "</ul>"]
+    header = ["subject", "p(term)", "p(preterm)", "prediction", "label", "correct", f"conservation ({preset})",
+              *[html.escape(c) for c in qc_columns], "status"]
+    rows, classes = [], []
+    for s in subjects:
+        name = _link(report_page(output_dir, s.name), here, s.name) if s.name in paged else html.escape(s.name)
+        correct = "-" if s.correct is None else ("yes" if s.correct else "<b>no</b>")
+        status = f"failed: {html.escape(s.reason)}" if s.failed else "ok"
+        rows.append([name, _fmt(s.prob[0]), _fmt(s.prob[1]), _class_name(s.prediction), _class_name(s.label), correct,
+                     _fmt(s.conservation, 3),
+                     *[html.escape(str(s.row.get(c, ""))) for c in qc_columns], status + s.badges()])
+        classes.append(s.classes())
+    body += ["<h2>Predictions</h2>",
+             "<p>One row per subject; red rows: misclassified (label known), yellow rows: failed (reason given), an "
+             "orange left edge: flagged by input QC. Each subject's page shows its relevance mosaics.</p>",
+             html_table(header, rows, classes, table_id="predictions",
+                        numeric=[False, True, True, False, False, False, True, *[False] * len(qc_columns), False])]
+    return html_page("Run report", "\n".join(body))
+
+
+def build_report(output_dir: str | os.PathLike, presets: Sequence[str] | None = None, target: str | int | None = None,
+                 ckpt_path: str | None = None, run_key: str = "", items: Sequence[Mapping] | None = None,
+                 label_transform: Callable | None = None, slices: int = 5, settings: Mapping | None = None) -> Path:
+    """Write the run report of ``output_dir`` from its tables and maps and return the index page.
+
+    Args:
+        output_dir: the inference's output folder (``predictions.csv``, ``relevance.csv``, ``skipped.csv``, maps).
+        presets: the LRP presets of the run, the first gets mosaics (default: those in ``relevance.csv``).
+        target: the explained class setting (``pred``, a class index, ``difference``), for the settings table.
+        ckpt_path: the model file, named with its SHA-256 in the settings table.
+        run_key: the run's key (``scripts.runtime.outputs.run_key``).
+        items: datalist items; a subject's ``tissue`` map gives the tissue shares of its relevance.
+        label_transform: the spatial preprocessing of label maps (``label_preprocessing`` of inference.json), which
+            brings a ``tissue`` map onto the network grid.
+        slices: slices per plane in the mosaics.
+        settings: more rows for the settings table.
+    """
+    start = time.perf_counter()
+    output = Path(output_dir)
+    predictions = read_rows(output / "predictions.csv")
+    relevance_rows = {(r.get("subject", ""), r.get("preset", "")): r for r in read_rows(output / "relevance.csv")}
+    skipped = read_rows(output / "skipped.csv")
+    presets = list(presets or dict.fromkeys(p for _, p in relevance_rows))
+    preset = presets[0] if presets else ""
+    by_item = {str(it.get("subject", "")): it for it in (items or [])}
+    names = _tissue_names()
+    qc_columns = [c for c in (predictions[0] if predictions else {}) if c.startswith(QC_PREFIX)]
+
+    subjects: list[_Subject] = []
+    for row in predictions:
+        subject = _Subject(row.get("subject", ""), row)
+        subject.conservation = _float(relevance_rows.get((subject.name, preset), {}).get("conservation"))
+        subjects.append(subject)
+        if not preset:
+            subject.reason = "relevance.csv lists no relevance map"
+            continue
+        try:
+            relevance, affine = read_volume(relevance_path(output, subject.name, preset))
+            network_input = input_path(output, subject.name)
+            image = read_volume(network_input)[0] if network_input.is_file() else None
+            subject.mosaic = overlay_mosaic(relevance, affine, image, slices=slices)
+            save_mosaic(subject.mosaic, report_image(output, subject.name, f"mosaic_{preset}"),
+                        title=f"{subject.name}: LRP {preset}, prediction {subject.decision()}")
+        except (OSError, ValueError) as err:
+            subject.reason = str(err)
+            subject.mosaic = None
+            report_image(output, subject.name, f"mosaic_{preset}").unlink(missing_ok=True)  # no stale picture
+            continue
+        item = by_item.get(subject.name)
+        if item is not None and item.get("tissue") and label_transform is not None:
+            try:
+                tissue = np.asarray(label_transform({"tissue": item["tissue"]})["tissue"])[0]
+                subject.tissue = relevance_by_tissue(relevance, tissue, names)
+            except Exception as err:  # a tissue map that does not load or fit is reported, not fatal
+                logger.warning("%s: no tissue shares (%s: %s)", subject.name, type(err).__name__, err)
+    done = {s.name for s in subjects}
+    for row in skipped:
+        name = row.get("subject", "") or Path(row.get("image", "")).name
+        if name not in done:
+            subjects.append(_Subject(name, {"image": row.get("image", "")}, row.get("reason", "") or "skipped"))
+            done.add(name)
+
+    key = run_key or next((r.get("run_key", "") for r in predictions if r.get("run_key")), "")
+    table: dict[str, str] = {
+        "model file": html.escape(str(ckpt_path or "-")),
+        "model SHA-256": f"<code>{_sha256(ckpt_path) or '-'}</code>",
+        "run key": f"<code>{html.escape(key or '-')}</code>",
+        "LRP presets": html.escape(", ".join(presets) or "-") + (f" (mosaics: {html.escape(preset)})" if preset
+                                                                   else ""),
+        "explained class (target)": html.escape(str(target if target is not None else "-")),
+    }
+    table.update({html.escape(str(k)): html.escape(str(v)) for k, v in (settings or {}).items()})
+    table["written"] = datetime.now(UTC).isoformat(timespec="seconds")
+    table["output folder"] = html.escape(str(output.resolve()))
+    for name in ("predictions.csv", "relevance.csv", "skipped.csv"):
+        if (output / name).is_file():
+            table[name] = _link(output / name, report_index(output).parent, name)
+
+    explained = {"pred": "the predicted class", "difference": "preterm minus term"}.get(
+        str(target), _class_name(_int(target)) if _int(target) is not None else "see relevance.csv")
+    target_note = f"explained class: {explained}"
+    pages = [s for s in subjects if s.mosaic is not None or (s.failed and s.prediction is not None)]
+    for i, subject in enumerate(pages):
+        previous = pages[i - 1].name if i > 0 else None
+        following = pages[i + 1].name if i + 1 < len(pages) else None
+        atomic_write_text(_subject_page(output, subject, preset, presets, relevance_rows, previous, following,
+                                        target_note), report_page(output, subject.name))
+    index = atomic_write_text(_index_page(output, subjects, table, preset, qc_columns, {s.name for s in pages}),
+                              report_index(output))
+    logger.info("run report: %s (%d subjects, %d failed) in %.1f s", index, len(subjects),
+                sum(s.failed for s in subjects), time.perf_counter() - start)
+    return index
+
+
+class RunReport:
+    """Ignite handler writing the run report (``build_report``) when the evaluator completes, on rank 0 (after
+    ``PredictionWriter`` merged the ranks' tables: attach it after that handler).
+
+    Args:
+        output_dir: the inference's output folder.
+        enabled: write the report (config key ``report``).
+        presets / target / ckpt_path / run_key: the run's settings, shown in the report.
+        datalist / split: the datalist and split of the run; its items' ``tissue`` maps give tissue shares.
+        label_transform: the spatial preprocessing of label maps (``label_preprocessing``).
+        slices: slices per plane in the mosaics.
+    """
+
+    def __init__(self, output_dir: str, enabled: bool = True, presets: Sequence[str] | None = None,
+                 target: str | int = "pred", ckpt_path: str | None = None, run_key: str = "",
+                 datalist: str | None = None, split: str | None = None, label_transform: Callable | None = None,
+                 slices: int = 5) -> None:
+        self.output_dir = Path(output_dir)
+        self.enabled = bool(enabled)
+        self.presets = list(presets) if presets is not None else None
+        self.target = target
+        self.ckpt_path = ckpt_path
+        self.run_key = str(run_key)
+        self.datalist, self.split = datalist, split
+        self.label_transform = label_transform
+        self.slices = int(slices)
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine | None = None) -> Path | None:
+        return self.build()
+
+    def _items(self) -> list[dict]:
+        if not self.datalist:
+            return []
+        from scripts.runtime.datalist import load_split  # noqa: PLC0415 (datalist imports checks -> outputs only)
+
+        try:
+            return load_split(self.datalist, self.split or "test", -1, require_label=False, check_files=False)
+        except (OSError, ValueError) as err:
+            logger.warning("run report: no datalist items (%s)", err)
+            return []
+
+    def build(self) -> Path | None:
+        """Write the report now (rank 0 only; nothing when disabled)."""
+        if not self.enabled or idist.get_rank() != 0:
+            return None
+        settings = {"datalist": self.datalist or "-", "split": self.split or "-"}
+        return build_report(self.output_dir, self.presets, self.target, self.ckpt_path, self.run_key, self._items(),
+                            self.label_transform, self.slices, settings)
+
+    def build_if_idle(self, data: Sequence) -> Path | None:
+        """Rebuild the report when the evaluator had nothing to do (every subject finished by an earlier run), so a
+        rerun still refreshes it; when the evaluator ran, the handler has written it already."""
+        return None if len(data) else self.build()

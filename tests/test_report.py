@@ -1,0 +1,283 @@
+"""The run report of ``run inference``: contents on a tiny cohort (rows, captions with the decision and probability,
+images present, symmetric colour limits, failed subjects with their reason), a rerun and the switch, QC columns, a
+map that could not be read, size for many subjects, and the report opened in a real browser (headless Chromium)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import html.parser
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import run_bundle, tiny_args
+
+from scripts.runtime.outputs import input_path, relevance_path, report_image, report_index, report_page, write_csv
+from scripts.runtime.report import build_report
+from scripts.runtime.visual import brain_mask, symmetric_limit
+
+
+class _Page(html.parser.HTMLParser):
+    """Rows of ``table#predictions`` (cells as text, row class), images and figure captions of a page."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.rows: list[dict] = []
+        self.images: list[dict] = []
+        self.captions: list[str] = []
+        self.links: list[str] = []
+        self._table = self._row = self._cell = self._caption = None
+        self._depth = 0
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table" and attrs.get("id") == "predictions":
+            self._table = True
+        elif tag == "tr" and self._table:
+            self._row = {"class": attrs.get("class", "") or "", "cells": []}
+        elif tag == "td" and self._row is not None:
+            self._cell = []
+        elif tag == "img":
+            self.images.append(attrs)
+        elif tag == "figcaption":
+            self._caption = []
+        elif tag == "a":
+            self.links.append(attrs.get("href", ""))
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._table = None
+        elif tag == "tr" and self._row is not None:
+            if self._row["cells"]:
+                self.rows.append(self._row)
+            self._row = None
+        elif tag == "td" and self._cell is not None:
+            self._row["cells"].append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "figcaption":
+            self.captions.append("".join(self._caption))
+            self._caption = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+        if self._caption is not None:
+            self._caption.append(data)
+
+
+def _page(path: Path) -> _Page:
+    return _Page(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def report_run(tmp_path_factory, cohort, trained):
+    """``run inference`` with the report on, two presets, the test split plus one unreadable image (skip_bad)."""
+    work = tmp_path_factory.mktemp("report_run")
+    data = json.loads((cohort / "datalist.json").read_text())
+    for item in data["training"] + data["test"]:
+        for key in ("image", "tissue", "phenotype"):
+            item[key] = str(cohort / item[key])
+    broken = work / "broken.nii.gz"
+    raw = (cohort / "images" / "sub-0001.nii.gz").read_bytes()
+    broken.write_bytes(raw[: len(raw) // 2])
+    data["test"].append({"image": str(broken), "label": 0, "subject": "broken"})
+    datalist = work / "datalist.json"
+    datalist.write_text(json.dumps(data))
+    out = work / "out"
+    started = time.perf_counter()
+    proc = run_bundle("inference", "configs/inference.json", "--datalist", str(datalist), "--dataset_dir", str(cohort),
+                      "--ckpt_dir", str(trained[0]), "--output_dir", str(out), "--lrp_presets", "['a2b1','a1b0']",
+                      "--skip_bad", "true", *tiny_args(report=True))
+    return out, data["test"], proc, time.perf_counter() - started
+
+
+def test_report_contents_on_a_tiny_cohort(report_run, trained):
+    out, test_items, proc, _ = report_run
+    index = report_index(out)
+    assert index.is_file() and "run report:" in proc.stdout + proc.stderr
+    page = _page(index)
+    predictions = {r["subject"]: r for r in csv.DictReader((out / "predictions.csv").open())}
+    labels = {it["subject"]: it["label"] for it in test_items}
+    rows = {r["cells"][0]: r for r in page.rows}
+    assert len(page.rows) == len(test_items) == len(predictions) + 1  # one row per subject, the failed one too
+    assert set(rows) == set(labels)
+
+    failed = rows["broken"]
+    assert "failed" in failed["class"] and "not a readable NIfTI" in failed["cells"][-1]
+    assert not report_page(out, "broken").exists()
+    for subject, row in predictions.items():
+        wrong = int(row["prediction"]) != labels[subject]
+        assert ("misclassified" in rows[subject]["class"]) == wrong
+        assert rows[subject]["cells"][2] == f"{float(row['prob_preterm']):.3f}"
+
+    text = index.read_text()
+    digest = hashlib.sha256((trained[0] / "model.pt").read_bytes()).hexdigest()
+    assert digest in text and "a2b1, a1b0 (mosaics: a2b1)" in text
+    assert "http://" not in text and "https://" not in text and "<script" not in text  # offline, no CDN
+
+    for subject, row in predictions.items():
+        page_path = report_page(out, subject)
+        subject_page = _page(page_path)
+        decided = ["term", "preterm"][int(row["prediction"])]
+        prob = float(row["prob_preterm"] if decided == "preterm" else row["prob_term"])
+        assert len(subject_page.captions) == 1
+        assert f"prediction {decided} (p({decided}) = {prob:.3f})" in subject_page.captions[0]
+        (image,) = subject_page.images
+        png = page_path.parent / image["src"]
+        assert png == report_image(out, subject, "mosaic_a2b1") and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert png.stat().st_size > 5000
+        low, high = float(image["data-limit-low"]), float(image["data-limit-high"])
+        assert high > 0 and low == -high  # symmetric colour limits
+        relevance = nib.load(relevance_path(out, subject, "a2b1")).get_fdata()
+        network_input = nib.load(input_path(out, subject)).get_fdata()
+        assert high == pytest.approx(symmetric_limit(relevance, brain_mask(network_input)), rel=1e-5)
+        assert not report_image(out, subject, "mosaic_a1b0").exists()  # mosaics for the first preset only
+        hrefs = subject_page.links
+        assert any(h.endswith(f"{subject}_relevance_a1b0.nii.gz") for h in hrefs)  # the others linked as files
+        assert (page_path.parent / next(h for h in hrefs if h.endswith("_relevance_a1b0.nii.gz"))).is_file()
+        assert "Positive relevance per tissue" in page_path.read_text()  # the datalist gives tissue maps
+    assert not list(out.rglob("*.tmp*"))
+
+
+def test_report_rerun_updates_it_and_the_switch_turns_it_off(report_run, cohort, trained, tmp_path):
+    out, test_items, _, _ = report_run
+    rerun = tmp_path / "rerun"
+    shutil.copytree(out, rerun)
+    index = report_index(rerun)
+    written = re.search(r"<td>written</td><td>([^<]+)</td>", index.read_text()).group(1)
+    time.sleep(1.1)
+    datalist = json.loads((out.parent / "datalist.json").read_text())
+    datalist["test"] = [it for it in datalist["test"] if it["subject"] != "broken"]
+    (tmp_path / "datalist.json").write_text(json.dumps(datalist))
+    common = ["--datalist", str(tmp_path / "datalist.json"), "--dataset_dir", str(cohort), "--ckpt_dir",
+              str(trained[0]), "--lrp_presets", "['a2b1','a1b0']", "--skip_bad", "true"]
+    proc = run_bundle("inference", "configs/inference.json", *common, "--output_dir", str(rerun),
+                      *tiny_args(report=True))
+    assert "nothing left to do" in proc.stdout + proc.stderr  # every subject finished: the report is rebuilt
+    assert re.search(r"<td>written</td><td>([^<]+)</td>", index.read_text()).group(1) != written
+    assert len(_page(index).rows) == len(test_items) - 1  # this run's skipped.csv lists no failure
+
+    off = tmp_path / "off"
+    run_bundle("inference", "configs/inference.json", *common, "--output_dir", str(off), *tiny_args(report=False))
+    assert (off / "predictions.csv").is_file() and not (off / "report").exists()
+
+
+def _tiny_run(folder: Path, subjects: list[str], qc: dict[str, tuple[str, str]] | None = None) -> None:
+    """An inference output folder written by hand: predictions.csv (with QC columns), relevance.csv, maps."""
+    rng = np.random.default_rng(0)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    rows, relevance_rows = [], []
+    for i, s in enumerate(subjects):
+        image = np.zeros((24, 20, 18), np.float32)
+        image[3:21, 3:17, 3:15] = rng.normal(size=(18, 14, 12))
+        relevance = np.where(image != 0, rng.normal(scale=1e-3, size=image.shape), 0).astype(np.float32)
+        nib.save(nib.Nifti1Image(image, affine), _mkdir(input_path(folder, s)))
+        nib.save(nib.Nifti1Image(relevance, affine), _mkdir(relevance_path(folder, s, "a2b1")))
+        p = 0.2 + 0.6 * (i % 2)
+        row = {"subject": s, "image": f"/data/{s}.nii.gz", "prob_term": f"{1 - p:.6f}", "prob_preterm": f"{p:.6f}",
+               "prediction": int(p > 0.5), "label": (i + i // 4) % 2, "run_key": "k"}
+        if qc is not None:
+            row["qc_pass"], row["qc_failed"] = qc.get(s, ("true", ""))
+            row["qc_snr"] = f"{10 + i:.1f}"
+        rows.append(row)
+        relevance_rows.append({"subject": s, "preset": "a2b1", "pred": row["prediction"], "target": row["prediction"],
+                               "conservation": "0.5", "relevance_sum": "0.1"})
+    write_csv(rows, folder / "predictions.csv")
+    write_csv(relevance_rows, folder / "relevance.csv")
+
+
+def _mkdir(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_report_shows_qc_columns_and_a_map_that_cannot_be_read(tmp_path):
+    subjects = [f"s{i:02d}" for i in range(6)]
+    _tiny_run(tmp_path, subjects, qc={"s01": ("false", "snr"), "s02": ("true", "")})
+    relevance_path(tmp_path, "s03", "a2b1").write_bytes(b"\x1f\x8b broken")  # a map that was not written whole
+    write_csv([{"subject": "s99", "image": "/data/s99.nii.gz", "reason": "/data/s99.nii.gz: every voxel is zero"}],
+              tmp_path / "skipped.csv")
+    index = build_report(tmp_path, presets=["a2b1"], target="pred")
+    page = _page(index)
+    rows = {r["cells"][0]: r for r in page.rows}
+    assert sorted(rows) == [*subjects, "s99"]
+    assert "qc-flagged" in rows["s01"]["class"] and "qc-flagged" not in rows["s02"]["class"]
+    text = index.read_text()
+    assert "qc_pass" in text and "qc_snr" in text and "1 flagged by input QC" in text
+    assert "failed" in rows["s03"]["class"] and "not a readable NIfTI" in rows["s03"]["cells"][-1]
+    assert "failed" in rows["s99"]["class"] and "every voxel is zero" in rows["s99"]["cells"][-1]
+    s03 = _page(report_page(tmp_path, "s03"))
+    assert not s03.images and "not a readable NIfTI" in report_page(tmp_path, "s03").read_text()
+    assert not report_image(tmp_path, "s03", "mosaic_a2b1").exists()  # a failed map: no broken image
+    assert report_image(tmp_path, "s00", "mosaic_a2b1").is_file()
+
+    # without QC columns (QC not installed): no QC column, no QC line
+    plain = tmp_path / "plain"
+    _tiny_run(plain, subjects[:2])
+    assert "qc_pass" not in build_report(plain).read_text()
+
+
+def test_report_of_many_subjects_stays_light(tmp_path):
+    """Per-subject pages keep the index small: its size grows by a few hundred bytes per subject."""
+    subjects = [f"sub-{i:04d}" for i in range(40)]
+    _tiny_run(tmp_path, subjects)
+    started = time.perf_counter()
+    index = build_report(tmp_path, presets=["a2b1"])
+    seconds = time.perf_counter() - started
+    assert len(_page(index).rows) == 40 and seconds < 60
+    per_row = index.stat().st_size / 40
+    assert per_row < 1500, per_row
+    assert all(report_page(tmp_path, s).stat().st_size < 20_000 for s in subjects)
+
+
+def _chromium() -> str | None:
+    return os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_report_in_a_headless_browser(report_run, tmp_path):
+    """Opened from disk in Debian's Chromium (headless, through Playwright's Python package; no browser download):
+    every image loads, no console error, one table row per subject; screenshots saved under tmp_path."""
+    browser_path = _chromium()
+    if browser_path is None:
+        pytest.skip("Chromium is not installed and could not be installed (bash run.sh test installs the Debian "
+                    "package 'chromium' where apt-get is allowed): the browser test of the run report is skipped")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (requirements-dev.txt) is not installed")
+    out, test_items, _, _ = report_run
+    pages = [report_index(out)] + [report_page(out, s) for s in sorted(
+        r["subject"] for r in csv.DictReader((out / "predictions.csv").open()))]
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            problems = []
+            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
+            for n, path in enumerate(pages):
+                page.goto(path.as_uri())
+                page.wait_for_load_state("load")
+                broken = page.evaluate("[...document.images].filter(i => !(i.complete && i.naturalWidth > 0))"
+                                       ".map(i => i.src)")
+                assert not broken, f"{path}: images that do not load: {broken}"
+                if n == 0:
+                    assert page.locator("table#predictions tbody tr").count() == len(test_items)
+                    page.screenshot(path=str(tmp_path / "report_index.png"), full_page=True)
+                else:
+                    assert page.evaluate("document.images.length") == 1
+                    width = page.evaluate("document.images[0].naturalWidth")
+                    assert width >= 600  # readable at its natural size
+                    if n == 1:
+                        page.screenshot(path=str(tmp_path / "report_subject.png"), full_page=True)
+            assert not problems, problems
+        finally:
+            browser.close()
+    assert (tmp_path / "report_index.png").stat().st_size > 10_000
+    assert (tmp_path / "report_subject.png").stat().st_size > 10_000
