@@ -15,7 +15,7 @@ each a *badness* (larger is worse):
 
 A subject fails a measure when it exceeds the threshold = (the training split's maximum) x (the measure's
 margin), so no training subject fails by construction. Training writes the reference next to the weights
-(``QCReferenceWriter``): ``qc_reference.json`` (statistics, thresholds, margins), ``qc_mean_input.nii.gz``
+(``QCReferenceWriter``): ``qc_reference.json`` (statistics, thresholds, margins), ``qc_mean_image.nii.gz``
 (8 mm) and ``qc_brain_region.nii.gz`` (4 mm); editing the margins or thresholds in the JSON changes the policy without
 retraining. Inference applies it with ``QCHandler`` (policy ``flag``, ``refuse`` or ``off``).
 """
@@ -55,7 +55,7 @@ REDUCTION = 4  # voxels per side of the grid of the brain-region measures (4 mm 
 SIMILARITY_REDUCTION = 8  # and of the similarity (8 mm: anatomy, not subject-specific detail)
 COLUMNS = ["qc_pass", "qc_failed", *(f"qc_{m}" for m in MEASURES)]
 REFERENCE = "qc_reference.json"
-MEAN_IMAGE = "qc_mean_input.nii.gz"
+MEAN_IMAGE = "qc_mean_image.nii.gz"
 REGION = "qc_brain_region.nii.gz"
 
 
