@@ -1,17 +1,26 @@
-"""MONAI Label app for this bundle: ``monailabel start_server --app scripts/label_app --studies <folder of NIfTIs>``.
+"""MONAI Label app for this bundle: ``monailabel start_server --app scripts/label_app --studies <folder of scans>``.
 
-It serves the bundle folder it lives in (two levels up; ``--conf bundle <path>`` serves another copy) with
-two inference tasks: ``classification`` (term / preterm scores as JSON) and ``relevance`` (the LRP relevance map
-as a NIfTI image to overlay on the scan). Nothing is downloaded: weights come from ``<bundle>/models``.
+It serves the bundle folder it lives in (two levels up; ``--conf bundle <path>`` serves another copy) with three
+inference tasks (``tasks.py``):
+
+* ``preterm_evidence`` (segmentation) -- what 3D Slicer's MONAI Label plugin lists under *Auto Segmentation* and
+  runs after *Next Sample*: a labelmap on the scan's grid whose segments show the decision and its evidence;
+* ``classification`` -- term / preterm scores (JSON, and the same JSON as a file);
+* ``relevance`` (others) -- the float32 LRP relevance map on the scan's grid, to load as a volume overlay.
+
+The app's labels (``/info``) are the evidence task's seven static segment names, so the plugin's *Next Sample*
+creates exactly the segments a result fills and its auto-run rule finds the evidence task. Nothing is downloaded:
+weights come from ``<bundle>/models``.
 
 ``--conf`` options:
     bundle            the bundle folder (default: this repository)
     bundle_overrides  JSON object of ``configs/inference.json`` overrides, e.g. ``{"device": "cpu"}``
-    lrp_preset        LRP composite of the relevance task (default ``a2b1``)
-    lrp_target        ``pred`` (predicted class, default), ``0``/``1`` or ``difference``
+    lrp_preset        LRP composite of the relevance and evidence tasks (default ``a2b1``)
+    lrp_target        class the relevance task explains: ``pred`` (predicted, default), ``0``/``1`` or ``difference``
+                      (the evidence task always explains the predicted class)
 
-Errors (an unknown task, an unreadable or unregistered upload) are answered with an HTTP error that says what is
-wrong; the server stays up.
+Errors are answered with an HTTP error that says what is wrong (404 unknown task, 422 bad input or params); an
+upload to the datastore that is not a readable NIfTI/NRRD scan is refused at upload time (422); the server stays up.
 """
 
 from __future__ import annotations
@@ -22,11 +31,43 @@ import os
 import sys
 
 from fastapi import HTTPException
+from monailabel.config import settings
+from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 
 logger = logging.getLogger(__name__)
 DEFAULT_BUNDLE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _bundle_tasks(bundle: str):
+    """The bundle's ``scripts.label_app.tasks`` module (imported with the bundle folder on sys.path)."""
+    sys.path.insert(0, bundle)
+    try:
+        from scripts.label_app import tasks  # noqa: PLC0415 (the bundle is known only at run time)
+    finally:
+        sys.path.remove(bundle)
+    return tasks
+
+
+class CheckedDatastore(LocalDatastore):
+    """MONAI Label's local datastore that refuses, at upload time, a file that is not a readable NIfTI/NRRD scan
+    the network can take (the bundle's input checks), with HTTP 422 and the reason."""
+
+    def __init__(self, *args, check=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._check = check
+
+    def add_image(self, image_id, image_filename, image_info):
+        if self._check is not None:
+            try:
+                self._check(image_filename)
+            except (OSError, ValueError) as err:
+                base = os.path.basename(image_filename)  # a server-side temporary: name the upload instead
+                name = f"{image_id}{base[base.find('.'):] if '.' in base else ''}" if image_id else base
+                raise HTTPException(status_code=422,
+                                    detail=f"upload refused: {str(err).replace(image_filename, name)}") from err
+        return super().add_image(image_id, image_filename, image_info)
 
 
 class PretermLabelApp(MONAILabelApp):
@@ -42,26 +83,37 @@ class PretermLabelApp(MONAILabelApp):
         self.preset = conf.get("lrp_preset", "a2b1")
         target = conf.get("lrp_target", "pred")
         self.target = int(target) if target.isdigit() else target
+        self.tasks = _bundle_tasks(self.bundle)
+        self.spatial = None  # (spatial_shape, pixdim) of the network, known once the tasks are built
         with open(os.path.join(self.bundle, "configs", "metadata.json")) as f:
             metadata = json.load(f)
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="preterm-lrp",
                          description=metadata["name"], version=metadata["version"],
-                         labels={"term": 0, "preterm": 1})
+                         labels=dict(self.tasks.EVIDENCE_LABELS))
 
     def init_infers(self):
-        sys.path.insert(0, self.bundle)
-        try:
-            from scripts.label_app.tasks import PretermClassification, PretermRelevance  # noqa: PLC0415
-        finally:
-            sys.path.remove(self.bundle)
-        return {
-            "classification": PretermClassification(self.bundle, self.conf, self.overrides),
-            "relevance": PretermRelevance(self.bundle, self.conf, self.overrides, preset=self.preset,
-                                          target=self.target),
+        evidence = self.tasks.PretermEvidence(self.bundle, self.conf, self.overrides, preset=self.preset)
+        self.spatial = (evidence.spatial_shape, evidence.pixdim)
+        return {  # the evidence task first: the plugin's selector and auto-run take models in this order
+            "preterm_evidence": evidence,
+            "classification": self.tasks.PretermClassification(self.bundle, self.conf, self.overrides),
+            "relevance": self.tasks.PretermRelevance(self.bundle, self.conf, self.overrides, preset=self.preset,
+                                                     target=self.target),
         }
 
     def init_trainers(self):
         return {}  # training runs through the bundle (python -m monai.bundle run training ...)
+
+    def _check_upload(self, path: str) -> None:
+        spatial_shape, pixdim = self.spatial if self.spatial else (None, None)
+        self.tasks.check_input(path, spatial_shape, pixdim)
+
+    def init_datastore(self):
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return CheckedDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+                                auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                                read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY, check=self._check_upload)
 
     def infer(self, request, datastore=None):
         """MONAI Label's inference, with errors turned into HTTP errors that carry the message."""

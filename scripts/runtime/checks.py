@@ -13,7 +13,7 @@ import numpy as np
 from scripts.runtime.outputs import atomic_write_text, read_volume
 
 __all__ = ["EXPORT_COMMAND", "TRAIN_COMMAND", "check_bool", "check_image", "check_positive_int", "check_shape",
-           "class_weights", "require_file", "validate_items"]
+           "check_volume", "class_weights", "require_file", "validate_items"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,12 @@ def check_image(path: str, spatial_shape=None, pixdim=None) -> None:
     """Raise ValueError/FileNotFoundError naming ``path`` unless it is a readable, finite, non-empty 3D NIfTI
     (and, given the network's ``spatial_shape`` and ``pixdim``, covers about the same field of view)."""
     data, affine = read_volume(path)
+    check_volume(path, data, affine, spatial_shape, pixdim)
+
+
+def check_volume(path: str, data: np.ndarray, affine, spatial_shape=None, pixdim=None) -> None:
+    """The checks of ``check_image`` on a volume already read (e.g. an NRRD read by ITK): finite, non-empty and,
+    given ``spatial_shape`` and ``pixdim``, about the network's field of view. Errors name ``path``."""
     finite = np.isfinite(data)
     if not finite.all():
         bad = int((~finite).sum())

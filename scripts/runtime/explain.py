@@ -25,7 +25,8 @@ from monai.transforms import Invertd
 from scripts.lrp import LRP, Explanation, get_composite
 from scripts.runtime.outputs import input_path, relevance_path, save_nifti
 
-__all__ = ["Explained", "affine_of", "check_presets", "explain", "to_original_grid", "write_explanation"]
+__all__ = ["Explained", "affine_of", "check_presets", "explain", "labels_to_original_grid", "to_original_grid",
+           "write_explanation"]
 
 
 @dataclass
@@ -95,6 +96,15 @@ def to_original_grid(relevance: torch.Tensor, image: MetaTensor, transform, imag
             "relevance": MetaTensor(relevance, affine=image.affine, meta=dict(image.meta),
                                     applied_operations=list(image.applied_operations))}
     return Invertd(keys="relevance", transform=transform, orig_keys=image_key, nearest_interp=False)(data)["relevance"]
+
+
+def labels_to_original_grid(labels: torch.Tensor, image: MetaTensor, transform, image_key: str = "image") -> MetaTensor:
+    """``to_original_grid`` for a (1, *spatial) label map (e.g. level sets of a relevance map): nearest-neighbour
+    resampling, so every voxel of the result holds one of the map's values."""
+    data = {image_key: image,
+            "labels": MetaTensor(labels, affine=image.affine, meta=dict(image.meta),
+                                 applied_operations=list(image.applied_operations))}
+    return Invertd(keys="labels", transform=transform, orig_keys=image_key, nearest_interp=True)(data)["labels"]
 
 
 def write_explanation(output_dir: str | os.PathLike, subject: str, image: MetaTensor, explained: Explained,
