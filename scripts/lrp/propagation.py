@@ -9,7 +9,8 @@ of a composite -- without autograd hooks, without touching the model.
 
 Relevance starts at the target logit, so ``relevance.sum() ~ logit``; biases absorb or add relevance, so the
 conservation ratio (sum of the input map / starting relevance) is returned with every map and is exactly 1 only
-for bias-free networks (up to the stabiliser).
+for bias-free networks or bias-free rules (``<preset>_nobias``; alpha-beta and z+ where no denominator is 0), up
+to the stabiliser.
 """
 
 from __future__ import annotations
