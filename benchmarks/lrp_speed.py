@@ -1,10 +1,13 @@
 """Benchmark: one relevance map of the paper's network at 1x1x128x96x96, measured side by side in one process.
 
-    python benchmarks/lrp_speed.py [--repeats 5] [--device cpu|cuda] [--threads 2]
+    python benchmarks/lrp_speed.py [--repeats 5] [--device cpu|cuda] [--threads 2] [--skip-references] [--quick]
 
 Methods: plain forward, forward+backward (autograd gradient of the target logit), this engine (a1b0, a2b1,
-epsilon_a2b1, and 3 presets from one traced forward), zennit (a2b1, a1b0; BN folded by zennit's canonizer) and
-captum (its LRP, alpha1beta0 rules set by hand; it has no defaults for Conv3d/AvgPool3d/BatchNorm3d).
+epsilon_a2b1, and 3 presets from one traced forward), one map of each zennit-named preset (epsilon_plus,
+epsilon_plus_flat, epsilon_gamma_box, their bias-free ``_nobias`` variants; a1b0 and a2b1 for comparison) computed
+from an existing trace (``trace = LRP(net).trace(x)`` made untimed before each run, then ``trace.relevance(preset)``
+timed; its memory is above the trace's), zennit (a2b1, a1b0; BN folded by zennit's canonizer) and captum (its LRP,
+alpha1beta0 rules set by hand; it has no defaults for Conv3d/AvgPool3d/BatchNorm3d).
 Prints the median time of ``--repeats`` runs, the ratio to the forward pass and the peak extra memory
 (CPU: peak RSS above the level before the call, via /proc, with glibc's mmap threshold fixed so that freed
 tensors leave the process; CUDA: torch.cuda.max_memory_allocated).
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import platform
 import statistics
@@ -45,12 +49,37 @@ def measure(fn, device, repeats):
     return statistics.median(times), max(peaks)
 
 
+FROM_TRACE = ("a1b0", "a2b1", "epsilon_plus", "epsilon_plus_flat", "epsilon_gamma_box", "epsilon_plus_nobias",
+              "epsilon_plus_flat_nobias", "epsilon_gamma_box_nobias")
+FROM_TRACE_LABEL = "this engine {} from an existing trace"
+
+
+def measure_prepared(prepare, fn, device, repeats, baseline):
+    """As :func:`measure`, for ``fn(prepare())`` where only ``fn`` is timed (``prepare`` runs before each call).
+    Also returns the median over the runs of ``fn``'s time / the time of ``baseline()`` run just before it, which
+    follows load changes on a shared machine better than a ratio of two medians taken minutes apart."""
+    fn(prepare())  # warm-up
+    times, peaks, ratios = [], [], []
+    for _ in range(repeats):
+        arg = prepare()
+        base, base_seconds, _ = measure_call(baseline, device)
+        del base
+        out, seconds, peak = measure_call(functools.partial(fn, arg), device)
+        times.append(seconds)
+        peaks.append(peak)
+        ratios.append(seconds / base_seconds)
+        del out, arg
+    return statistics.median(times), max(peaks), statistics.median(ratios)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-references", action="store_true", help="only this engine and the baselines")
+    parser.add_argument("--quick", action="store_true",
+                        help="only the baselines and the maps from an existing trace; memory measured in this process")
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_only:
@@ -77,16 +106,24 @@ def main(argv=None):
     lrp = LRP(net)
     rows.append(("forward", *measure(forward, device, args.repeats)))
     rows.append(("forward+backward (gradient)", *measure(forward_backward, device, args.repeats)))
-    for preset in ("a1b0", "a2b1", "epsilon_a2b1"):
-        rows.append((f"this engine {preset}", *measure(lambda p=preset: lrp(x, p, target), device, args.repeats)))
-
     def three_presets():
         trace = lrp.trace(x)
         return [trace.relevance(p, target).relevance for p in ("a1b0", "a2b1", "a3b2")]
 
-    rows.append(("this engine a1b0+a2b1+a3b2, one forward", *measure(three_presets, device, args.repeats)))
+    if not args.quick:
+        for preset in ("a1b0", "a2b1", "epsilon_a2b1"):
+            rows.append((f"this engine {preset}", *measure(lambda p=preset: lrp(x, p, target), device, args.repeats)))
+        rows.append(("this engine a1b0+a2b1+a3b2, one forward", *measure(three_presets, device, args.repeats)))
+    paired = {}  # from-trace rows: median of (time / a forward pass timed just before)
+    def one_map(trace, preset):
+        return trace.relevance(preset, target).relevance
 
-    if not args.skip_references:
+    for preset in FROM_TRACE:
+        timed = functools.partial(one_map, preset=preset)
+        seconds, peak, paired[preset] = measure_prepared(lambda: lrp.trace(x), timed, device, args.repeats, forward)
+        rows.append((FROM_TRACE_LABEL.format(preset), seconds, peak))
+
+    if not (args.skip_references or args.quick):
         from zennit_oracle import import_zennit
 
         if import_zennit() is not None:
@@ -121,24 +158,27 @@ def main(argv=None):
                 elif isinstance(m, (nn.Flatten, nn.Identity)):
                     m.rule = IdentityRule()
             cap = CaptumLRP(cap_net)
-            rows.append(("captum a1b0 (BN folded by hand)", *measure(lambda: cap.attribute(x, target=target), device, args.repeats)))
+            rows.append(("captum a1b0 (BN folded by hand)",
+                         *measure(lambda: cap.attribute(x, target=target), device, args.repeats)))
         except Exception as err:  # captum missing or failing: say so, keep the other numbers
             print(f"captum skipped: {type(err).__name__}: {err}", file=sys.stderr)
 
     if args.memory_only:
         print(json.dumps({label: mem for label, _, mem in rows}))
         return
-    if device.type == "cpu":
+    if device.type == "cpu" and not args.quick:
         # peak memory from a second process where glibc returns freed tensors to the OS at once (fixed mmap
         # threshold); timings stay from this process, whose allocator is left as users have it
-        child = subprocess.run([sys.executable, __file__, "--memory-only", "--repeats", "2", *(["--threads", str(args.threads)] if args.threads else []),
+        child = subprocess.run([sys.executable, __file__, "--memory-only", "--repeats", "2",
+                                *(["--threads", str(args.threads)] if args.threads else []),
                                 *(["--skip-references"] if args.skip_references else [])],
                                capture_output=True, text=True, check=True)
         peaks = json.loads(child.stdout.strip().splitlines()[-1])
         rows = [(label, t, peaks.get(label, mem)) for label, t, mem in rows]
     fwd = rows[0][1]
     fb_mem = rows[1][2]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads")
     print(f"\nLRP benchmark: PretermCNN (8,16,32,64,64), input 1x1x128x96x96, {device.type} ({name}), "
           f"torch {torch.__version__}, median of {args.repeats}\n")
     print("| method | time (s) | x forward | peak extra memory (MB) | x forward+backward memory |")
@@ -146,6 +186,9 @@ def main(argv=None):
     for label, t, mem in rows:
         print(f"| {label} | {t:.3f} | {t / fwd:.2f} | {mem / 2**20:.0f} | {mem / max(fb_mem, 1):.2f} |")
     by = {label: t for label, t, _ in rows}
+    ratios = ", ".join(f"{p} {paired[p]:.2f}" for p in FROM_TRACE)
+    print(f"\none map from an existing trace, x a forward pass timed just before each run (median of "
+          f"{args.repeats}; goal for the zennit-named presets: <= 2): {ratios}")
     if "zennit a2b1" in by:
         print(f"\nzennit a2b1 / this engine a2b1: {by['zennit a2b1'] / by['this engine a2b1']:.2f}x")
     if "captum a1b0 (BN folded by hand)" in by:

@@ -3,6 +3,23 @@
 Selectors (checked in order, the first match wins): ``"first"`` / ``"last"`` (the first / last conv or
 linear layer in execution order), an ``int`` (index among the conv/linear layers), ``"conv"``, ``"linear"``,
 ``"*"`` (any).
+
+Preset names (:func:`get_composite`):
+
+- ``a<alpha>b<beta>`` (any alpha - beta = 1, e.g. ``a1b0``, ``a2b1``, ``a3b2``): one alpha-beta rule everywhere;
+  ``zplus`` (= ``a1b0``), ``epsilon``.
+- zennit's named composites (same rules and parameters as zennit 0.5.1's ``zennit.composites`` classes):
+  ``epsilon_a2b1`` (EpsilonAlpha2Beta1), ``flat_a2b1`` (EpsilonAlpha2Beta1Flat), ``epsilon_plus``
+  (EpsilonPlus: z+ on convolutions, epsilon 1e-6 on dense layers), ``epsilon_plus_flat`` (EpsilonPlusFlat: flat
+  on the first layer, then as epsilon_plus), ``epsilon_gamma_box`` (EpsilonGammaBox: z^B on the first layer with
+  ``low``/``high`` = each input volume's own minimum/maximum, gamma 0.25 on the other convolutions, epsilon 1e-6 on
+  dense layers; all stabilisers 1e-6).
+- other first-layer variants for standardised input: ``zbox_a2b1``, ``wsquare_a2b1``.
+- ``<preset>_nobias`` (e.g. ``a2b1_nobias``, ``epsilon_gamma_box_nobias``): the same composite with every rule
+  bias-free (``zero_bias=True``; zennit: the composite built with ``zero_params='bias'``).
+
+"first" is the first conv/linear layer; zennit's EpsilonGammaBox takes the first *convolution*, which is the same
+layer for every network that starts with one (this bundle's CNN does).
 """
 
 from __future__ import annotations
@@ -11,9 +28,11 @@ import re
 from collections.abc import Sequence
 
 from scripts.lrp.layers import LinearOp
-from scripts.lrp.rules import AlphaBeta, Epsilon, Flat, Rule, WSquare, ZBox, ZPlus
+from scripts.lrp.rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, ZBox, ZPlus
 
-__all__ = ["Composite", "PRESETS", "get_composite", "preset_name"]
+__all__ = ["NOBIAS_SUFFIX", "PRESETS", "Composite", "get_composite", "preset_name"]
+
+NOBIAS_SUFFIX = "_nobias"
 
 
 class Composite:
@@ -41,6 +60,11 @@ class Composite:
                 return rule
         raise ValueError(f"composite {self.name}: no rule for layer {op.name} ({type(op.module).__name__})")
 
+    def without_bias(self) -> Composite:
+        """The same composite with every rule bias-free (:meth:`Rule.without_bias`), named ``<name>_nobias``."""
+        rules = [(selector, rule.without_bias()) for selector, rule in self.rules]
+        return Composite(rules, self.name + NOBIAS_SUFFIX)
+
     def __repr__(self) -> str:
         return f"Composite({self.name!r}, {self.rules!r})"
 
@@ -65,6 +89,12 @@ PRESETS = {
         [("first", WSquare()), ("conv", AlphaBeta(2, 1)), ("linear", Epsilon(1e-6))], "wsquare_a2b1"),
     "flat_a2b1": lambda: Composite(
         [("first", Flat()), ("conv", AlphaBeta(2, 1)), ("linear", Epsilon(1e-6))], "flat_a2b1"),
+    # zennit's EpsilonPlus, EpsilonPlusFlat, EpsilonGammaBox (its defaults: epsilon 1e-6, gamma 0.25, stabiliser 1e-6)
+    "epsilon_plus": lambda: Composite([("conv", ZPlus()), ("linear", Epsilon(1e-6))], "epsilon_plus"),
+    "epsilon_plus_flat": lambda: Composite(
+        [("first", Flat()), ("conv", ZPlus()), ("linear", Epsilon(1e-6))], "epsilon_plus_flat"),
+    "epsilon_gamma_box": lambda: Composite(
+        [("first", ZBox("auto", "auto")), ("conv", Gamma(0.25)), ("linear", Epsilon(1e-6))], "epsilon_gamma_box"),
 }
 
 _AB = re.compile(r"^a(\d+(?:\.\d+)?)b(\d+(?:\.\d+)?)$")
@@ -76,7 +106,8 @@ def preset_name(alpha: float, beta: float) -> str:
 
 
 def get_composite(spec) -> Composite:
-    """A Composite from a preset name (any ``a<alpha>b<beta>`` works), an ``(alpha, beta)`` pair, or a Composite."""
+    """A Composite from a preset name (any ``a<alpha>b<beta>`` works; ``<name>_nobias`` for the bias-free variant),
+    an ``(alpha, beta)`` pair, or a Composite."""
     if isinstance(spec, Composite):
         return spec
     if isinstance(spec, (tuple, list)) and len(spec) == 2:
@@ -87,4 +118,9 @@ def get_composite(spec) -> Composite:
         match = _AB.match(spec)
         if match:
             return _alpha_beta(float(match.group(1)), float(match.group(2)), spec)
-    raise ValueError(f"unknown LRP composite {spec!r}; presets: {sorted(PRESETS)} or 'a<alpha>b<beta>'")
+        if spec.endswith(NOBIAS_SUFFIX) and len(spec) > len(NOBIAS_SUFFIX):
+            base = spec[: -len(NOBIAS_SUFFIX)]
+            if base in PRESETS or _AB.match(base):
+                return get_composite(base).without_bias()
+    raise ValueError(f"unknown LRP composite {spec!r}; presets: {sorted(PRESETS)}, 'a<alpha>b<beta>', "
+                     f"each also as '<preset>{NOBIAS_SUFFIX}'")

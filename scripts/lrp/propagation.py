@@ -9,7 +9,8 @@ of a composite -- without autograd hooks, without touching the model.
 
 Relevance starts at the target logit, so ``relevance.sum() ~ logit``; biases absorb or add relevance, so the
 conservation ratio (sum of the input map / starting relevance) is returned with every map and is exactly 1 only
-for bias-free networks (up to the stabiliser).
+for bias-free networks or bias-free rules (``<preset>_nobias``; alpha-beta and z+ where no denominator is 0), up
+to the stabiliser.
 """
 
 from __future__ import annotations
@@ -221,7 +222,8 @@ class Trace:
             diff_op = LinearOp(op.module, op.name, (op.weight[pos] - op.weight[neg]).unsqueeze(0), bias)
             steps = steps[:last] + [_Step("linear", op.name, op.module, x=steps[last].x, op=diff_op)] + steps[last + 1:]
             start = logits[:, pos] - logits[:, neg]
-            return start.unsqueeze(1).clone(), torch.full((batch,), -1, dtype=torch.long, device=logits.device), start, steps, True
+            none = torch.full((batch,), -1, dtype=torch.long, device=logits.device)
+            return start.unsqueeze(1).clone(), none, start, steps, True
         if target is None or target == "pred":
             classes = logits.argmax(dim=1)
         elif isinstance(target, torch.Tensor):
@@ -229,7 +231,8 @@ class Trace:
         elif isinstance(target, int) and not isinstance(target, bool):
             classes = torch.full((batch,), int(target), dtype=torch.long, device=logits.device)
         else:
-            raise ValueError(f"target must be 'pred', a class index, 'difference' or a (class, class) pair, got {target!r}")
+            raise ValueError("target must be 'pred', a class index, 'difference' or a (class, class) pair, "
+                             f"got {target!r}")
         if ((classes < 0) | (classes >= logits.shape[1])).any():
             raise ValueError(f"target class out of range for {logits.shape[1]} outputs: {classes.tolist()}")
         start = logits.gather(1, classes[:, None]).squeeze(1)
@@ -285,7 +288,8 @@ class Trace:
         backward = _AVGPOOL_BACKWARD.get(type(module))
         if normalise and backward is not None and step.out is not None:
             s = relevance / stabilize(step.out, _POOL_STABILIZER)
-            grad = backward(s, step.x, _tuple(module.kernel_size, step.x), _tuple(module.stride or module.kernel_size, step.x),
+            grad = backward(s, step.x, _tuple(module.kernel_size, step.x),
+                            _tuple(module.stride or module.kernel_size, step.x),
                             _tuple(module.padding, step.x), module.ceil_mode, module.count_include_pad,
                             module.divisor_override)
             return grad.mul_(step.x)
