@@ -47,7 +47,7 @@ __all__ = ["COLUMNS", "MARGINS", "MEASURES", "POLICIES", "QCHandler", "QCReferen
 logger = logging.getLogger(__name__)
 MEASURES = ("similarity", "outside_brain", "missing_brain", "intensity", "feature_distance")
 # threshold = training maximum x margin; documented in docs/README.md (input quality control)
-MARGINS = {"similarity": 1.25, "outside_brain": 2.0, "missing_brain": 2.0, "intensity": 1.5,
+MARGINS = {"similarity": 1.2, "outside_brain": 2.0, "missing_brain": 2.0, "intensity": 1.5,
            "feature_distance": 1.5}
 POLICIES = ("flag", "refuse", "off")
 SHRINKAGE = 0.1  # share of the mean variance added to the feature covariance's diagonal
