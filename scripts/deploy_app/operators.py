@@ -23,10 +23,9 @@ from monai.bundle import ConfigParser
 from monai.deploy.core import ConditionType, Fragment, Operator, OperatorSpec
 from monai.transforms import Compose, LoadImage, LoadImaged
 
-from scripts.lrp import get_composite
 from scripts.runtime.checks import check_image
 from scripts.runtime.datalist import folder_items
-from scripts.runtime.explain import explain, write_explanation
+from scripts.runtime.explain import check_presets, explain, write_explanation
 from scripts.runtime.network import from_torchscript
 from scripts.runtime.outputs import atomic_write_text, output_path, subject_name
 from scripts.runtime.qc import QCReference, evaluate_input
@@ -71,7 +70,7 @@ class PretermInference(Operator):
 
     def __init__(self, fragment: Fragment, *args, model_path: Path, preset: str = "a2b1", target: str | int = "pred",
                  device: str | None = None, **kwargs) -> None:
-        get_composite(preset)  # a bad preset name fails before anything runs
+        check_presets([preset])  # a bad preset name fails before anything runs
         self.model_path = Path(model_path)
         self.preset = preset
         self.target = target

@@ -3,14 +3,12 @@ and inference may skip bad cases and list them in a report instead of stopping."
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 
 import numpy as np
 
-from scripts.runtime.outputs import atomic_write_text, read_volume
+from scripts.runtime.outputs import SKIPPED_COLUMNS, read_volume, write_csv
 
 __all__ = ["EXPORT_COMMAND", "TRAIN_COMMAND", "check_bool", "check_image", "check_positive_int", "check_shape",
            "check_volume", "class_weights", "require_file", "validate_items"]
@@ -70,15 +68,11 @@ def validate_items(items: list[dict], skip_bad: bool = False, report: str | None
             if not skip_bad:
                 raise
             logger.error("skipping %s: %s", item.get("subject", item.get("image")), err)
-            bad.append((item.get("subject", ""), item.get("image", ""), str(err)))
+            bad.append({"subject": item.get("subject", ""), "image": item.get("image", ""), "reason": str(err)})
             continue
         good.append(item)
     if report is not None and (bad or skip_bad):
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["subject", "image", "reason"])
-        writer.writerows(bad)
-        atomic_write_text(buf.getvalue(), report)
+        write_csv(bad, report, SKIPPED_COLUMNS)
     if items and not good:
         raise ValueError(f"no usable input: all {len(items)} items failed their checks"
                          + (f" (see {report})" if report else ""))

@@ -105,11 +105,12 @@ class LRPHandler:
             self.table.load(keep=lambda row: row["run_key"] == self.run_key)
 
     def __call__(self, engine: Engine) -> None:
-        kept = [(item, out) for item, out in zip(_items(engine.state.batch), _items(engine.state.output))
-                if not (_qc(engine, source_file(item, self.image_key)[0]) or {}).get("refused")]
+        kept = [(source_file(item, self.image_key)[0], item, out)
+                for item, out in zip(_items(engine.state.batch), _items(engine.state.output))]
+        kept = [k for k in kept if not (_qc(engine, k[0]) or {}).get("refused")]
         if not kept:
             return
-        items, outputs = [k[0] for k in kept], [k[1] for k in kept]
+        subjects, items, outputs = [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
         images = torch.stack([torch.as_tensor(item[self.image_key]) for item in items])
         probabilities = None
         if all(isinstance(o, dict) and self.pred_key in o for o in outputs):
@@ -117,8 +118,7 @@ class LRPHandler:
                                          for o in outputs])
         explained = explain(self.network if self.network is not None else engine.network, images, self.presets,
                             self.target, probabilities)
-        for i, item in enumerate(items):
-            subject = source_file(item, self.image_key)[0]
+        for i, (subject, item) in enumerate(zip(subjects, items)):
             write_explanation(self.output_dir, subject, item[self.image_key], explained, i, self.save_input,
                               self.transform)
             for preset in self.presets:

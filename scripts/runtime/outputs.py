@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "NIFTI_SUFFIXES", "CrashSafeTable", "atomic_target_for", "atomic_write_text", "expected_outputs", "input_path",
+    "NIFTI_SUFFIXES", "SKIPPED_COLUMNS", "CrashSafeTable", "atomic_target_for", "atomic_write_text", "expected_outputs",
+    "input_path",
     "output_path", "pending_subjects", "read_rows", "read_volume", "relevance_path", "remove_stale_temporaries",
     "report_image", "report_index", "report_page", "run_key", "save_nifti", "scores_and_labels", "source_file",
     "subject_name", "write_csv",
@@ -44,6 +45,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+SKIPPED_COLUMNS = ["subject", "image", "reason"]  # skipped.csv: input checks and input QC
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import Dataset
 
-from scripts.runtime.outputs import CrashSafeTable, atomic_write_text, save_nifti, source_file
+from scripts.runtime.outputs import SKIPPED_COLUMNS, CrashSafeTable, atomic_write_text, save_nifti, source_file
 
 __all__ = ["COLUMNS", "MARGINS", "MEASURES", "POLICIES", "QCHandler", "QCReference", "QCReferenceWriter",
            "build_reference", "check_policy", "evaluate_input", "network_features", "qc_row"]
@@ -126,13 +126,9 @@ class QCReference:
     precision: np.ndarray  # (F, F)
     training_max: dict
     margins: dict = field(default_factory=lambda: dict(MARGINS))
-    thresholds: dict = field(default_factory=dict)
+    thresholds: dict = field(default_factory=dict)  # training_max x margins, unless edited in the JSON
     fingerprint: str = ""
     subjects: int = 0
-
-    def __post_init__(self):
-        if not self.thresholds:
-            self.thresholds = {m: float(self.training_max[m]) * float(self.margins[m]) for m in MEASURES}
 
     def measure(self, volume: np.ndarray, features: np.ndarray) -> dict:
         """Every measure of one (D, H, W) network input and its (F,) features."""
@@ -225,6 +221,7 @@ def build_reference(network: torch.nn.Module, inputs: Sequence, labels: Sequence
     occupancy = np.stack([reduce((v != 0).astype(np.float32)) for v in volumes]).mean(0)
     stats = np.stack([intensity_stats(v) for v in volumes])
     affine = np.asarray(getattr(inputs[0], "affine", np.eye(4)), dtype=float)
+    weights = fingerprint(network)
 
     def fit(keep: np.ndarray) -> QCReference:
         classes = sorted(set(labels[keep].tolist()))
@@ -234,8 +231,7 @@ def build_reference(network: torch.nn.Module, inputs: Sequence, labels: Sequence
         shrink = SHRINKAGE * float(np.trace(cov)) / len(cov) + 1e-8  # a well-conditioned covariance estimate
         return QCReference(reduced[keep].mean(0), occupancy > 0.5, affine, stats[keep].mean(0),
                            stats[keep].std(0) + 1e-6, class_means, np.linalg.inv(cov + shrink * np.eye(len(cov))),
-                           training_max=dict.fromkeys(MEASURES, 0.0), margins=dict(margins or MARGINS),
-                           thresholds=dict.fromkeys(MEASURES, 0.0), fingerprint=fingerprint(network),
+                           training_max={}, margins=dict(margins or MARGINS), fingerprint=weights,
                            subjects=int(keep.sum()))
 
     everyone = np.ones(len(volumes), dtype=bool)
@@ -304,7 +300,7 @@ class QCHandler:
                            self.reference_dir / REFERENCE)
         self.image_key = image_key
         self.network = network
-        self.skipped = (CrashSafeTable(Path(output_dir) / "skipped.csv", ["subject", "image", "reason"], ("subject",))
+        self.skipped = (CrashSafeTable(Path(output_dir) / "skipped.csv", SKIPPED_COLUMNS, ("subject",))
                         if output_dir else None)
         self._features: torch.Tensor | None = None
         self._hook = None
