@@ -6,6 +6,8 @@
 #                         their own environments (nox sessions label and deploy, see noxfile.py); installs Debian's
 #                         chromium where missing (the run report's browser test; it skips where that is impossible)
 #   bash run.sh setup   - only the environment
+#   bash run.sh freeze  - rewrites constraints.txt from .venv (after a deliberate upgrade)
+# The main environment is installed with constraints.txt: the exact versions the tests ran with.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -15,7 +17,7 @@ setup() {
     if [ ! -x "$VENV/bin/python" ]; then
         "$PY" -m venv "$VENV"
     fi
-    local pip="$VENV/bin/python -m pip install --disable-pip-version-check -q"
+    local pip="$VENV/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt"
     # the CPU wheel of torch 2.13.0 first, so that nothing below pulls another torch build
     $pip "torch==2.13.0"
     $pip -r requirements.txt
@@ -61,10 +63,15 @@ case "${1:-}" in
         setup dev
         ensure_chromium
         shift || true
-        "$VENV/bin/ruff" check .   # lint (ruff.toml): part of the test command
+        # lint: the model zoo's pre-commit hooks and ruff, offline (.pre-commit-config.yaml); a hook that fixes a file
+        # fails the run
+        PATH="$PWD/$VENV/bin:$PATH" "$VENV/bin/pre-commit" run --all-files --show-diff-on-failure
         "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests "$@"
         "$VENV/bin/nox" -s label deploy ;;
+    freeze)
+        { sed -n '/^# ---/q;p' constraints.txt; echo "# ---"; "$VENV/bin/python" -m pip freeze | sed 's/+cpu$//'; } \
+            > constraints.txt.new && mv constraints.txt.new constraints.txt ;;
     *)
-        echo "usage: bash run.sh {train|test|setup}" >&2
+        echo "usage: bash run.sh {train|test|setup|freeze}" >&2
         exit 2 ;;
 esac

@@ -32,6 +32,9 @@ TINY = tiny_args()
 # the MONAI Label and Deploy apps have their own environments (nox sessions label / deploy, see noxfile.py)
 collect_ignore = [name for name, module in (("label", "monailabel"), ("deploy", "monai.deploy"))
                   if importlib.util.find_spec(module) is None]
+# the MONAI model zoo's CI scripts and this bundle's zoo-style unittest: run as the zoo runs them, in subprocesses
+# started outside the bundle (tests/test_model_zoo.py), never collected in this process
+collect_ignore.append("model_zoo")
 
 
 @pytest.fixture(scope="session")
