@@ -4,6 +4,11 @@ Every (setting, fold) run is the real ``training`` workflow of ``configs/train.j
 ``fold=k`` and the setting's values as config overrides. Its validation metrics after the last epoch go to
 ``<work_dir>/<setting>/fold<k>/result.json`` (written atomically once the run has finished), so a rerun skips
 finished folds and redoes only the one a crash interrupted.
+
+Sharding: the runs are enumerated in one fixed order (``cv_runs``: grid order of the settings, then ascending
+folds) and the i-th run (0-based) belongs to shard ``i % n + 1`` of ``n`` (``shard_runs``; shards are numbered
+1..n, like a SLURM array ``--array=1-n``). Shards share the work dir: each trains its own runs, and any of them
+(or a plain rerun) sees every finished run through its ``result.json``.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from tqdm import tqdm
 from scripts import BUNDLE_ROOT
 from scripts.runtime.outputs import atomic_write_text
 
-__all__ = ["METRICS", "expand_grid", "run_bundle_workflow", "run_cv", "same_run", "select_best", "setting_label",
-           "summarise_cv"]
+__all__ = ["METRICS", "collect_cv", "cv_runs", "expand_grid", "parse_shard", "run_bundle_workflow", "run_cv",
+           "run_label", "same_run", "select_best", "setting_label", "shard_runs", "summarise_cv"]
 
 logger = logging.getLogger(__name__)
 ROOT = BUNDLE_ROOT
@@ -79,21 +84,67 @@ def _train_fold(overrides: dict) -> dict:
             "best_epoch": int(evaluator.state.best_metric_epoch)}
 
 
+def cv_runs(settings: list[dict], folds: Sequence[int]) -> list[tuple[dict, int]]:
+    """Every (setting, fold) run in the fixed order that sharding and the tables use."""
+    return [(setting, int(fold)) for setting in settings for fold in folds]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"k/n"`` -> (k, n) with 1 <= k <= n."""
+    try:
+        k, n = (int(part) for part in str(text).split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must be k/n with integers 1 <= k <= n (e.g. 1/4), got {text!r}") from None
+    if not 1 <= k <= n:
+        raise ValueError(f"--shard must be k/n with integers 1 <= k <= n (e.g. 1/4), got {text!r}")
+    return k, n
+
+
+def shard_runs(runs: Sequence, shard: int, shards: int) -> list:
+    """The runs of shard ``shard`` (1-based) of ``shards``: the i-th run (0-based) goes to shard ``i % shards + 1``."""
+    if not 1 <= shard <= shards:
+        raise ValueError(f"shard {shard} of {shards}: shards are numbered 1..{shards}")
+    return [run for i, run in enumerate(runs) if i % shards == shard - 1]
+
+
+def run_label(setting: dict, fold: int) -> str:
+    return f"{setting_label(setting)} fold {fold}"
+
+
+def _run_dir_and_overrides(setting: dict, fold: int, common: dict, work_dir: Path) -> tuple[Path, dict]:
+    run_dir = Path(work_dir) / setting_label(setting) / f"fold{fold}"
+    return run_dir, {**common, **setting, "fold": int(fold), "ckpt_dir": str(run_dir / "models"),
+                     "output_dir": str(run_dir)}
+
+
+def _finished(setting: dict, fold: int, common: dict, work_dir: Path) -> dict | None:
+    """The result of a run finished with these overrides, else None."""
+    run_dir, overrides = _run_dir_and_overrides(setting, fold, common, work_dir)
+    result_file = run_dir / "result.json"
+    result = json.loads(result_file.read_text()) if result_file.is_file() else None
+    return result if result is not None and same_run(result.get("overrides"), overrides) else None
+
+
+def _row(setting: dict, fold: int, result: dict) -> dict:
+    return {"setting": setting_label(setting), "fold": int(fold), "seconds": result["seconds"],
+            **{m: result["metrics"][m] for m in METRICS}, "best_val_auc": result["best_val_auc"],
+            "best_epoch": result["best_epoch"]}
+
+
 def run_cv(settings: list[dict], folds: Sequence[int], common: dict, work_dir: Path,
-           train_fold: Callable[[dict], dict] = _train_fold) -> list[dict]:
-    """Train every setting on every fold (skipping finished ones) and return one row per (setting, fold)."""
+           train_fold: Callable[[dict], dict] = _train_fold, runs: Sequence[tuple[dict, int]] | None = None,
+           desc: str = "cross-validation") -> list[dict]:
+    """Train every setting on every fold (or only ``runs``, e.g. one shard's), skipping finished ones, and return
+    one row per run."""
 
     rows = []
-    jobs = [(s, f) for s in settings for f in folds]
-    bar = tqdm(jobs, desc="cross-validation", unit="run")
+    bar = tqdm(cv_runs(settings, folds) if runs is None else list(runs), desc=desc, unit="run")
     for setting, fold in bar:
-        run_dir = work_dir / setting_label(setting) / f"fold{fold}"
-        overrides = {**common, **setting, "fold": int(fold), "ckpt_dir": str(run_dir / "models"),
-                     "output_dir": str(run_dir)}
+        run_dir, overrides = _run_dir_and_overrides(setting, fold, common, work_dir)
         result_file = run_dir / "result.json"
-        result = json.loads(result_file.read_text()) if result_file.is_file() else None
-        if result is None or not same_run(result.get("overrides"), overrides):
-            bar.set_postfix_str(f"{setting_label(setting)} fold {fold}")
+        result = _finished(setting, fold, common, work_dir)
+        if result is None:
+            bar.set_postfix_str(run_label(setting, fold))
             start = time.perf_counter()
             result = {"setting": setting, "fold": int(fold), "overrides": overrides, **train_fold(overrides),
                       "seconds": round(time.perf_counter() - start, 1)}
@@ -102,10 +153,21 @@ def run_cv(settings: list[dict], folds: Sequence[int], common: dict, work_dir: P
             logger.info("fold %d of %s already finished (%s): skipped", fold, setting_label(setting), result_file)
         logger.info("%s fold %d: %s", setting_label(setting), fold,
                     ", ".join(f"{m}={result['metrics'][m]:.3f}" for m in METRICS))
-        rows.append({"setting": setting_label(setting), "fold": int(fold), "seconds": result["seconds"],
-                     **{m: result["metrics"][m] for m in METRICS}, "best_val_auc": result["best_val_auc"],
-                     "best_epoch": result["best_epoch"]})
+        rows.append(_row(setting, fold, result))
     return rows
+
+
+def collect_cv(settings: list[dict], folds: Sequence[int], common: dict,
+               work_dir: Path) -> tuple[list[dict], list[str]]:
+    """(rows of the finished runs, labels of the missing ones), both in ``cv_runs`` order; trains nothing."""
+    rows, missing = [], []
+    for setting, fold in cv_runs(settings, folds):
+        result = _finished(setting, fold, common, work_dir)
+        if result is None:
+            missing.append(run_label(setting, fold))
+        else:
+            rows.append(_row(setting, fold, result))
+    return rows, missing
 
 
 def summarise_cv(rows: list[dict], settings: list[dict]) -> list[dict]:

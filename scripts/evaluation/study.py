@@ -11,6 +11,17 @@ linked to its page of the test inference's run report).
 Every stage is one of the bundle's own workflows (``configs/train.json``, ``train_full.json``,
 ``inference.json``) run in-process with config overrides. Finished cross-validation folds and the final
 model are kept under ``--work_dir`` and are not redone on a rerun with the same settings.
+
+Spread over processes, GPUs or machines (all sharing ``--work_dir``)::
+
+    python -m scripts.evaluation.study --jobs 4 ...          # 4 local shard processes (threads / GPU each)
+    python -m scripts.evaluation.study --shard 2/4 ...       # shard 2 of 4 only (e.g. a SLURM array task)
+    python -m scripts.evaluation.study --merge ...           # the final stage only, once every run is done
+
+The i-th (0-based) (setting, fold) run in the fixed order of ``cross_validation.cv_runs`` (grid order of the
+settings, then ascending folds) belongs to shard ``i % n + 1``. The shard that finds every run finished runs the
+final stage (select the setting, train the final model, test inference, reports), claimed with the lock
+``<work_dir>/final.lock`` (exclusive create, holding pid and host); the others leave it to it.
 """
 
 from __future__ import annotations
@@ -24,11 +35,13 @@ import logging
 import logging.config
 import os
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
 from urllib.parse import quote
 
+import torch
 from monai.bundle import ConfigParser
 
 from scripts.data.synthetic_anatomy import DRAWEM9
@@ -40,12 +53,16 @@ from scripts.evaluation.clinical_metrics import (
 )
 from scripts.evaluation.cross_validation import (
     ROOT,
+    collect_cv,
+    cv_runs,
     expand_grid,
+    parse_shard,
     run_bundle_workflow,
     run_cv,
     same_run,
     select_best,
     setting_label,
+    shard_runs,
     summarise_cv,
 )
 from scripts.evaluation.figures import group_figure
@@ -56,6 +73,7 @@ from scripts.runtime.datalist import check_study_datalist, load_split
 from scripts.runtime.errors import report_input_errors
 from scripts.runtime.outputs import (
     atomic_write_text,
+    exclusive_lock,
     input_path,
     relevance_path,
     report_index,
@@ -73,6 +91,9 @@ REDUCED_GRID = {"learning_rate": [1e-3, 3e-4]}
 REDUCED = {"pixdim": [2.0, 2.0, 2.0], "spatial_shape": [64, 48, 48], "channels": [8, 16, 32, 64], "hidden": 32,
            "num_epochs": 8}
 PRESETS = ["a1b0", "a2b1", "a3b2"]
+FINAL_LOCK = "final.lock"  # in --work_dir: held by the process that runs the final stage
+FINAL_DONE = "final/done.json"  # in --work_dir: what the last final stage was run on
+SHARDING_OPTIONS = {"--shard": 1, "--jobs": 1, "--threads": 1, "--merge": 0}  # option -> number of values
 
 
 def _parser(config: str, overrides: dict):
@@ -138,7 +159,8 @@ def group_analysis(rows: list[dict], items: list[dict], maps_dir: Path, presets:
 def _markdown(summary, best, metrics, mis, anatomy, info, timings, args, common) -> str:
     lines = [
         "# Study results", "",
-        f"Command: `{shlex.join(['python', '-m', 'scripts.evaluation.study', *args.argv])}`", "",
+        f"Command: `{shlex.join(['python', '-m', 'scripts.evaluation.study', *_without_sharding(args.argv)])}`"
+        + (" (cross-validation run in shards: --shard, --jobs or --merge)" if _sharded(args) else ""), "",
         f"Datalist: {info['datalist']} — training split term/preterm {info['training']}, "
         f"{len(info['folds'])} folds; test split term/preterm {info['test']}.",
         "Config overrides for every stage: "
@@ -207,9 +229,28 @@ def _html(markdown: str, rows: list[dict], maps_dir: Path, output: Path) -> str:
     return html_page("Study results", "\n".join(body))
 
 
-def run_study(args) -> dict:
-    output, work = Path(args.output).resolve(), Path(args.work_dir).resolve()
-    timings = {}
+def _without_sharding(argv: list[str]) -> list[str]:
+    """The command line without the options that only say how the runs are spread over processes."""
+    out, skip = [], 0
+    for arg in argv:
+        if skip:
+            skip -= 1
+            continue
+        name = arg.split("=", 1)[0]
+        if name in SHARDING_OPTIONS:
+            skip = SHARDING_OPTIONS[name] if "=" not in arg else 0
+            continue
+        out.append(arg)
+    return out
+
+
+def _sharded(args) -> bool:
+    return args.shard is not None or args.merge
+
+
+def prepare(args) -> tuple[dict, dict, list[dict]]:
+    """(config overrides of every stage with absolute data paths, datalist info, grid settings); generates the
+    synthetic cohort when the datalist is missing and checks every image."""
     common = dict(args.override)
     if args.reduced:
         common = {**REDUCED, **common}
@@ -217,7 +258,6 @@ def run_study(args) -> dict:
         common["dataset_dir"] = str(Path(args.dataset_dir).resolve())
     if args.datalist:
         common["datalist"] = str(Path(args.datalist).resolve())
-    start = time.perf_counter()
     parser = _parser("train.json", common)
     datalist = parser.get_parsed_content("datalist_file")
     # absolute paths in every stage's overrides: a rerun with the same data finds its finished folds
@@ -226,15 +266,66 @@ def run_study(args) -> dict:
     info = {"datalist": common["datalist"], **check_study_datalist(common["datalist"])}
     validate_items(load_split(common["datalist"], "all", -1), spatial_shape=parser.get_parsed_content("spatial_shape"),
                    pixdim=parser.get_parsed_content("pixdim"))  # every image, before hours of training
-    timings["datalist (generation when missing)"] = time.perf_counter() - start
     logger.info("datalist %s: training term/preterm %s in folds %s, test term/preterm %s", info["datalist"],
                 info["training"], info["folds"], info["test"])
+    return common, info, expand_grid(args.grid or (REDUCED_GRID if args.reduced else DEFAULT_GRID))
 
-    settings = expand_grid(args.grid or (REDUCED_GRID if args.reduced else DEFAULT_GRID))
+
+def run_study(args) -> dict | None:
+    """The study, or the part of it this invocation owns (``args.shard``, ``args.merge``). Returns the results
+    when this invocation ran the final stage, else None (another shard runs it or will)."""
+    output, work = Path(args.output).resolve(), Path(args.work_dir).resolve()
+    timings = {}
     start = time.perf_counter()
-    cv_rows = run_cv(settings, info["folds"], common, work / "cv")
+    common, info, settings = prepare(args)
+    timings["datalist (generation when missing)"] = time.perf_counter() - start
+
+    runs = cv_runs(settings, info["folds"])
+    start = time.perf_counter()
+    if not args.merge:
+        mine = runs if args.shard is None else shard_runs(runs, *args.shard)
+        if args.shard is not None:
+            logger.info("shard %d/%d: %d of the %d cross-validation runs", *args.shard, len(mine), len(runs))
+        run_cv(settings, info["folds"], common, work / "cv", runs=mine,
+               desc="cross-validation" if args.shard is None else "cross-validation shard {}/{}".format(*args.shard))
     timings["cross-validation (this run)"] = time.perf_counter() - start
+    cv_rows, missing = collect_cv(settings, info["folds"], common, work / "cv")
+    if missing:
+        if args.shard is None:
+            raise ValueError(f"the cross-validation in {work / 'cv'} is incomplete: {len(missing)} of {len(runs)} "
+                             f"runs not finished ({', '.join(missing)}); run the shards that own them (or the study "
+                             "without --merge) first")
+        logger.info("shard %d/%d finished its runs; %d runs of other shards are not finished yet (%s): the last "
+                    "shard to finish runs the final stage", *args.shard, len(missing), ", ".join(missing))
+        return None
     timings["cross-validation (sum of fold runs, incl. earlier runs)"] = float(sum(r["seconds"] for r in cv_rows))
+
+    lock = work / FINAL_LOCK
+    with exclusive_lock(lock) as (claimed, holder):
+        if not claimed:
+            where = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "a process that is starting"
+            if args.shard is not None:
+                logger.info("every run is finished; the final stage is being run by %s (lock %s)", where, lock)
+                return None
+            raise ValueError(f"the final stage of the study in {work} is being run by {where} (lock {lock}); wait "
+                             "for it to end, or delete the lock if that process is gone (a lock of a process on "
+                             "this host that no longer runs is removed automatically)")
+        fingerprint = json.dumps({"cv": cv_rows, "common": common, "presets": list(args.presets),
+                                  "output": str(output)}, sort_keys=True)
+        done = work / FINAL_DONE
+        if args.shard is not None and done.is_file() and json.loads(done.read_text()).get("inputs") == fingerprint:
+            logger.info("every run is finished and the final stage was already run on them (%s)", done)
+            return None
+        logger.info("every cross-validation run is finished: running the final stage (lock %s)", lock)
+        result = final_stage(args, common, info, settings, cv_rows, timings)
+        atomic_write_text(json.dumps({"inputs": fingerprint}), done)
+    return result
+
+
+def final_stage(args, common: dict, info: dict, settings: list[dict], cv_rows: list[dict], timings: dict) -> dict:
+    """Select the setting, train the final model (reused when done), test inference with LRP, group maps and
+    the reports."""
+    output, work = Path(args.output).resolve(), Path(args.work_dir).resolve()
     summary = summarise_cv(cv_rows, settings)
     best = dict(select_best(summary), _keys=list(settings[0]))
     logger.info("best setting: %s", best["setting"])
@@ -277,10 +368,67 @@ def run_study(args) -> dict:
     return {"metrics": metrics, "best": best, "anatomy": anatomy, "summary": summary, "rows": rows}
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _visible_gpus() -> list[str]:
+    """The GPU ids a child process may be given: ``CUDA_VISIBLE_DEVICES`` when set, else every CUDA device."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [v.strip() for v in visible.split(",") if v.strip() and v.strip() != "-1"]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def run_jobs(args) -> int:
+    """``--jobs N``: shards 1..N as local processes, each with ``args.threads`` torch threads and (where GPUs exist)
+    its own ``CUDA_VISIBLE_DEVICES`` (GPUs dealt round-robin); waits for all, reports failures by shard."""
+    n = args.jobs
+    prepare(args)  # the datalist (synthetic cohort generated once) before N processes read it
+    gpus = _visible_gpus()
+    logs = Path(args.work_dir).resolve() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    base = [sys.executable, "-m", "scripts.evaluation.study", *_without_sharding(args.argv)]
+    pythonpath = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    procs = []
+    try:
+        for k in range(1, n + 1):
+            env = dict(os.environ, PYTHONPATH=pythonpath, OMP_NUM_THREADS=str(args.threads),
+                       MKL_NUM_THREADS=str(args.threads))
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = gpus[(k - 1) % len(gpus)]
+            log = logs / f"shard-{k}-of-{n}.log"
+            with open(log, "w") as f:
+                proc = subprocess.Popen([*base, "--shard", f"{k}/{n}", "--threads", str(args.threads)], stdout=f,
+                                        stderr=subprocess.STDOUT, env=env)
+            procs.append((k, proc, log))
+            print(f"shard {k}/{n}: pid {proc.pid}, {args.threads} threads"
+                  + (f", GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus else "") + f", log {log}", flush=True)
+        codes = {k: proc.wait() for k, proc, _ in procs}
+    except BaseException:
+        for _, proc, _ in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for _, proc, _ in procs:
+            proc.wait()
+        raise
+    failed = [(k, log) for k, _, log in procs if codes[k] != 0]
+    for k, log in failed:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
+        print(f"shard {k}/{n} failed with exit status {codes[k]} (log {log}):\n{tail}", file=sys.stderr)
+    if failed:
+        print(f"error: {len(failed)} of {n} shards failed ({', '.join(str(k) for k, _ in failed)}); rerun the "
+              "same command: finished runs are reused", file=sys.stderr)
+        return 1
+    print(f"all {n} shards finished; study written to {Path(args.output).resolve()}")
+    return 0
+
+
 @report_input_errors
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="python -m scripts.evaluation.study", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m scripts.evaluation.study", description=__doc__.split("\n\n")[0],
+                                 allow_abbrev=False)
     ap.add_argument("--dataset_dir", default=None, help="folder holding datalist.json (default: the configs' "
                     "synthetic cohort, generated when missing)")
     ap.add_argument("--datalist", default=None, help="MONAI datalist JSON with labels, folds and a test split")
@@ -294,6 +442,18 @@ def main(argv=None) -> int:
                     help='config overrides for every stage as JSON, e.g. \'{"num_epochs": 20}\'')
     ap.add_argument("--reduced", action="store_true",
                     help=f"2 mm grid, smaller network, grid {json.dumps(REDUCED_GRID)}: {json.dumps(REDUCED)}")
+    spread = ap.add_argument_group("spreading the runs over processes, GPUs or machines (one shared --work_dir)")
+    spread.add_argument("--shard", default=None, metavar="K/N",
+                        help="run only shard K of N (1 <= K <= N): the i-th (setting, fold) run, i = 0, 1, ... in "
+                             "grid then fold order, belongs to shard i %% N + 1; the shard that finds every run "
+                             "finished runs the final stage")
+    spread.add_argument("--merge", action="store_true",
+                        help="only the final stage (setting, final model, test, reports); fails naming the runs "
+                             "still missing")
+    spread.add_argument("--jobs", type=int, default=None, metavar="N",
+                        help="run shards 1..N as N local processes (each its own threads and GPU) and wait for them")
+    spread.add_argument("--threads", type=int, default=None,
+                        help="torch threads of this process (with --jobs: of each shard; default cores // N)")
     args = ap.parse_args(argv)
     args.argv = argv
     logging.config.fileConfig(ROOT / "configs" / "logging.conf", disable_existing_loggers=False)  # as the bundle
@@ -301,7 +461,25 @@ def main(argv=None) -> int:
         ap.error(f"--override must be a JSON object, got {args.override!r}")
     if args.grid is not None:
         expand_grid(args.grid)
+    if args.shard is not None:
+        try:
+            args.shard = parse_shard(args.shard)
+        except ValueError as err:
+            ap.error(str(err))
+    if sum([args.shard is not None, args.jobs is not None, args.merge]) > 1:
+        ap.error("--shard, --jobs and --merge exclude each other")
+    if (args.jobs is not None and args.jobs < 1) or (args.threads is not None and args.threads < 1):
+        ap.error("--jobs and --threads must be positive integers")
+    if args.jobs is not None:
+        args.threads = args.threads or max(1, _cores() // args.jobs)
+        return run_jobs(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     result = run_study(args)
+    if result is None:
+        print("shard {}/{}: its runs are finished; the final stage is another shard's (see the log)".format(
+            *args.shard))
+        return 0
     m = result["metrics"]
     print(f"test: accuracy {m['accuracy']:.3f}, TPR {m['tpr']:.3f}, TNR {m['tnr']:.3f}, "
           f"balanced accuracy {m['balanced_accuracy']:.3f}, AUC {m['auc']:.3f} (n={m['n']})")

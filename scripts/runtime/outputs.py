@@ -14,7 +14,8 @@ function that builds those names; ``relevance_path`` / ``input_path`` name the t
 ``report_*`` functions the files of the run report.
 
 Every file goes through a temporary name in the same folder and an atomic rename, so a killed run never leaves a
-partial file under a final name; temporaries of dead writers are removed by the next run.
+partial file under a final name; temporaries of dead writers are removed by the next run. A stage that exactly one
+of several processes must run (the study's final stage) is claimed with ``exclusive_lock``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import io
 import json
 import logging
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,8 +39,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "NIFTI_SUFFIXES", "SKIPPED_COLUMNS", "CrashSafeTable", "atomic_target_for", "atomic_write_text", "expected_outputs",
-    "input_path",
+    "NIFTI_SUFFIXES", "SKIPPED_COLUMNS", "CrashSafeTable", "atomic_target_for", "atomic_write_text", "claim_lock",
+    "exclusive_lock", "expected_outputs", "input_path", "release_lock",
     "output_path", "pending_subjects", "read_rows", "read_volume", "relevance_path", "remove_stale_temporaries",
     "report_image", "report_index", "report_page", "run_key", "save_nifti", "scores_and_labels", "source_file",
     "subject_name", "write_csv",
@@ -207,6 +210,95 @@ def remove_stale_temporaries(folder: str | os.PathLike, depth: int = 2) -> list[
                 tmp.unlink(missing_ok=True)
                 removed.append(tmp)
     return removed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# an exclusive lock: one process of many runs a stage
+
+
+def _lock_holder(path: Path) -> dict | None:
+    """The lock's content ({"pid", "host", "since"}); {} while it is being written or when damaged; None if gone."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _holder_gone(holder: dict) -> bool:
+    """Only a holder on this host can be checked: its pid no longer runs."""
+    pid = holder.get("pid")
+    return holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid)
+
+
+def _remove_stale_lock(path: Path, holder: dict) -> bool:
+    """Remove the lock of ``holder`` (gone), not one a live process created meanwhile: the lock is first renamed
+    aside (atomic), then deleted only if it still names that holder, else put back."""
+    aside = path.with_name(f"{path.name}.stale.{os.getpid()}")
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return False
+    if _lock_holder(aside) == holder:
+        aside.unlink()
+        return True
+    try:
+        os.link(aside, path)  # a live process's fresh lock: back under its name (fails if another took the name)
+    except FileExistsError:
+        pass
+    aside.unlink()
+    return False
+
+
+def claim_lock(path: str | os.PathLike) -> tuple[bool, dict]:
+    """Create ``path`` exclusively (``O_CREAT | O_EXCL``) holding this process's pid and host. A lock whose holder
+    is gone (same host, pid not alive: a crashed run) is removed first. Returns (claimed, holder): the holder is
+    this process, or the live (or unverifiable: another host) process that holds the lock."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    for _ in range(5):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder is None:
+                continue  # released meanwhile
+            if not _holder_gone(holder):
+                return False, holder
+            if _remove_stale_lock(path, holder):
+                logger.warning("removed the stale lock %s of pid %s on %s (no longer running)", path,
+                               holder.get("pid"), holder.get("host"))
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+            f.flush()
+            os.fsync(f.fileno())
+        return True, me
+    return False, _lock_holder(path) or {}
+
+
+def release_lock(path: str | os.PathLike) -> None:
+    """Remove ``path`` if this process holds it."""
+    path = Path(path)
+    holder = _lock_holder(path)
+    if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike):
+    """``with exclusive_lock(path) as (claimed, holder):`` ``claim_lock``, released on exit when claimed."""
+    claimed, holder = claim_lock(path)
+    try:
+        yield claimed, holder
+    finally:
+        if claimed:
+            release_lock(path)
 
 
 def write_csv(rows: Sequence[dict], path: str | os.PathLike, columns: Sequence[str] | None = None) -> None:
