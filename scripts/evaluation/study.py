@@ -160,7 +160,7 @@ def _markdown(summary, best, metrics, mis, anatomy, info, timings, args, common)
     lines = [
         "# Study results", "",
         f"Command: `{shlex.join(['python', '-m', 'scripts.evaluation.study', *_without_sharding(args.argv)])}`"
-        + (" (cross-validation run in shards: --shard, --jobs or --merge)" if _sharded(args) else ""), "",
+        + (" (cross-validation run in shards)" if _sharded(args) else ""), "",
         f"Datalist: {info['datalist']} — training split term/preterm {info['training']}, "
         f"{len(info['folds'])} folds; test split term/preterm {info['test']}.",
         "Config overrides for every stage: "
