@@ -176,6 +176,17 @@ class Trace:
                 sources[k] = j
         return sources
 
+    def _silent_nonpositive(self, k: int, comp: Composite, position: dict, count: int, steps: list[_Step]) -> bool:
+        """Whether no relevance can reach the outputs of linear step ``k`` where its ReLU gives 0: the layer that
+        takes the ReLU's output computes relevance proportional to its input (average pooling's z-rule, or a rule
+        with ``proportional``)."""
+        j = self._sign_sources.get(k)
+        if j is None:
+            return False
+        if steps[j].kind == "avgpool":
+            return True
+        return steps[j].kind == "linear" and comp.rule_for(position[j], count, steps[j].op).proportional
+
     def _positive(self, k: int) -> torch.Tensor | None:
         """``z > 0`` of linear step ``k`` where a ReLU follows it (see :meth:`_relu_outputs`), else None."""
         if k in self._signs:
@@ -288,17 +299,19 @@ class Trace:
                     modified = is_diff and k == linear_idx[-1]
                     key = (k, modified) + rule.cache_key()
                     stats = self._stats.get(key)
-                    sign = {}
-                    if getattr(rule, "uses_output_sign", False) and not modified and stats is None:
-                        sign = {"positive": self._positive(k)}
+                    sign, silent = {}, {}
+                    if getattr(rule, "uses_output_sign", False) and not modified:
+                        silent = {"silent": self._silent_nonpositive(k, comp, position, len(linear_idx), steps)}
+                        if stats is None:
+                            sign = {"positive": self._positive(k)}
                     if stats is None and not self.cache and hasattr(rule, "backward_once"):
-                        relevance = rule.backward_once(step.op, step.x, relevance, **sign)
+                        relevance = rule.backward_once(step.op, step.x, relevance, **sign, **silent)
                     else:
                         if stats is None:
                             stats = rule.stats(step.op, step.x, **sign)
                             if self.cache:
                                 self._stats[key] = stats
-                        relevance = rule.backward(step.op, step.x, relevance, stats, reuse=self.cache)
+                        relevance = rule.backward(step.op, step.x, relevance, stats, reuse=self.cache, **silent)
                     del stats
                 elif step.kind == "avgpool":
                     relevance = self._pool_backward(step, relevance, normalise=True)
