@@ -13,6 +13,7 @@ or ``"difference"`` (logit preterm - logit term); MONAI's explainers reach the d
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 from scripts.lrp import LRP
 
 __all__ = ["GRADIENT_METHODS", "LRP_METHODS", "LRP_PRESETS", "SLOW_METHODS", "TargetLogits", "compute_map",
-           "compute_maps", "last_conv_block", "lrp_maps"]
+           "compute_maps", "forward_seconds", "last_conv_block", "lrp_maps"]
 
 # the seed paper's presets (the study's and inference's default), the earlier first-layer variants, zennit's named
 # composites and two bias-free variants
@@ -31,7 +32,7 @@ LRP_PRESETS = ("a1b0", "a2b1", "a3b2", "epsilon_a2b1", "zbox_a2b1", "flat_a2b1",
 LRP_METHODS = tuple(f"lrp_{preset}" for preset in LRP_PRESETS)
 GRADIENT_METHODS = ("gradient_x_input", "gradient", "gradcam")  # one forward + backward each
 SLOW_METHODS = ("smoothgrad", "occlusion")  # many forward passes per map
-DEFAULT_SETTINGS = {"smoothgrad_samples": 16, "occlusion_mask": 16}
+DEFAULT_SETTINGS = {"smoothgrad_samples": 16, "occlusion_mask": 24}
 
 
 class TargetLogits(nn.Module):
@@ -44,6 +45,19 @@ class TargetLogits(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.net(x)
         return torch.cat([logits, logits[:, 1:2] - logits[:, 0:1]], 1)
+
+
+def forward_seconds(network: nn.Module, x: torch.Tensor, repeats: int = 3) -> float:
+    """Median time of one forward pass of ``x``: the unit in which the evaluation commands report their run time,
+    so that it carries over to another machine."""
+    times = []
+    with torch.no_grad():
+        network(x)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            network(x)
+            times.append(time.perf_counter() - start)
+    return float(sorted(times)[len(times) // 2])
 
 
 def _index(target) -> int:
