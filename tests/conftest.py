@@ -82,14 +82,22 @@ def tiny_bundle(tmp_path_factory, trained) -> Path:
     return bundle
 
 
+def app_preset() -> str:
+    """The LRP preset of the MONAI Label and Deploy apps (``scripts.runtime.explain.APP_PRESET``)."""
+    from scripts.runtime.explain import APP_PRESET
+
+    return APP_PRESET
+
+
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory, cohort, trained):
-    """``run inference`` of the tiny model on the test split with the a2b1 preset: (output dir, test items with
-    absolute image paths)."""
+    """``run inference`` of the tiny model on the test split with the a2b1 preset and the apps' preset
+    (``app_preset()``): (output dir, test items with absolute image paths)."""
     ckpt_dir, _ = trained
     out = tmp_path_factory.mktemp("reference")
+    presets = list(dict.fromkeys(["a2b1", app_preset()]))
     run_bundle("inference", "configs/inference.json", "--dataset_dir", str(cohort), "--ckpt_dir", str(ckpt_dir),
-               "--output_dir", str(out), "--lrp_presets", "['a2b1']", *TINY)
+               "--output_dir", str(out), "--lrp_presets", json.dumps(presets), *TINY)
     items = read_json(cohort / "datalist.json")["test"]
     return out, [{**item, "image": str(cohort / item["image"])} for item in items]
 

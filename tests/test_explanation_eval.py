@@ -1,6 +1,7 @@
 """Explanation metrics on constructed cases with known answers, and the evaluation command end to end."""
 
 import csv
+import itertools
 import json
 
 import numpy as np
@@ -8,12 +9,20 @@ import pytest
 import torch
 
 from scripts.evaluation.explanation_metrics import (
+    abpc,
     aopc,
+    blurred_within,
+    brain_patches,
+    magnitude_scaled,
     mass_accuracy,
     patch_scores,
+    per_step,
     perturbation_curve,
+    perturbation_orders,
     pointing_game,
+    rank_correlation,
     region_share,
+    ssim,
 )
 
 
@@ -77,6 +86,85 @@ def test_perfect_ranking_beats_random_on_a_toy_model():
     assert aopc(np.array([1.0, 1.0, 1.0])) == 0.0 and aopc(np.array([2.0, 1.0, 0.0])) == 1.5
 
 
+def _linear_case():
+    """A linear model on four 2x2x2 blocks along the first axis: block b contributes c[b] = (1, 4, 2, 3) to the
+    score of the all-ones input, and replacing a block by 0 removes exactly its contribution."""
+    contributions = torch.tensor([1.0, 4.0, 2.0, 3.0])
+    weight = contributions.repeat_interleave(2)[:, None, None].expand(8, 2, 2) / 8
+
+    def score(v):
+        return float((v[0, 0] * weight).sum())
+
+    return torch.ones(1, 1, 8, 2, 2), weight, score
+
+
+def test_abpc_of_a_perfect_ranking_on_a_linear_model_has_its_exact_value():
+    x, weight, score = _linear_case()
+    candidates = brain_patches(np.ones((8, 2, 2), dtype=bool), 2)
+    assert candidates.tolist() == [0, 1, 2, 3]
+
+    def abpc_of(relevance):
+        morf, lerf = perturbation_orders(relevance, candidates, 2)
+        return abpc(perturbation_curve(score, x, morf, 2, 4, 1), perturbation_curve(score, x, lerf, 2, 4, 1))
+
+    exact = (x[0, 0] * weight).numpy()  # gradient x input = each voxel's true contribution
+    morf, lerf = perturbation_orders(exact, candidates, 2)
+    assert morf.tolist() == [1, 3, 2, 0] and lerf.tolist() == [0, 2, 3, 1]
+    # MoRF 10, 6, 3, 1, 0 and LeRF 10, 9, 7, 4, 0: ABPC = ((9-6) + (7-3) + (4-1) + 0) / 4 = 2.5
+    assert perturbation_curve(score, x, morf, 2, 4, 1).tolist() == pytest.approx([10, 6, 3, 1, 0])
+    assert perturbation_curve(score, x, lerf, 2, 4, 1).tolist() == pytest.approx([10, 9, 7, 4, 0])
+    assert abpc_of(exact) == pytest.approx(2.5)
+    assert abpc_of(-exact) == pytest.approx(-2.5)  # the reversed ranking
+    assert abpc_of(np.ones_like(exact)) == 0.0  # no ranking at all: both orders are the same
+    # the exact ranking is the best of all 24, and a random ranking gives 0 on average
+    rankings = [np.repeat(np.asarray(order, dtype=float), 2)[:, None, None] * np.ones((8, 2, 2))
+                for order in itertools.permutations(range(4))]
+    values = [abpc_of(r) for r in rankings]
+    assert max(values) == pytest.approx(2.5) and np.mean(values) == pytest.approx(0.0, abs=1e-12)
+    assert per_step(4, 4, 1.0) == 1 and per_step(100, 5, 0.5) == 10 and per_step(3, 5, 0.5) == 1
+
+
+def test_blurred_replacement_stays_inside_the_brain():
+    torch.manual_seed(0)
+    brain = np.zeros((16, 16, 16), dtype=bool)
+    brain[3:13, 4:12, 2:14] = True
+    image = torch.where(torch.as_tensor(brain), 2.0 + torch.rand(16, 16, 16), torch.zeros(()))[None, None]
+    blurred = blurred_within(image, brain, 2.0)
+    assert blurred.shape == image.shape and blurred.dtype == image.dtype
+    assert torch.equal(blurred[0, 0][~torch.as_tensor(brain)], image[0, 0][~torch.as_tensor(brain)])  # background
+    inside = blurred[0, 0][torch.as_tensor(brain)]
+    assert inside.min() >= 2.0 and inside.max() <= 3.0  # local averages of brain voxels only, no background mixed in
+    assert inside.std() < 0.5 * image[0, 0][torch.as_tensor(brain)].std()  # detail is gone
+    constant = blurred_within(torch.where(torch.as_tensor(brain), 5.0, 0.0)[None, None], brain, 3.0)
+    assert torch.allclose(constant[0, 0][torch.as_tensor(brain)], torch.tensor(5.0))
+
+
+def test_rank_correlation_and_ssim():
+    rng = np.random.default_rng(0)
+    a = rng.random((12, 10, 9))
+    assert rank_correlation(a, np.exp(3 * a)) == pytest.approx(1.0)  # ranks only
+    assert rank_correlation(a, -a) == pytest.approx(-1.0)
+    assert rank_correlation(a, np.zeros_like(a)) == 0.0  # a constant map has no ranking
+    mask = a > 0.5
+    b = np.where(mask, a, rng.random(a.shape))
+    assert rank_correlation(a, b, mask) == pytest.approx(1.0) and rank_correlation(a, b) < 1.0
+    assert rank_correlation(np.array([1.0, 1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0, 4.0])) == pytest.approx(
+        np.corrcoef([1.5, 1.5, 3, 4], [1, 2, 3, 4])[0, 1])  # ties take the average rank
+    assert ssim(a, a) == pytest.approx(1.0) and ssim(a[0], a[0]) == pytest.approx(1.0)
+    assert ssim(a, b) == pytest.approx(ssim(b, a))
+    noise = rng.random(a.shape)
+    assert ssim(a, 0.5 * a + 0.5 * noise) > ssim(a, noise) and abs(ssim(a, noise)) < 0.2
+    # the hand-computed value on one 7^3 window: the whole array, population -> sample covariances
+    x, y = rng.random((7, 7, 7)), rng.random((7, 7, 7))
+    n = x.size
+    vx, vy, cxy = x.var(ddof=1), y.var(ddof=1), np.cov(x.ravel(), y.ravel())[0, 1]
+    c1, c2 = 0.01**2, 0.03**2
+    expected = (2 * x.mean() * y.mean() + c1) * (2 * cxy + c2) / ((x.mean()**2 + y.mean()**2 + c1) * (vx + vy + c2))
+    assert n == 343 and ssim(x, y) == pytest.approx(expected)
+    scaled = magnitude_scaled(np.linspace(-2, 1, 1000).reshape(10, 10, 10))
+    assert scaled.min() >= 0 and scaled.max() == 1.0
+
+
 def test_command_runs_end_to_end_at_reduced_size(tmp_path, cohort, trained, monkeypatch):
     from scripts.evaluation import explain_eval
     from scripts.evaluation.explain_eval import main
@@ -86,22 +174,30 @@ def test_command_runs_end_to_end_at_reduced_size(tmp_path, cohort, trained, monk
     monkeypatch.setattr(explain_eval, "explanation_panel", lambda *a, **k: panels.extend(draw(*a, **k)) or panels)
     out = tmp_path / "results"
     overrides = json.dumps({"dataset_dir": str(cohort), "spatial_shape": [64, 48, 48], "channels": [4, 8], "hidden": 8})
+    methods = ["lrp_a2b1", "lrp_epsilon_gamma_box", "gradient_x_input", "gradient", "gradcam", "smoothgrad",
+               "occlusion"]
     assert main(["--reduced", "--split", "all", "--subjects", "2", "--ckpt", str(trained[0] / "model.pt"),
-                 "--override", overrides, "--output", str(out)]) == 0
+                 "--methods", *methods, "--override", overrides, "--output", str(out)]) == 0
     rows = list(csv.DictReader((out / "explanations.csv").open()))
-    methods = {r["method"] for r in rows}
-    assert {"lrp_a1b0", "lrp_a2b1", "lrp_epsilon_a2b1", "lrp_zbox_a2b1", "gradient_x_input", "gradient",
-            "smoothgrad", "gradcam", "occlusion"} == methods
+    assert {r["method"] for r in rows} == set(methods)
     assert len(rows) == 2 * len(methods)
+    assert {r["label"] for r in rows} == {"term", "preterm"}  # one subject of each class, its own target
     for r in rows:
-        assert 0 <= float(r["chance_csf"]) <= 1 and float(r["seconds"]) > 0
+        assert float(r["seconds"]) > 0
+        for patch in (8, 16):
+            assert float(r[f"abpc_{patch}"]) == pytest.approx(float(r[f"morf_{patch}"]) - float(r[f"lerf_{patch}"]))
+        if r["label"] == "preterm":
+            assert 0 <= float(r["chance_csf"]) <= 1 and 0 <= float(r["mass_phenotype"]) <= 1
+        else:  # no phenotype: no localisation
+            assert r["mass_phenotype"] == "nan" and r["pointing_csf"] == "nan"
         if r["method"].startswith("lrp_"):
             assert float(r["conservation_error"]) >= 0
     table = (out / "explanations.md").read_text()
-    assert "| lrp_a2b1 |" in table and "| gradcam |" in table
-    for png in ("perturbation_curves.png", "maps_panel.png"):
+    assert "| lrp_a2b1 |" in table and "| gradcam |" in table and "ABPC 8^3" in table and "ABPC 16^3" in table
+    assert "--subjects 2 --steps 2" in table  # the command that made the table
+    for png in ("perturbation_curves.png", "abpc.png", "maps_panel.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [p["panel"] for p in panels] == [m for m in explain_eval.LRP_METHODS + explain_eval.OTHER_METHODS]
+    assert [p["panel"] for p in panels] == methods
     saturated = {p["panel"]: round(p["saturated"], 3) for p in panels if p["saturated"] > 0.5}
     assert not saturated, f"saturated panels of maps_panel.png (share of brain pixels >= 0.98 L): {saturated}"
     assert all(p["limit"] > 0 for p in panels)

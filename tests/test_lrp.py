@@ -449,3 +449,23 @@ def test_fast_transposes_equal_the_generic_ones(conv):
     z = op.forward(torch.ones_like(x[:1]), ones)
     expected = torch.nn.grad.conv3d_input(x.shape, ones, s.sum(1, keepdim=True) / (z + 1e-6), **op.kwargs)
     assert torch.allclose(flat.backward(op, x, s, flat.stats(op, x)), expected.expand(x.shape), rtol=0, atol=1e-12)
+
+
+def test_gamma_after_a_relu_computes_one_case_and_falls_back_when_needed(small_net):
+    """Where a ReLU follows a layer, the gamma rule's stats hold the first case only (z > 0 read off the ReLU's
+    output); the map equals the two-case computation, also when relevance reaches outputs with z <= 0 (a flat rule
+    above, not proportional to its input) and in the single-map path."""
+    x = torch.randn(2, 1, 32, 24, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    for spec in ("epsilon_gamma_box", Composite([("*", Gamma(0.25))], "gamma"),
+                 Composite([("last", Flat()), ("*", Gamma(0.25))], "flat_top")):
+        trace = LRP(small_net).trace(x)
+        ours = trace.relevance(spec, target=1).relevance
+        halves = [st for key, st in trace._stats.items() if key[2] == "gamma" and "positive" in st]
+        assert len(halves) >= 2 and all(st["weight"].shape[0] == st["inv"].shape[1] for st in halves)
+        both = LRP(small_net).trace(x)
+        both._sign_sources = {}  # no sign known: both cases, as before
+        reference = both.relevance(spec, target=1).relevance
+        assert all("positive" not in st for key, st in both._stats.items() if key[2] == "gamma")
+        tol = float(reference.abs().max()) * 1e-12
+        assert torch.allclose(ours, reference, rtol=0, atol=tol)
+        assert torch.allclose(LRP(small_net)(x, spec, target=1).relevance, reference, rtol=0, atol=tol)

@@ -4,7 +4,8 @@ relevance NIfTI writers.
     python scripts/deploy_app -i <NIfTI file or folder> -o <output folder> -m models/model.ts
 
 Environment variables (MONAI Deploy convention) ``HOLOSCAN_INPUT_PATH``, ``HOLOSCAN_OUTPUT_PATH`` and
-``HOLOSCAN_MODEL_PATH`` replace the options; ``PRETERM_LRP_PRESET`` picks the LRP composite (default a2b1).
+``HOLOSCAN_MODEL_PATH`` replace the options; ``PRETERM_LRP_PRESET`` picks the LRP composite (default
+``scripts.runtime.explain.APP_PRESET``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from monai.deploy.core import Application
 from scripts.deploy_app.operators import NiftiImageLoader, PretermInference, ProbabilitiesWriter, RelevanceWriter
 from scripts.runtime.checks import EXPORT_COMMAND, TRAIN_COMMAND
 from scripts.runtime.errors import report_input_errors
+from scripts.runtime.explain import APP_PRESET
 
 
 class PretermDeployApp(Application):
@@ -34,7 +36,7 @@ class PretermDeployApp(Application):
         output.mkdir(parents=True, exist_ok=True)
         loader = NiftiImageLoader(self, CountCondition(self, 1), input_path=Path(context.input_path), name="loader")
         infer = PretermInference(self, model_path=model_file(context.model_path),
-                                 preset=os.environ.get("PRETERM_LRP_PRESET", "a2b1"), name="inference")
+                                 preset=os.environ.get("PRETERM_LRP_PRESET", APP_PRESET), name="inference")
         self.add_flow(loader, infer, {("images", "images")})
         self.add_flow(infer, ProbabilitiesWriter(self, output_folder=output, name="probabilities_writer"),
                       {("results", "results")})

@@ -25,7 +25,7 @@ from monai.transforms import Compose, LoadImage, LoadImaged
 
 from scripts.runtime.checks import check_image
 from scripts.runtime.datalist import folder_items
-from scripts.runtime.explain import check_presets, explain, write_explanation
+from scripts.runtime.explain import APP_PRESET, check_presets, explain, write_explanation
 from scripts.runtime.network import from_torchscript
 from scripts.runtime.outputs import atomic_write_text, output_path, subject_name
 from scripts.runtime.qc import QCReference, evaluate_input
@@ -68,8 +68,8 @@ class NiftiImageLoader(Operator):
 class PretermInference(Operator):
     """Classify and explain each image with the exported model."""
 
-    def __init__(self, fragment: Fragment, *args, model_path: Path, preset: str = "a2b1", target: str | int = "pred",
-                 device: str | None = None, **kwargs) -> None:
+    def __init__(self, fragment: Fragment, *args, model_path: Path, preset: str = APP_PRESET,
+                 target: str | int = "pred", device: str | None = None, **kwargs) -> None:
         check_presets([preset])  # a bad preset name fails before anything runs
         self.model_path = Path(model_path)
         self.preset = preset

@@ -1,55 +1,70 @@
-"""Measure the explanations of a trained model on held-out synthetic subjects: localisation against the
-generator's ground truth, faithfulness by region perturbation, and cost -- LRP presets against gradient-based
-maps and MONAI's explainers (GradCAM, OcclusionSensitivity, SmoothGrad).
+"""Measure the explanations of a trained model on held-out synthetic subjects: faithfulness by region perturbation
+in both orders (the area between the curves, ABPC), localisation against the generator's ground truth, and cost
+-- the LRP presets against gradient-based maps and MONAI's explainers (GradCAM, OcclusionSensitivity, SmoothGrad).
 
-    python -m scripts.evaluation.explain_eval --output docs/results            # default model and cohort
+    python -m scripts.evaluation.explain_eval --output docs/results            # default model, all test subjects
     python -m scripts.evaluation.explain_eval --reduced --output /tmp/x ...    # small settings (CI)
 
-Writes ``explanations.csv`` (one row per subject and method), ``explanations.md`` (means per method),
-``perturbation_curves.png`` and ``maps_panel.png`` into ``--output``.
+Every subject is explained for its own class: term subjects for the term logit, preterm subjects for the preterm
+logit. Region perturbation: the brain's ``patch``^3 blocks are ranked by their summed relevance; in ``steps``
+steps, ``fraction`` of them are replaced, most relevant first (MoRF) and, separately, least relevant first (LeRF),
+by the same blocks of the volume blurred inside the brain (Gaussian, sigma = patch / 2 voxels, normalised by the
+blurred brain mask: the replaced content keeps the local brain intensity, loses detail finer than the block and
+never mixes in background), and the target logit is recorded after each step. ABPC = mean over the steps of
+(LeRF - MoRF) of the target logit: large when the top-ranked blocks carry the evidence and the bottom-ranked ones
+do not; 0 in expectation for a random ranking. Localisation (preterm subjects only; term subjects have no
+phenotype): share of positive relevance in CSF + ventricles and in the phenotype mask, pointing game.
+
+Writes ``explanations.csv`` (one row per subject and method), ``explanations.md`` (medians and interquartile
+ranges per method), ``perturbation_curves.png``, ``abpc.png`` and ``maps_panel.png`` into ``--output``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
-import io
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
-from monai.visualize import GradCAM, OcclusionSensitivity, SmoothGrad, VanillaGrad
 
 from scripts import BUNDLE_ROOT
+from scripts.evaluation.explainers import GRADIENT_METHODS, LRP_METHODS, SLOW_METHODS, compute_map, forward_seconds
 from scripts.evaluation.explanation_metrics import (
+    abpc,
     aopc,
+    blurred_within,
+    brain_patches,
     mass_accuracy,
-    patch_scores,
+    per_step,
     perturbation_curve,
+    perturbation_orders,
     pointing_game,
     region_share,
 )
 from scripts.evaluation.figures import COLOUR_RULE_TEXT, explanation_panel
 from scripts.evaluation.profiling import measure_call, reexec_with_returning_malloc
-from scripts.lrp import LRP
+from scripts.evaluation.tables import markdown_table, save_figure
 from scripts.runtime.checks import check_shape, validate_items
 from scripts.runtime.datalist import load_split
 from scripts.runtime.errors import report_input_errors
-from scripts.runtime.outputs import atomic_target_for, atomic_write_text
+from scripts.runtime.outputs import atomic_write_text, write_csv
 
 logger = logging.getLogger(__name__)
 ROOT = BUNDLE_ROOT
-LRP_METHODS = ("lrp_a1b0", "lrp_a2b1", "lrp_epsilon_a2b1", "lrp_zbox_a2b1")
-OTHER_METHODS = ("gradient_x_input", "gradient", "smoothgrad", "gradcam", "occlusion")
-TARGET = 1  # preterm
+OTHER_METHODS = GRADIENT_METHODS + SLOW_METHODS
+METHODS = LRP_METHODS + OTHER_METHODS
+CLASS_NAMES = {0: "term", 1: "preterm"}
 
 
-def _load(config_file: str, overrides: dict, ckpt: str | None):
+# -- loading (shared with scripts.evaluation.sanity) ----------------------------------------------------------------
+def load_model(config_file: str, overrides: dict, ckpt: str | None):
+    """(config parser, trained network in eval mode, datalist path) of ``config_file`` with ``overrides``."""
     parser = ConfigParser()
     parser.read_config(config_file)
     parser.update({"bundle_root": str(ROOT), **overrides})
@@ -62,18 +77,32 @@ def _load(config_file: str, overrides: dict, ckpt: str | None):
     return parser, network, datalist
 
 
-def _items(datalist: str, split: str, max_subjects: int, spatial_shape, pixdim):
-    items = [it for it in load_split(datalist, split, -1) if it["label"] == 1]
-    validate_items(items, keys=("image",), spatial_shape=spatial_shape, pixdim=pixdim)
-    validate_items(items, keys=("tissue", "phenotype"))
-    for it in items:
-        for key in ("tissue", "phenotype"):
-            if key not in it:
-                raise ValueError(f"datalist {datalist}: subject {it['subject']} has no '{key}' map; the evaluation "
-                                 "needs the synthetic cohort's tissue and phenotype maps")
+def load_subjects(datalist: str, split: str, parser, need_maps: bool = True) -> list[dict]:
+    """The labelled subjects of ``split``, checked: images readable and of the network's shape, and with
+    ``need_maps`` the synthetic cohort's tissue and phenotype maps."""
+    spatial = check_shape(parser.get_parsed_content("spatial_shape"), "spatial_shape")
+    items = load_split(datalist, split, -1)  # labels checked there: 0 term, 1 preterm
     if not items:
-        raise ValueError(f"datalist {datalist}: split {split!r} has no preterm subject to explain")
-    return items[:max_subjects] if max_subjects > 0 else items
+        raise ValueError(f"datalist {datalist}: split {split!r} has no subject to explain")
+    validate_items(items, keys=("image",), spatial_shape=spatial, pixdim=parser.get_parsed_content("pixdim"))
+    if need_maps:  # a term subject's phenotype map is empty: only the preterm ones are checked for content
+        validate_items(items, keys=("tissue",))
+        validate_items([it for it in items if int(it["label"]) == 1], keys=("phenotype",))
+        for it in items:
+            for key in ("tissue", "phenotype"):
+                if key not in it:
+                    raise ValueError(f"datalist {datalist}: subject {it['subject']} has no '{key}' map; the "
+                                     "evaluation needs the synthetic cohort's tissue and phenotype maps")
+    return items
+
+
+def select_subjects(items: list[dict], count: int) -> list[dict]:
+    """Up to ``count`` subjects (0: all), preterm and term in turn, each class in datalist order."""
+    groups = [[it for it in items if int(it["label"]) == label] for label in (1, 0)]
+    chosen = []
+    for i in range(max(len(g) for g in groups)):
+        chosen += [g[i] for g in groups if i < len(g)]
+    return chosen[:count] if count > 0 else chosen
 
 
 def _transform(parser):
@@ -84,176 +113,230 @@ def _transform(parser):
     return lambda item: {**image({"image": item["image"]}), **labels({k: item[k] for k in ("tissue", "phenotype")})}
 
 
-def _last_conv_block(network) -> str:
-    """Name of the activation closing the last conv block (the first ReLU after the last Conv3d)."""
-    modules = list(network.named_modules())
-    last_conv = max((i for i, (_, m) in enumerate(modules) if isinstance(m, torch.nn.Conv3d)), default=None)
-    relu = next((name for name, m in modules[(last_conv or 0) + 1:] if isinstance(m, torch.nn.ReLU)), None)
-    if last_conv is None or relu is None:
-        raise ValueError("GradCAM needs a Conv3d followed by a ReLU module")
-    return relu
-
-
-def compute_map(method: str, network, x: torch.Tensor, settings: dict):
-    """(map as (D, H, W) numpy array, LRP conservation or None)."""
-    if method.startswith("lrp_"):
-        result = LRP(network)(x, method[4:], target=TARGET)
-        return result.relevance[0, 0].numpy(), float(result.conservation[0])
-    if method in ("gradient", "gradient_x_input"):
-        grad = VanillaGrad(network)(x.clone(), index=TARGET)
-        out = grad * x if method == "gradient_x_input" else grad.abs()
-        return out[0, 0].detach().numpy(), None
-    if method == "smoothgrad":
-        sg = SmoothGrad(network, stdev_spread=0.15, n_samples=settings["smoothgrad_samples"], magnitude=True)
-        return sg(x, index=TARGET)[0, 0].detach().numpy(), None
-    if method == "gradcam":
-        cam = GradCAM(nn_module=network, target_layers=_last_conv_block(network))
-        return cam(x, class_idx=TARGET)[0, 0].detach().numpy(), None
-    if method == "occlusion":
-        # activate=False: MONAI's default softmax would turn the occluded outputs into probabilities, and the logit
-        # minus a probability is a near-constant offset that hides the map's structure
-        occ = OcclusionSensitivity(nn_module=network, mask_size=settings["occlusion_mask"], n_batch=4, overlap=0.0,
-                                   mode="mean_img", activate=False)
-        with torch.no_grad():
-            logit = float(network(x)[0, TARGET])
-        occ_map, _ = occ(x)
-        return (logit - occ_map[0, TARGET]).detach().numpy(), None  # drop of the preterm logit when occluded
-    raise ValueError(f"unknown method {method!r}")
-
-
-def evaluate(args) -> list[dict]:
+# -- the evaluation -------------------------------------------------------------------------------------------------
+def evaluate(args) -> tuple[list[dict], dict, dict, dict]:
     torch.manual_seed(0)
-    parser, network, datalist = _load(args.config_file, args.override, args.ckpt)
-    spatial = check_shape(parser.get_parsed_content("spatial_shape"), "spatial_shape")
-    pixdim = parser.get_parsed_content("pixdim")
+    parser, network, datalist = load_model(args.config_file, args.override, args.ckpt)
     transform = _transform(parser)
-    items = _items(datalist, args.split, args.subjects, spatial, pixdim)
-    methods = [m for m in LRP_METHODS + OTHER_METHODS if m in args.methods]
+    items = select_subjects(load_subjects(datalist, args.split, parser), args.subjects)
+    methods = [m for m in METHODS if m in args.methods]
     settings = {"smoothgrad_samples": args.smoothgrad_samples, "occlusion_mask": args.occlusion_mask}
-    rng = np.random.default_rng(0)
     rows, curves, panel = [], {}, {}
-
-    def score(x):
-        with torch.no_grad():
-            return float(network(x)[0, TARGET])
-
+    start = time.perf_counter()
     for n, item in enumerate(items):
         data = transform({k: item[k] for k in ("image", "tissue", "phenotype")})
         x = data["image"].as_tensor()[None].float()
+        label = int(item["label"])
+        if n == 0:
+            forward = forward_seconds(network, x)
         tissue = data["tissue"][0].numpy().round().astype(int)
         brain = tissue > 0
         regions = {"csf": np.isin(tissue, (1, 5)), "phenotype": data["phenotype"][0].numpy() > 0.5}
-        brain_patches = patch_scores(torch.as_tensor(brain.astype(np.float32)), args.patch).flatten() > 0
-        candidates = torch.nonzero(brain_patches).flatten()
-        random_curves = [
-            perturbation_curve(score, x, candidates[torch.as_tensor(rng.permutation(len(candidates)))], args.patch,
-                               args.steps, args.per_step)
-            for _ in range(args.random_orders)
-        ]
-        curves.setdefault("random", []).append(np.mean(random_curves, axis=0))
+
+        def score(v, target=label):
+            with torch.no_grad():
+                return float(network(v)[0, target])
+
+        intact = score(x)
+        perturb = {}
+        for patch in args.patches:
+            candidates = brain_patches(brain, patch)
+            perturb[patch] = (candidates, per_step(len(candidates), args.steps, args.fraction),
+                              blurred_within(x, brain, patch / 2))
         for method in methods:
-            explain_one = functools.partial(compute_map, method, network, x, settings)
+            explain_one = functools.partial(compute_map, method, network, x, label, settings)
             (relevance, conservation), seconds, peak = measure_call(explain_one)
-            order = torch.argsort(patch_scores(torch.as_tensor(relevance), args.patch).flatten(), descending=True)
-            curve = perturbation_curve(score, x, order, args.patch, args.steps, args.per_step)
-            curves.setdefault(method, []).append(curve)
-            row = {"subject": item["subject"], "birth_age": item.get("birth_age", ""), "method": method,
-                   "seconds": seconds, "peak_mb": peak / 2**20 if peak >= 0 else float("nan"),
-                   "aopc": aopc(curve), "aopc_random": float(np.mean([aopc(c) for c in random_curves])),
+            row = {"subject": item["subject"], "label": CLASS_NAMES[label], "birth_age": item.get("birth_age", ""),
+                   "method": method, "seconds": seconds, "peak_mb": peak / 2**20 if peak >= 0 else float("nan"),
                    "conservation_error": abs(1 - conservation) if conservation is not None else float("nan")}
+            for patch, (candidates, count, baseline) in perturb.items():
+                morf_order, lerf_order = perturbation_orders(relevance, candidates, patch)
+                morf = perturbation_curve(score, x, morf_order, patch, args.steps, count, baseline, intact)
+                lerf = perturbation_curve(score, x, lerf_order, patch, args.steps, count, baseline, intact)
+                curves.setdefault((method, patch), []).append((morf - morf[0], lerf - lerf[0]))
+                row[f"abpc_{patch}"] = abpc(morf, lerf)
+                row[f"morf_{patch}"] = aopc(morf)  # mean drop, most relevant first
+                row[f"lerf_{patch}"] = aopc(lerf)  # mean drop, least relevant first
             for name, region in regions.items():
-                row[f"mass_{name}"] = mass_accuracy(relevance, region)
-                row[f"chance_{name}"] = region_share(region, brain)
-                row[f"pointing_{name}"] = pointing_game(relevance, region, tolerance=1)
+                preterm = label == 1
+                row[f"mass_{name}"] = mass_accuracy(relevance, region) if preterm else float("nan")
+                row[f"chance_{name}"] = region_share(region, brain) if preterm else float("nan")
+                row[f"pointing_{name}"] = pointing_game(relevance, region, tolerance=1) if preterm else float("nan")
             rows.append(row)
-            if n == 0:
+            if label == 1 and "_subject" not in panel:
                 panel[method] = relevance
-        if n == 0:
-            panel["_image"] = x[0, 0].numpy()
-            panel["_phenotype"] = regions["phenotype"]
-            panel["_brain"] = brain
-            panel["_affine"] = np.asarray(data["image"].affine)
-            panel["_subject"] = item["subject"]
-        logger.info("explained %s (%d/%d)", item["subject"], n + 1, len(items))
-    return rows, curves, panel
+        if label == 1 and "_subject" not in panel:
+            panel.update({"_image": x[0, 0].numpy(), "_phenotype": regions["phenotype"], "_brain": brain,
+                          "_affine": np.asarray(data["image"].affine), "_subject": item["subject"]})
+        logger.info("explained %s (%s, %d/%d), %.0f s so far", item["subject"], CLASS_NAMES[label], n + 1,
+                    len(items), time.perf_counter() - start)
+    timing = {"seconds": time.perf_counter() - start, "subjects": len(items), "forward": forward,
+              "preterm": sum(int(it["label"]) == 1 for it in items)}
+    return rows, curves, panel, timing
 
 
-COLUMNS = ["method", "mass_csf", "chance_csf", "mass_phenotype", "chance_phenotype", "pointing_csf",
-           "pointing_phenotype", "aopc", "aopc_random", "seconds", "peak_mb", "conservation_error"]
+def _stats(values) -> tuple[float, float, float]:
+    """(median, first quartile, third quartile) of the finite values; NaN when there are none."""
+    values = np.asarray([v for v in values if v == v], dtype=np.float64)
+    if not values.size:
+        return float("nan"), float("nan"), float("nan")
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    return float(median), float(q1), float(q3)
 
 
-def summarise(rows: list[dict]) -> list[dict]:
+def _median_iqr(values, digits: int = 2) -> str:
+    median, q1, q3 = _stats(values)
+    return "-" if median != median else f"{median:.{digits}f} [{q1:.{digits}f}, {q3:.{digits}f}]"
+
+
+LOCALISATION = ["mass_csf", "chance_csf", "mass_phenotype", "chance_phenotype", "pointing_csf", "pointing_phenotype"]
+
+
+def summarise(rows: list[dict], patches) -> list[dict]:
+    """Per method: median [IQR] over subjects of ABPC, MoRF and LeRF drop per patch size; means over the preterm
+    subjects of the localisation measures; median seconds, peak MB and conservation error."""
     out = []
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
-        out.append({"method": method, **{c: float(np.nanmean([r[c] for r in mine]))
-                                         if not all(np.isnan(r[c]) for r in mine)
-                                         else float("nan") for c in COLUMNS[1:]}, "n": len(mine)})
+        row = {"method": method, "n": len(mine)}
+        for patch in patches:
+            for key in ("abpc", "morf", "lerf"):
+                row[f"{key}_{patch}"] = _median_iqr(r[f"{key}_{patch}"] for r in mine)
+                row[f"{key}_{patch}_median"] = _stats(r[f"{key}_{patch}"] for r in mine)[0]
+        for key in LOCALISATION:
+            values = [r[key] for r in mine if r[key] == r[key]]
+            row[key] = float(np.mean(values)) if values else float("nan")
+        for key in ("seconds", "peak_mb", "conservation_error"):
+            row[key] = _stats(r[key] for r in mine)[0]
+        out.append(row)
     return out
 
 
-def write_outputs(rows, curves, panel, output: Path, steps_fraction: str) -> list[dict]:
+def write_outputs(rows, curves, panel, output: Path, settings: dict) -> list[dict]:
     """Tables and figures into ``output``; returns the explanation panel's rows (panel, colour limit, saturated
     share of its brain pixels)."""
     output.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(buf.getvalue(), output / "explanations.csv")
-    summary = summarise(rows)
+    write_csv(rows, output / "explanations.csv")
+    patches = settings["patches"]
+    summary = summarise(rows, patches)
+    n, preterm = settings["subjects"], settings["preterm"]
+    steps = (f"{settings['steps']} steps of {100 * settings['fraction'] / settings['steps']:.0f} % of the brain's "
+             f"blocks each (up to {100 * settings['fraction']:.0f} %)")
+    faithfulness_columns = ["method"] + [f"{k}_{p}" for p in patches for k in ("abpc", "morf", "lerf")]
+    faithfulness_headers = ["method"] + [h for p in patches for h in (f"ABPC {p}^3", f"MoRF drop {p}^3",
+                                                                      f"LeRF drop {p}^3")]
     lines = [
-        f"Explanation evaluation: target = preterm logit, {summary[0]['n']} preterm subjects; "
-        f"mass = share of positive relevance inside the region (chance = the region's share of the brain); "
-        f"pointing = most relevant voxel inside the region (1 voxel tolerance); AOPC = mean drop of the preterm "
-        f"logit while {steps_fraction}, most relevant first vs random order; seconds / peak MB = one map on the "
-        f"CPU; conservation error = |1 - sum(R)/logit| (LRP only).", "",
-        "| method | mass CSF+ventricles | chance | mass phenotype | chance | pointing CSF | pointing phenotype | "
-        "AOPC | AOPC random | seconds | peak MB | conservation error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for s in summary:
-        lines.append("| " + " | ".join([s["method"]] + [f"{s[c]:.3f}" if c not in ("seconds",) else f"{s[c]:.2f}"
-                                                         for c in COLUMNS[1:]]).replace("nan", "-") + " |")
-    lines += [
-        "", "## Figures", "", "![perturbation curves](perturbation_curves.png)", "",
-        "Mean preterm logit over the perturbation steps (most relevant patches first; dashed: random order).", "",
+        "# Explanation evaluation", "",
+        f"Generated by `{settings['command']}` on {n} test subjects ({preterm} preterm, {n - preterm} term; "
+        f"{settings['seconds'] / 60:.0f} min on this machine, "
+        f"{settings['seconds'] / settings['forward']:.0f} times its forward pass of {settings['forward']:.2f} s). "
+        "Every subject is explained for its own class: the term logit for term subjects, the preterm logit for "
+        "preterm subjects.", "",
+        "## Faithfulness: region perturbation in both orders", "",
+        f"The brain's blocks of {' and '.join(f'{p}^3' for p in patches)} voxels are ranked by their summed "
+        f"relevance and replaced in {steps}, most relevant first (MoRF) or least relevant first (LeRF), by the same "
+        "block of the volume blurred inside the brain (Gaussian, sigma = half the block side, normalised by the "
+        "blurred brain mask: the input stays a brain-like volume, no flat holes, no background mixed in). "
+        "Score: the target-class logit. **ABPC** = mean over the steps of (LeRF - MoRF) logit: higher is more "
+        "faithful, 0 is the expectation of a random ranking; MoRF / LeRF drop = mean drop of the logit from the "
+        "intact input along each curve (AOPC). Median [interquartile range] over subjects.", "",
+        markdown_table(summary, faithfulness_columns, faithfulness_headers),
+        "![ABPC per subject](abpc.png)", "",
+        "ABPC of every subject (dots) and its spread (box: median and quartiles) per method and block size; higher "
+        "is better, 0 = random ranking.", "",
+        "![perturbation curves](perturbation_curves.png)", "",
+        "Change of the target logit from the intact input while blocks are replaced (median over subjects): most "
+        "relevant first (solid) and least relevant first (dashed) per block size; the area between the two "
+        "curves is the ABPC.", "",
+        "## Localisation and cost", "",
+        f"Preterm subjects only ({preterm}; the term subjects have no phenotype), preterm target: mass = share of "
+        "the positive relevance inside the region (chance = the region's share of the brain); pointing = the most "
+        "relevant voxel lies in the region (1 voxel tolerance); means over subjects. Seconds / peak MB: one map on "
+        "the CPU (median over all subjects); conservation error = |1 - sum(R) / logit| (LRP only, median).", "",
+        markdown_table(summary, ["method", *LOCALISATION, "seconds", "peak_mb", "conservation_error"],
+                       ["method", "mass CSF+ventricles", "chance", "mass phenotype", "chance", "pointing CSF",
+                        "pointing phenotype", "seconds", "peak MB", "conservation error"]),
         "![maps of every method](maps_panel.png)", "",
-        f"One axial slice of {panel.get('_subject', 'the first subject')} through the largest part of the phenotype "
-        "(yellow outline) and each method's map of the preterm logit. Colour rule: each method has its own "
-        f"{COLOUR_RULE_TEXT}, and its own colour bar (red: evidence for preterm, blue: against). GradCAM is the "
-        "coarse grid of the last conv block (8x6x6 with the default network) upsampled to the input by MONAI; "
-        "gradient and SmoothGrad are magnitudes (only red).",
+        f"One axial slice of {panel.get('_subject', 'the first preterm subject')} through the largest part of the "
+        "phenotype (yellow outline) and each method's map of the preterm logit. Colour rule: each method has its "
+        f"own {COLOUR_RULE_TEXT}, and its own colour bar (red: evidence for preterm, blue: against). GradCAM is "
+        "the coarse grid of the last conv block (8x6x6 with the default network) upsampled to the input by MONAI; "
+        "gradient and SmoothGrad are magnitudes (only red).", "",
+        f"Settings: {settings['smoothgrad_samples']} SmoothGrad samples, occlusion blocks of "
+        f"{settings['occlusion_mask']}^3 voxels (replaced by the image mean).",
     ]
     atomic_write_text("\n".join(lines) + "\n", output / "explanations.md")
-    return _figures(curves, panel, output)
+    _figures(rows, curves, patches, settings, output)
+    maps = {m: v for m, v in panel.items() if not m.startswith("_")}
+    if not maps:
+        return []
+    return explanation_panel(panel["_image"], maps, output / "maps_panel.png", brain=panel.get("_brain"),
+                             region=panel.get("_phenotype"), affine=panel.get("_affine"),
+                             title=f"{panel.get('_subject', '')}: maps of the preterm logit, one colour scale per "
+                                   "method (symmetric, 99.5th percentile of |value| over the brain)")
 
 
-def _figures(curves, panel, output: Path) -> list[dict]:
+def _figures(rows, curves, patches, settings, output: Path) -> None:
     import matplotlib  # noqa: PLC0415 (the Agg backend is chosen before pyplot is imported)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, values in curves.items():
-        mean = np.mean(values, axis=0)
-        ax.plot(np.arange(len(mean)), mean, label=method, lw=2.5 if method == "random" else 1.5,
-                ls="--" if method == "random" else "-", color="k" if method == "random" else None)
-    ax.set_xlabel("perturbation step (patches replaced by the brain mean)")
-    ax.set_ylabel("preterm logit")
-    ax.legend(fontsize=8, ncol=2)
-    ax.set_title("Region perturbation, most relevant patches first")
-    fig.tight_layout()
-    with atomic_target_for(output / "perturbation_curves.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    # ABPC per subject: one panel per block size, methods down the y axis
+    fig, axes = plt.subplots(1, len(patches), squeeze=False, sharey=True, layout="constrained",
+                             figsize=(4.6 * len(patches) + 1.8, 0.42 * len(methods) + 1.4))
+    rng = np.random.default_rng(0)
+    y = np.arange(len(methods))
+    for ax, patch in zip(axes[0], patches):
+        data = [[r[f"abpc_{patch}"] for r in rows if r["method"] == m] for m in methods]
+        ax.boxplot(data, positions=y, vert=False, widths=0.6, showfliers=False)
+        for i, values in enumerate(data):
+            colours = ["C3" if r["label"] == "preterm" else "C0" for r in rows if r["method"] == methods[i]]
+            ax.scatter(values, i + rng.uniform(-0.15, 0.15, len(values)), s=10, c=colours, alpha=0.7, zorder=3)
+        ax.axvline(0, color="0.5", lw=1)
+        ax.set_title(f"blocks of {patch}^3 voxels", fontsize=10)
+        ax.set_xlabel("ABPC (target logit, LeRF - MoRF)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0, 0].set_yticks(y, methods, fontsize=9)
+    axes[0, 0].invert_yaxis()
+    fig.suptitle("ABPC per subject (red: preterm, blue: term); higher = more faithful, 0 = random ranking",
+                 fontsize=10)
+    save_figure(fig, output / "abpc.png", dpi=100)
     plt.close(fig)
 
-    maps = {m: v for m, v in panel.items() if not m.startswith("_")}
-    return explanation_panel(panel["_image"], maps, output / "maps_panel.png", brain=panel.get("_brain"),
-                             region=panel.get("_phenotype"), affine=panel.get("_affine"),
-                             title=f"{panel.get('_subject', '')}: maps of the preterm logit, one colour scale per "
-                                   "method (symmetric, 99.5th percentile of |value| over the brain)")
+    # curves: one panel per method
+    columns = 4
+    n_rows = -(-len(methods) // columns)
+    fig, axes = plt.subplots(n_rows, columns, squeeze=False, sharex=True, sharey=True, layout="constrained",
+                             figsize=(3.4 * columns, 2.5 * n_rows + 0.8))
+    fractions = np.linspace(0, settings["fraction"], settings["steps"] + 1) * 100
+    for k, method in enumerate(methods):
+        ax = axes[k // columns, k % columns]
+        for c, patch in enumerate(patches):
+            pairs = curves.get((method, patch), [])
+            if not pairs:
+                continue
+            morf = np.median([p[0] for p in pairs], axis=0)
+            lerf = np.median([p[1] for p in pairs], axis=0)
+            ax.fill_between(fractions, morf, lerf, color=f"C{c}", alpha=0.12, lw=0)
+            ax.plot(fractions, morf, "-", color=f"C{c}", lw=1.6, label=f"{patch}^3 most relevant first")
+            ax.plot(fractions, lerf, "--", color=f"C{c}", lw=1.6, label=f"{patch}^3 least relevant first")
+        ax.axhline(0, color="0.7", lw=0.8)
+        ax.set_title(method, fontsize=10)
+        ax.grid(alpha=0.3)
+        if k % columns == 0:
+            ax.set_ylabel("target logit change")
+        if k >= len(methods) - columns:
+            ax.xaxis.set_tick_params(labelbottom=True)
+            ax.set_xlabel("% of brain blocks replaced")
+    for k in range(len(methods), n_rows * columns):
+        axes[k // columns, k % columns].set_visible(False)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=2 * len(patches), fontsize=9)
+    fig.suptitle("Region perturbation (blocks replaced by the blurred brain): median over subjects", fontsize=10)
+    save_figure(fig, output / "perturbation_curves.png", dpi=100)
+    plt.close(fig)
 
 
 @report_input_errors
@@ -264,31 +347,40 @@ def main(argv=None) -> int:
     ap.add_argument("--config_file", default=str(ROOT / "configs" / "inference.json"))
     ap.add_argument("--ckpt", default=None, help="checkpoint (default: the config's ckpt_path)")
     ap.add_argument("--split", default="test")
-    ap.add_argument("--subjects", type=int, default=0, help="at most this many preterm subjects (0: all)")
-    ap.add_argument("--methods", nargs="+", default=list(LRP_METHODS + OTHER_METHODS))
-    ap.add_argument("--patch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--per-step", type=int, default=10, help="patches replaced per step")
-    ap.add_argument("--random-orders", type=int, default=3)
+    ap.add_argument("--subjects", type=int, default=0, help="at most this many subjects, preterm and term in turn "
+                                                            "(0: all of the split)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--patches", type=int, nargs="+", default=[8, 16], help="block sides of region perturbation")
+    ap.add_argument("--steps", type=int, default=5, help="perturbation steps per curve")
+    ap.add_argument("--fraction", type=float, default=0.25, help="share of the brain's blocks replaced at the end")
     ap.add_argument("--smoothgrad-samples", type=int, default=16)
-    ap.add_argument("--occlusion-mask", type=int, default=16)
+    ap.add_argument("--occlusion-mask", type=int, default=24, help="occlusion block side (16: 3x the forward passes)")
     ap.add_argument("--reduced", action="store_true", help="small settings for CI (fewer steps and samples)")
     ap.add_argument("--override", type=json.loads, default={}, help='config overrides as JSON, e.g. \'{"fold": 0}\'')
     ap.add_argument("--output", default=str(ROOT / "docs" / "results"))
     args = ap.parse_args(argv)
     if args.reduced:
-        args.steps, args.per_step, args.random_orders = 4, 4, 1
-        args.smoothgrad_samples, args.occlusion_mask = 2, 24
-    unknown = set(args.methods) - set(LRP_METHODS + OTHER_METHODS)
+        args.steps, args.smoothgrad_samples, args.occlusion_mask = 2, 2, 24
+    unknown = set(args.methods) - set(METHODS)
     if unknown:
-        ap.error(f"unknown methods {sorted(unknown)}; choose from {LRP_METHODS + OTHER_METHODS}")
+        ap.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+    if args.steps < 1 or not 0 < args.fraction <= 1 or any(p < 1 for p in args.patches):
+        ap.error("--steps and --patches must be >= 1 and --fraction in (0, 1]")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    rows, curves, panel = evaluate(args)
-    fraction = (f"{args.steps} steps x {args.per_step} patches of {args.patch}^3 voxels are replaced by 0 "
-                "(the brain mean)")
-    panels = write_outputs(rows, curves, panel, Path(args.output), fraction)
+    rows, curves, panel, timing = evaluate(args)
+    defaults = ap.parse_args([])
+    changed = [f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+               for k, v in vars(args).items() if k in ("subjects", "patches", "steps", "fraction",
+                                                        "smoothgrad_samples", "occlusion_mask")
+               and v != getattr(defaults, k)]
+    settings = {**vars(args), **timing,
+                "command": " ".join(["python -m scripts.evaluation.explain_eval", *changed])}
+    panels = write_outputs(rows, curves, panel, Path(args.output), settings)
     logger.info("maps_panel.png, share of saturated brain pixels (>= 0.98 L) per panel: %s",
                 ", ".join(f"{p['panel']} {100 * p['saturated']:.1f} %" for p in panels))
+    logger.info("explain_eval: %d subjects x %d methods in %.1f min = %.0f forward passes of %.3f s",
+                timing["subjects"], len(args.methods), timing["seconds"] / 60, timing["seconds"] / timing["forward"],
+                timing["forward"])
     print((Path(args.output) / "explanations.md").read_text())
     return 0
 

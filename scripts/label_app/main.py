@@ -15,7 +15,8 @@ weights come from ``<bundle>/models``.
 ``--conf`` options:
     bundle            the bundle folder (default: this repository)
     bundle_overrides  JSON object of ``configs/inference.json`` overrides, e.g. ``{"device": "cpu"}``
-    lrp_preset        LRP composite of the relevance and evidence tasks (default ``a2b1``)
+    lrp_preset        LRP composite of the relevance and evidence tasks (default: ``APP_PRESET`` of the served
+                      bundle's ``scripts/runtime/explain.py``)
     lrp_target        class the relevance task explains: ``pred`` (predicted, default), ``0``/``1`` or ``difference``
                       (the evidence task always explains the predicted class)
 
@@ -80,10 +81,10 @@ class PretermLabelApp(MONAILabelApp):
             raise ValueError(f"--conf bundle_overrides must be a JSON object: {err}") from err
         if not isinstance(self.overrides, dict):
             raise ValueError("--conf bundle_overrides must be a JSON object")
-        self.preset = conf.get("lrp_preset", "a2b1")
+        self.tasks = _bundle_tasks(self.bundle)
+        self.preset = conf.get("lrp_preset", self.tasks.APP_PRESET)
         target = conf.get("lrp_target", "pred")
         self.target = int(target) if target.isdigit() else target
-        self.tasks = _bundle_tasks(self.bundle)
         self.spatial = None  # (spatial_shape, pixdim) of the network, known once the tasks are built
         with open(os.path.join(self.bundle, "configs", "metadata.json")) as f:
             metadata = json.load(f)

@@ -39,7 +39,7 @@ from monailabel.transform.pre import LoadImageTensord
 # sys.modules (it reloads them for the config), which leaves these references working
 from scripts.label_app.evidence import CLASS_NAMES, EVIDENCE_LABELS, evidence_labelmap, label_shares
 from scripts.runtime.checks import EXPORT_COMMAND, TRAIN_COMMAND, check_volume
-from scripts.runtime.explain import explain, labels_to_original_grid, to_original_grid
+from scripts.runtime.explain import APP_PRESET, explain, labels_to_original_grid, to_original_grid
 from scripts.runtime.network import from_torchscript
 from scripts.runtime.outputs import read_volume
 from scripts.runtime.qc import QCReference, check_policy, evaluate_input
@@ -217,8 +217,8 @@ class _ExplainTask(_BundleTask):
 
     returns_image = True
 
-    def __init__(self, bundle: str, conf: dict[str, str], overrides: dict[str, Any], type: str, preset: str = "a2b1",
-                 **kwargs):
+    def __init__(self, bundle: str, conf: dict[str, str], overrides: dict[str, Any], type: str,
+                 preset: str = APP_PRESET, **kwargs):
         super().__init__(bundle, conf, overrides, type=type, **kwargs)
         self.preset = preset
         self.class_labels = dict(self.labels)  # {"term": 0, "preterm": 1} from the bundle's metadata
@@ -251,7 +251,7 @@ class PretermRelevance(_ExplainTask):
 
     GRIDS = ("original", "network")
 
-    def __init__(self, bundle: str, conf: dict[str, str], overrides: dict[str, Any], preset: str = "a2b1",
+    def __init__(self, bundle: str, conf: dict[str, str], overrides: dict[str, Any], preset: str = APP_PRESET,
                  target: str | int = "pred", **kwargs):
         super().__init__(bundle, conf, overrides, type=InferType.OTHERS, preset=preset, **kwargs)
         self.target = target
@@ -282,7 +282,8 @@ class PretermEvidence(_ExplainTask):
     computed on the network grid and resampled by nearest neighbour. Segment names are static
     (``EVIDENCE_LABELS``); only the predicted class's bands are filled."""
 
-    def __init__(self, bundle: str, conf: dict[str, str], overrides: dict[str, Any], preset: str = "a2b1", **kwargs):
+    def __init__(self, bundle: str, conf: dict[str, str], overrides: dict[str, Any], preset: str = APP_PRESET,
+                 **kwargs):
         super().__init__(bundle, conf, overrides, type=InferType.SEGMENTATION, preset=preset, **kwargs)
         self.labels = dict(EVIDENCE_LABELS)
         self.description = (f"Term / preterm decision and its LRP evidence ({preset}) on the scan: which class's "

@@ -156,6 +156,44 @@ class Trace:
             for handle in handles:
                 handle.remove()
         self.steps = self._build_steps(records, self.logits is last[0]())
+        self._sign_sources = self._relu_outputs(self.steps)
+        self._signs: dict[int, torch.Tensor] = {}  # consume mode: signs kept when their source is released
+
+    @staticmethod
+    def _relu_outputs(steps: list[_Step]) -> dict[int, int]:
+        """{linear step k: step j whose kept input is the output of the ReLU that follows k}: k's output passes
+        only through ReLU/Dropout/Identity modules (at least one ReLU) into module j, which keeps its input. Then
+        ``steps[j].x > 0`` is exactly ``z > 0`` of layer k (rules that choose by the sign of z use it)."""
+        sources = {}
+        for k, step in enumerate(steps):
+            if step.kind != "linear":
+                continue
+            j, relu = k + 1, False
+            while j < len(steps) and steps[j].kind == "pass":
+                relu = relu or isinstance(steps[j].module, nn.ReLU)
+                j += 1
+            if relu and j < len(steps) and steps[j].kind in ("linear", "avgpool", "maxpool") and steps[j].x is not None:
+                sources[k] = j
+        return sources
+
+    def _silent_nonpositive(self, k: int, comp: Composite, position: dict, count: int, steps: list[_Step]) -> bool:
+        """Whether no relevance can reach the outputs of linear step ``k`` where its ReLU gives 0: the layer that
+        takes the ReLU's output computes relevance proportional to its input (average pooling's z-rule, or a rule
+        with ``proportional``)."""
+        j = self._sign_sources.get(k)
+        if j is None:
+            return False
+        if steps[j].kind == "avgpool":
+            return True
+        return steps[j].kind == "linear" and comp.rule_for(position[j], count, steps[j].op).proportional
+
+    def _positive(self, k: int) -> torch.Tensor | None:
+        """``z > 0`` of linear step ``k`` where a ReLU follows it (see :meth:`_relu_outputs`), else None."""
+        if k in self._signs:
+            return self._signs.pop(k)
+        j = self._sign_sources.get(k)
+        source = None if j is None else self.steps[j].x
+        return None if source is None else source > 0
 
     @staticmethod
     def _build_steps(records, output_is_last: bool) -> list[_Step]:
@@ -261,20 +299,29 @@ class Trace:
                     modified = is_diff and k == linear_idx[-1]
                     key = (k, modified) + rule.cache_key()
                     stats = self._stats.get(key)
+                    sign, silent = {}, {}
+                    if getattr(rule, "uses_output_sign", False) and not modified:
+                        silent = {"silent": self._silent_nonpositive(k, comp, position, len(linear_idx), steps)}
+                        if stats is None:
+                            sign = {"positive": self._positive(k)}
                     if stats is None and not self.cache and hasattr(rule, "backward_once"):
-                        relevance = rule.backward_once(step.op, step.x, relevance)
+                        relevance = rule.backward_once(step.op, step.x, relevance, **sign, **silent)
                     else:
                         if stats is None:
-                            stats = rule.stats(step.op, step.x)
+                            stats = rule.stats(step.op, step.x, **sign)
                             if self.cache:
                                 self._stats[key] = stats
-                        relevance = rule.backward(step.op, step.x, relevance, stats, reuse=self.cache)
+                        relevance = rule.backward(step.op, step.x, relevance, stats, reuse=self.cache, **silent)
                     del stats
                 elif step.kind == "avgpool":
                     relevance = self._pool_backward(step, relevance, normalise=True)
                 elif step.kind == "maxpool":
                     relevance = self._pool_backward(step, relevance, normalise=False)
-                if self.consume:  # release what lies above the current layer
+                if self.consume:  # release what lies above the current layer (the signs a layer below needs kept)
+                    for below, source in self._sign_sources.items():
+                        rule_below = comp.rule_for(position[below], len(linear_idx), steps[below].op)
+                        if source == k and step.x is not None and getattr(rule_below, "uses_output_sign", False):
+                            self._signs[below] = step.x > 0
                     step.x = step.out = None
             dims = tuple(range(1, relevance.ndim))
             total = relevance.sum(dim=dims)

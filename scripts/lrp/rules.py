@@ -86,6 +86,7 @@ class Rule:
 
     kind: str = "rule"  # rules with the same kind share cached stats
     zero_bias: bool = False
+    proportional: bool = False  # R_i is x_i times something: no relevance for inputs that are 0 (e.g. after a ReLU)
 
     def __init__(self, zero_bias: bool = False):
         self.zero_bias = bool(zero_bias)
@@ -162,6 +163,7 @@ class AlphaBeta(_TwoCaseRule):
     alpha-beta preset reuses them."""
 
     kind = "alphabeta"
+    proportional = True
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6, zero_bias: bool = False):
         if alpha < 0 or beta < 0:
@@ -267,9 +269,16 @@ class Gamma(_TwoCaseRule):
     taken from the two denominators, whose sum is ``(2 + gamma) z_j`` (``+ (2 + gamma) b_j`` with ``zero_bias``), so
     no extra convolution is needed; it can differ from zennit's directly computed ``z_j`` only where ``|z_j|`` is at
     rounding level, and such outputs carry (almost) no relevance.
+
+    Where a ReLU follows the layer, the engine passes ``positive`` (``z_j > 0``, read off the ReLU's output that the
+    trace keeps anyway): outputs with ``z_j <= 0`` have activation 0 and receive no relevance from the layers above,
+    so only the first case is computed -- half the convolution of the stats. Should relevance arrive at such an
+    output after all (a rule above that is not proportional to its input), the backward pass computes both cases;
+    ``silent=True`` (the engine knows the layer above is proportional to its input) skips that check.
     """
 
     kind = "gamma"
+    proportional = True
 
     def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6, zero_bias: bool = False):
         if gamma < 0:
@@ -299,13 +308,31 @@ class Gamma(_TwoCaseRule):
         inv[:, n:].masked_fill_(not_negative, 0.0)
         return inv
 
-    def stats(self, op: LinearOp, x: torch.Tensor):
+    uses_output_sign = True  # the engine passes ``positive`` where it knows the sign of z_j from a following ReLU
+
+    def stats(self, op: LinearOp, x: torch.Tensor, positive: torch.Tensor | None = None):
         xin, ((u, bu), (v, bv)), signed = self._halves(op, x)
+        if positive is not None:  # z_j <= 0 carries no relevance: the first case only, zero where z_j <= 0
+            z = op.forward(xin, u, bu)
+            if positive.shape == z.shape:  # the factors at z_j <= 0 meet zero relevance (checked in backward)
+                inv = stabilized_reciprocal_(z, self.stabilizer)
+                return {"inv": inv, "weight": u, "signed": signed, "positive": positive}
+            del z
         weight = torch.cat([u, v])
         z = op.forward(xin, weight, None if bu is None else torch.cat([bu, bv]))
         return {"inv": self._factors_(z, op.bias), "weight": weight, "signed": signed}
 
-    def backward(self, op, x, relevance, st, reuse=True):
+    @staticmethod
+    def _reaches_nonpositive(relevance: torch.Tensor, positive: torch.Tensor) -> bool:
+        return bool(relevance.masked_fill(positive, 0.0).any())
+
+    def backward(self, op, x, relevance, st, reuse=True, silent=False):
+        if "positive" in st:
+            if not silent and self._reaches_nonpositive(relevance, st["positive"]):  # relevance at z <= 0: both cases
+                return self.backward(op, x, relevance, self.stats(op, x), reuse=False)
+            s = relevance * st["inv"]
+            return self._input_relevance(x, op.transpose(s, st["weight"], self._stacked_shape(x, st["signed"])),
+                                         st["signed"])
         n = op.weight.shape[0]
         inv = st["inv"]
         s_neg = relevance * inv[:, n:]
@@ -318,11 +345,27 @@ class Gamma(_TwoCaseRule):
             weight = st["weight"][:n]
         return self._input_relevance(x, op.transpose(s, weight, self._stacked_shape(x, st["signed"])), st["signed"])
 
-    def backward_once(self, op: LinearOp, x: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
-        """Same result as ``backward(op, x, R, stats(op, x))`` when the stats are not kept, in blocks of output
-        channels of at most ``ONCE_BLOCK_ELEMENTS`` elements per case."""
+    def backward_once(self, op: LinearOp, x: torch.Tensor, relevance: torch.Tensor,
+                      positive: torch.Tensor | None = None, silent: bool = False) -> torch.Tensor:
+        """Same result as ``backward(op, x, R, stats(op, x, positive))`` when the stats are not kept, in blocks of
+        output channels of at most ``ONCE_BLOCK_ELEMENTS`` elements per case."""
         xin, ((u, bu), (v, bv)), signed = self._halves(op, x)
         channels = op.weight.shape[0]
+        if (positive is not None and positive.shape == relevance.shape
+                and (silent or not self._reaches_nonpositive(relevance, positive))):
+            blocks = max(1, -(-relevance.numel() // ONCE_BLOCK_ELEMENTS))
+            block = -(-channels // min(blocks, channels))
+            grad = None
+            for start in range(0, channels, block):
+                part_of = slice(start, start + block)
+                inv = stabilized_reciprocal_(op.forward(xin, u[part_of], None if bu is None else bu[part_of]),
+                                             self.stabilizer)
+                inv.mul_(relevance[:, part_of])
+                part = op.transpose(inv, u[part_of], xin.shape)
+                del inv
+                grad = part if grad is None else grad.add_(part)
+                del part
+            return self._input_relevance(x, grad, signed)
         blocks = max(1, -(-2 * relevance.numel() // ONCE_BLOCK_ELEMENTS))
         block = -(-channels // min(blocks, channels))
         grad = None
@@ -350,6 +393,7 @@ class Epsilon(Rule):
     ``z_j = sum_i x_i w_ij + b_j`` (``b_j = 0`` with ``zero_bias``)."""
 
     kind = "epsilon"
+    proportional = True
 
     def __init__(self, epsilon: float = 1e-6, zero_bias: bool = False):
         super().__init__(zero_bias)

@@ -25,8 +25,13 @@ from monai.transforms import Invertd
 from scripts.lrp import LRP, Explanation, get_composite
 from scripts.runtime.outputs import input_path, relevance_path, save_nifti
 
-__all__ = ["Explained", "affine_of", "check_presets", "explain", "labels_to_original_grid", "to_original_grid",
-           "write_explanation"]
+__all__ = ["APP_PRESET", "Explained", "affine_of", "check_presets", "explain", "labels_to_original_grid",
+           "to_original_grid", "write_explanation"]
+
+# The LRP preset of the MONAI Label tasks and the MONAI Deploy app when their users do not pick one (Label:
+# ``--conf lrp_preset``, Deploy: ``PRETERM_LRP_PRESET``). The one place to change it; the apps' tests follow it.
+# (``configs/inference.json``'s ``lrp_presets`` -- the study's and ``run inference``'s maps -- is separate.)
+APP_PRESET = "a2b1"
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, app_preset
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +52,13 @@ def test_app_equals_run_inference(tmp_path, model_ts, reference):
         assert result["prediction_index"] == int(rows[subject]["prediction"])
         assert result["prediction"] == ("preterm" if result["prediction_index"] == 1 else "term")
 
-        handler = nib.load(out_ref / subject / f"{subject}_relevance_a2b1.nii.gz")
-        grid = nib.load(out / subject / f"{subject}_relevance_a2b1.nii.gz")
+        handler = nib.load(out_ref / subject / f"{subject}_relevance_{app_preset()}.nii.gz")
+        grid = nib.load(out / subject / f"{subject}_relevance_{app_preset()}.nii.gz")
         np.testing.assert_allclose(grid.get_fdata(), handler.get_fdata(), rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(grid.affine, handler.affine, atol=1e-5)
 
         source = nib.load(item["image"])
-        orig = nib.load(out / subject / f"{subject}_relevance_a2b1_orig.nii.gz")
+        orig = nib.load(out / subject / f"{subject}_relevance_{app_preset()}_orig.nii.gz")
         assert orig.shape == source.shape  # the input's grid ...
         np.testing.assert_allclose(orig.affine, source.affine, atol=1e-5)  # ... and the input's affine
         assert orig.get_data_dtype() == np.float32

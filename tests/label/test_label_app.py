@@ -12,7 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import ROOT, TINY_OVERRIDES
+from conftest import ROOT, TINY_OVERRIDES, app_preset
 
 APP_DIR = ROOT / "scripts" / "label_app"
 # compact JSON: the monailabel launcher (a shell script) splits arguments at spaces
@@ -56,11 +56,11 @@ def test_in_process_tasks(app, reference):
         # the network-grid map, as before the scan-grid default (request param grid=network)
         result = app.infer({"model": "relevance", "image": item["image"], "device": "cpu", "grid": "network"})
         returned = nib.load(result["file"])
-        handler = nib.load(out / subject / f"{subject}_relevance_a2b1.nii.gz")
+        handler = nib.load(out / subject / f"{subject}_relevance_{app_preset()}.nii.gz")
         np.testing.assert_allclose(returned.get_fdata(), handler.get_fdata(), rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(returned.affine, handler.affine, atol=1e-4)
         assert returned.get_data_dtype() == np.float32
-        assert result["params"]["preset"] == "a2b1" and result["params"]["grid"] == "network"
+        assert result["params"]["preset"] == app_preset() and result["params"]["grid"] == "network"
         assert result["params"]["probabilities"]["preterm"] == pytest.approx(
             float(rows[subject]["prob_preterm"]), abs=1e-5)
         os.remove(result["file"])

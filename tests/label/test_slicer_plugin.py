@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import requests
 import slicer_plugin as plugin
-from conftest import ROOT, TINY, TINY_OVERRIDES, run_bundle
+from conftest import ROOT, TINY, TINY_OVERRIDES, app_preset, run_bundle
 from slicer_client import MONAILabelClient, MONAILabelClientException, MONAILabelUtils
 
 from scripts.label_app.evidence import CLASS_NAMES, EVIDENCE_LABELS
@@ -75,15 +75,17 @@ def regridded(tmp_path_factory, reference) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def orig_reference(tmp_path_factory, trained, studies, regridded) -> Path:
-    """``run inference`` (a2b1, ``save_original_space=true``) on the studies' scans and the re-gridded NIfTI:
-    its output folder (``predictions.csv``, ``<subject>/<subject>_relevance_a2b1_orig.nii.gz``)."""
+    """``run inference`` (the apps' preset ``app_preset()``, ``save_original_space=true``) on the studies' scans and
+    the re-gridded NIfTI: its output folder (``predictions.csv``,
+    ``<subject>/<subject>_relevance_<preset>_orig.nii.gz``)."""
     ckpt_dir, _ = trained
     inputs = tmp_path_factory.mktemp("orig_inputs")
     for path in [*studies.glob("*.nii.gz"), regridded["nifti"]]:
         (inputs / path.name).symlink_to(path)
     out = tmp_path_factory.mktemp("orig_reference")
     run_bundle("inference", "configs/inference.json", "--dataset_dir", str(inputs), "--ckpt_dir", str(ckpt_dir),
-               "--output_dir", str(out), "--lrp_presets", "['a2b1']", "--save_original_space", "true", *TINY)
+               "--output_dir", str(out), "--lrp_presets", json.dumps([app_preset()]), "--save_original_space", "true",
+               *TINY)
     return out
 
 
@@ -204,7 +206,7 @@ def test_next_sample_runs_the_evidence_task(server, reference, studies, tmp_path
     row = rows[subject_of(sample["path"])]
     _assert_shows_decision(data, names, params, CLASS_NAMES[int(row["prediction"])])
     _assert_probabilities(params, row)
-    assert params["preset"] == "a2b1" and params["target"] == int(row["prediction"])
+    assert params["preset"] == app_preset() and params["target"] == int(row["prediction"])
     assert np.isfinite(params["conservation"])
 
 
@@ -234,7 +236,7 @@ def test_plugin_client_takes_every_reply(server, studies, orig_reference, tmp_pa
     data, _ = _read(result)
     assert data.dtype == np.float32 and params["result_dtype"] == "float32"
     _assert_same_grid(result, image)
-    handler, _ = _read(orig_reference / subject / f"{subject}_relevance_a2b1_orig.nii.gz")
+    handler, _ = _read(orig_reference / subject / f"{subject}_relevance_{app_preset()}_orig.nii.gz")
     np.testing.assert_allclose(data, handler, rtol=1e-5, atol=1e-7)
     _assert_probabilities(params, rows[subject])
 
@@ -250,7 +252,7 @@ def test_regridded_scan_as_nifti_and_nrrd(server, regridded, orig_reference, tmp
     """A 0.8 mm, PIR, tilted copy of a scan, uploaded as Slicer uploads a volume it loaded (NIfTI, and NRRD with
     Slicer's file extension setting on .nrrd): results lie on its own grid and match ``run inference``."""
     row = _predictions(orig_reference)[REGRID]
-    handler, _ = _read(orig_reference / REGRID / f"{REGRID}_relevance_a2b1_orig.nii.gz")
+    handler, _ = _read(orig_reference / REGRID / f"{REGRID}_relevance_{app_preset()}_orig.nii.gz")
     client = MONAILabelClient(server, tmpdir=str(tmp_path))
     info = client.info()
     maps = {}
@@ -287,8 +289,8 @@ def test_curl_requests_keep_working(server, reference, orig_reference, tmp_path)
     scores = {p["label"]: p["score"] for p in response.json()["prediction"]}
     _assert_probabilities({"probabilities": scores}, _predictions(out)[subject])
 
-    for params, handler in (({}, orig_reference / subject / f"{subject}_relevance_a2b1_orig.nii.gz"),
-                            ({"grid": "network"}, out / subject / f"{subject}_relevance_a2b1.nii.gz")):
+    for params, handler in (({}, orig_reference / subject / f"{subject}_relevance_{app_preset()}_orig.nii.gz"),
+                            ({"grid": "network"}, out / subject / f"{subject}_relevance_{app_preset()}.nii.gz")):
         response = _curl(server, "relevance", item, "image", params)
         assert response.status_code == 200, response.text
         returned = tmp_path / "relevance.nii.gz"  # the input's extension
