@@ -31,7 +31,7 @@ __all__ = ["APP_PRESET", "Explained", "affine_of", "check_presets", "explain", "
 # The LRP preset of the MONAI Label tasks and the MONAI Deploy app when their users do not pick one (Label:
 # ``--conf lrp_preset``, Deploy: ``PRETERM_LRP_PRESET``). The one place to change it; the apps' tests follow it.
 # (``configs/inference.json``'s ``lrp_presets`` -- the study's and ``run inference``'s maps -- is separate.)
-APP_PRESET = "a2b1"
+APP_PRESET = "epsilon_gamma_box"
 
 
 @dataclass
