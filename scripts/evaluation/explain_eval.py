@@ -41,6 +41,7 @@ from scripts.evaluation.explanation_metrics import (
     blurred_within,
     brain_patches,
     mass_accuracy,
+    median_quartiles,
     per_step,
     perturbation_curve,
     perturbation_orders,
@@ -175,17 +176,8 @@ def evaluate(args) -> tuple[list[dict], dict, dict, dict]:
     return rows, curves, panel, timing
 
 
-def _stats(values) -> tuple[float, float, float]:
-    """(median, first quartile, third quartile) of the finite values; NaN when there are none."""
-    values = np.asarray([v for v in values if v == v], dtype=np.float64)
-    if not values.size:
-        return float("nan"), float("nan"), float("nan")
-    q1, median, q3 = np.percentile(values, [25, 50, 75])
-    return float(median), float(q1), float(q3)
-
-
 def _median_iqr(values, digits: int = 2) -> str:
-    median, q1, q3 = _stats(values)
+    median, q1, q3 = median_quartiles(values)
     return "-" if median != median else f"{median:.{digits}f} [{q1:.{digits}f}, {q3:.{digits}f}]"
 
 
@@ -202,12 +194,12 @@ def summarise(rows: list[dict], patches) -> list[dict]:
         for patch in patches:
             for key in ("abpc", "morf", "lerf"):
                 row[f"{key}_{patch}"] = _median_iqr(r[f"{key}_{patch}"] for r in mine)
-                row[f"{key}_{patch}_median"] = _stats(r[f"{key}_{patch}"] for r in mine)[0]
+                row[f"{key}_{patch}_median"] = median_quartiles(r[f"{key}_{patch}"] for r in mine)[0]
         for key in LOCALISATION:
             values = [r[key] for r in mine if r[key] == r[key]]
             row[key] = float(np.mean(values)) if values else float("nan")
         for key in ("seconds", "peak_mb", "conservation_error"):
-            row[key] = _stats(r[key] for r in mine)[0]
+            row[key] = median_quartiles(r[key] for r in mine)[0]
         out.append(row)
     return out
 

@@ -173,3 +173,13 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 1.0, window: int = 7)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     value = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
     return float(value.mean())
+
+
+def median_quartiles(values) -> tuple[float, float, float]:
+    """(median, first quartile, third quartile) of the finite values; NaN when there are none (the spread over
+    subjects that explain_eval and sanity report)."""
+    values = np.asarray([v for v in values if v == v], dtype=np.float64)
+    if not values.size:
+        return float("nan"), float("nan"), float("nan")
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    return float(median), float(q1), float(q3)

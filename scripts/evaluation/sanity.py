@@ -44,7 +44,7 @@ from torch import nn
 from scripts import BUNDLE_ROOT
 from scripts.evaluation.explain_eval import load_model, load_subjects, select_subjects
 from scripts.evaluation.explainers import GRADIENT_METHODS, LRP_METHODS, compute_maps, forward_seconds
-from scripts.evaluation.explanation_metrics import magnitude_scaled, rank_correlation, ssim
+from scripts.evaluation.explanation_metrics import magnitude_scaled, median_quartiles, rank_correlation, ssim
 from scripts.evaluation.tables import markdown_table, save_figure
 from scripts.runtime.errors import report_input_errors
 from scripts.runtime.outputs import atomic_write_text, write_csv
@@ -176,14 +176,6 @@ def class_rows(network: nn.Module, x: torch.Tensor, brain: np.ndarray, explain: 
     return rows
 
 
-def _median_iqr(values) -> tuple[float, float, float]:
-    values = np.asarray([v for v in values if v == v], dtype=np.float64)
-    if not values.size:
-        return float("nan"), float("nan"), float("nan")
-    q1, med, q3 = np.percentile(values, [25, 50, 75])
-    return float(med), float(q1), float(q3)
-
-
 def randomisation_verdicts(rows: list[dict], threshold: float = RANDOMISATION_THRESHOLD) -> list[dict]:
     """Per method: median (IQR) over subjects of each similarity after randomising every layer, the first step
     whose median rank correlation of |map| is below ``threshold``, and pass/fail."""
@@ -194,11 +186,11 @@ def randomisation_verdicts(rows: list[dict], threshold: float = RANDOMISATION_TH
         final = [r for r in mine if r["step"] == last]
         row = {"method": method, "subjects": len(final)}
         for key in ("rank_abs", "rank_signed", "ssim_abs"):
-            row[key], row[f"{key}_q1"], row[f"{key}_q3"] = _median_iqr(r[key] for r in final)
+            row[key], row[f"{key}_q1"], row[f"{key}_q3"] = median_quartiles(r[key] for r in final)
         first = None
         for step in range(1, last + 1):
             at = [r for r in mine if r["step"] == step]
-            if _median_iqr(r["rank_abs"] for r in at)[0] < threshold:
+            if median_quartiles(r["rank_abs"] for r in at)[0] < threshold:
                 first = at[0]["randomised"]
                 break
         row["decorrelated_from"] = f"+{first}" if first else "never"
@@ -216,7 +208,7 @@ def class_verdicts(rows: list[dict], threshold: float = CLASS_THRESHOLD) -> list
         row = {"method": method, "subjects": len(mine)}
         for a, b in CLASS_PAIRS:
             key = f"rho_{a}_{b}"
-            row[key], row[f"{key}_q1"], row[f"{key}_q3"] = _median_iqr(r[key] for r in mine)
+            row[key], row[f"{key}_q1"], row[f"{key}_q3"] = median_quartiles(r[key] for r in mine)
         row["verdict"] = "pass" if row["rho_term_preterm"] < threshold else "FAIL"
         out.append(row)
     return out
