@@ -8,7 +8,6 @@ import csv
 import hashlib
 import html.parser
 import json
-import os
 import re
 import shutil
 import time
@@ -17,10 +16,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from browser import browser_page, open_pages
 from conftest import run_bundle, tiny_args
 
 from scripts.runtime.outputs import input_path, relevance_path, report_image, report_index, report_page, write_csv
-from scripts.runtime.report import build_report
+from scripts.runtime.report import build_report, copy_report
 from scripts.runtime.visual import brain_mask, symmetric_limit
 
 
@@ -144,6 +144,9 @@ def test_report_contents_on_a_tiny_cohort(report_run, trained):
         assert any(h.endswith(f"{subject}_relevance_a1b0.nii.gz") for h in hrefs)  # the others linked as files
         assert (page_path.parent / next(h for h in hrefs if h.endswith("_relevance_a1b0.nii.gz"))).is_file()
         assert "Positive relevance per tissue" in page_path.read_text()  # the datalist gives tissue maps
+        start = next(r["start_relevance"] for r in csv.DictReader((out / "relevance.csv").open())
+                     if r["subject"] == subject and r["preset"] == "a2b1")
+        assert f"<td>a2b1</td><td class=\"num\">{start}</td>" in page_path.read_text()  # the explained logit
     assert not list(out.rglob("*.tmp*"))
 
 
@@ -168,6 +171,32 @@ def test_report_rerun_updates_it_and_the_switch_turns_it_off(report_run, cohort,
     off = tmp_path / "off"
     run_bundle("inference", "configs/inference.json", *common, "--output_dir", str(off), *tiny_args(report=False))
     assert (off / "predictions.csv").is_file() and not (off / "report").exists()
+
+
+def test_a_copied_report_is_complete_on_its_own(report_run, tmp_path):
+    """copy_report (the study's test_report/): pages and mosaics copied; every link left in the copy leads to a
+    file inside it, the links to the run's NIfTIs and tables become their plain names; a second copy replaces the
+    first."""
+    out, _, _, _ = report_run
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "stale.html").write_text("from an earlier copy")
+    index = copy_report(out, tmp_path / "copy")
+    assert index == tmp_path / "copy" / "index.html" and not (tmp_path / "copy" / "stale.html").exists()
+    source = sorted(p.relative_to(out / "report") for p in (out / "report").rglob("*") if p.is_file())
+    assert sorted(p.relative_to(tmp_path / "copy") for p in (tmp_path / "copy").rglob("*") if p.is_file()) == source
+    for page_path in (tmp_path / "copy").rglob("*.html"):
+        page = _page(page_path)
+        for target in page.links + [image["src"] for image in page.images]:
+            resolved = (page_path.parent / target).resolve()
+            assert resolved.is_file() and resolved.is_relative_to(tmp_path / "copy"), (page_path, target)
+    subject = next(p.parent.name for p in (tmp_path / "copy").glob("*/index.html"))
+    text = (tmp_path / "copy" / subject / "index.html").read_text()
+    assert f'<span class="muted">{subject}_relevance_a1b0.nii.gz</span>' in text  # the file named, not linked
+    assert (tmp_path / "copy" / subject / f"{subject}_mosaic_a2b1.png").read_bytes() == report_image(
+        out, subject, "mosaic_a2b1").read_bytes()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-built copy left
+    with pytest.raises(FileNotFoundError, match="no run report"):
+        copy_report(tmp_path / "nothing", tmp_path / "copy2")
 
 
 def _tiny_run(folder: Path, subjects: list[str], qc: dict[str, tuple[str, str]] | None = None) -> None:
@@ -219,6 +248,15 @@ def test_report_shows_qc_columns_and_a_map_that_cannot_be_read(tmp_path):
     assert not report_image(tmp_path, "s03", "mosaic_a2b1").exists()  # a failed map: no broken image
     assert report_image(tmp_path, "s00", "mosaic_a2b1").is_file()
 
+    # a negative explained logit is said on the page (the whole alpha1-beta0 map is then negative)
+    rows = list(csv.DictReader((tmp_path / "relevance.csv").open()))
+    for r in rows:
+        r["start_relevance"] = "-0.05" if r["subject"] == "s04" else "2.0"
+    write_csv(rows, tmp_path / "relevance.csv")
+    build_report(tmp_path, presets=["a2b1"])
+    assert "explained logit is negative" in report_page(tmp_path, "s04").read_text()
+    assert "explained logit is negative" not in report_page(tmp_path, "s05").read_text()
+
     # without QC columns (QC not installed): no QC column, no QC line
     plain = tmp_path / "plain"
     _tiny_run(plain, subjects[:2])
@@ -238,46 +276,25 @@ def test_report_of_many_subjects_stays_light(tmp_path):
     assert all(report_page(tmp_path, s).stat().st_size < 20_000 for s in subjects)
 
 
-def _chromium() -> str | None:
-    return os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 def test_report_in_a_headless_browser(report_run, tmp_path):
     """Opened from disk in Debian's Chromium (headless, through Playwright's Python package; no browser download):
     every image loads, no console error, one table row per subject; screenshots saved under tmp_path."""
-    browser_path = _chromium()
-    if browser_path is None:
-        pytest.skip("Chromium is not installed and could not be installed (bash run.sh test installs the Debian "
-                    "package 'chromium' where apt-get is allowed): the browser test of the run report is skipped")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (requirements-dev.txt) is not installed")
     out, test_items, _, _ = report_run
     pages = [report_index(out)] + [report_page(out, s) for s in sorted(
         r["subject"] for r in csv.DictReader((out / "predictions.csv").open()))]
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            problems = []
-            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-            page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
-            for n, path in enumerate(pages):
-                page.goto(path.as_uri())
-                page.wait_for_load_state("load")
-                broken = page.evaluate("[...document.images].filter(i => !(i.complete && i.naturalWidth > 0))"
-                                       ".map(i => i.src)")
-                assert not broken, f"{path}: images that do not load: {broken}"
-                if n == 0:
-                    assert page.locator("table#predictions tbody tr").count() == len(test_items)
-                    page.screenshot(path=str(tmp_path / "report_index.png"), full_page=True)
-                else:
-                    assert page.evaluate("document.images.length") == 1
-                    width = page.evaluate("document.images[0].naturalWidth")
-                    assert width >= 600  # readable at its natural size
-                    if n == 1:
-                        page.screenshot(path=str(tmp_path / "report_subject.png"), full_page=True)
-            assert not problems, problems
-        finally:
-            browser.close()
+
+    def check(n: int, path: Path) -> None:
+        if n == 0:
+            assert page.locator("table#predictions tbody tr").count() == len(test_items)
+            page.screenshot(path=str(tmp_path / "report_index.png"), full_page=True)
+        else:
+            assert page.evaluate("document.images.length") == 1
+            assert page.evaluate("document.images[0].naturalWidth") >= 600  # readable at its natural size
+            if n == 1:
+                page.screenshot(path=str(tmp_path / "report_subject.png"), full_page=True)
+
+    with browser_page("the run report") as (page, problems):
+        open_pages(page, pages, check)
+        assert not problems, problems
     assert (tmp_path / "report_index.png").stat().st_size > 10_000
     assert (tmp_path / "report_subject.png").stat().st_size > 10_000

@@ -30,14 +30,20 @@ def mean_volume(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, np.ndar
 
 
 def tissue_shares_table(per_subject: Mapping[tuple[str, str], list[dict[str, tuple]]]) -> list[dict]:
-    """Rows (class, preset, tissue, relevance share, volume share, enrichment) averaged over subjects, each
-    subject weighted equally. ``per_subject[(class, preset)]`` is a list of ``relevance_by_tissue`` results."""
+    """Rows (class, preset, tissue, subjects, relevance share, volume share, enrichment) averaged over subjects, each
+    subject weighted equally. ``per_subject[(class, preset)]`` is a list of ``relevance_by_tissue`` results.
+
+    A map without positive relevance has no relevance shares (NaN): alpha1-beta0 propagates the sign of the
+    explained logit, so when the predicted class's logit is negative the whole map is negative. Such subjects are
+    left out of the relevance share (``subjects`` counts the subjects it averages; NaN when none has one); the
+    volume share averages every subject."""
     rows = []
     for (cls, preset), shares in per_subject.items():
+        defined = [s for s in shares if not any(np.isnan(v[0]) for v in s.values())]
         for tissue in shares[0]:
-            rel = float(np.mean([s[tissue][0] for s in shares]))
+            rel = float(np.mean([s[tissue][0] for s in defined])) if defined else float("nan")
             vol = float(np.mean([s[tissue][1] for s in shares]))
-            rows.append({"class": cls, "preset": preset, "tissue": tissue, "subjects": len(shares),
+            rows.append({"class": cls, "preset": preset, "tissue": tissue, "subjects": len(defined),
                          "relevance_share": rel, "volume_share": vol,
                          "enrichment": rel / vol if vol > 0 else float("nan")})
     return rows

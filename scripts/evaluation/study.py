@@ -2,7 +2,8 @@
 training split, training of the best setting on the whole training split, one evaluation on the held-out test
 split, the misclassified babies' birth ages, group-averaged LRP maps per class (Figure 2) and the share of
 relevance per tissue class; ``study.md`` and ``study.html`` (the same with its figures, and every test subject
-linked to its page of the test inference's run report).
+linked to its page of the test inference's run report, copied into ``test_report/`` of the output folder so that
+the folder is complete on its own).
 
     python -m scripts.evaluation.study                                  # built-in synthetic cohort, full settings
     python -m scripts.evaluation.study --reduced --output docs/results  # 2 mm / smaller network / shorter grid
@@ -35,6 +36,7 @@ import logging
 import logging.config
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -82,7 +84,7 @@ from scripts.runtime.outputs import (
     subject_name,
     write_csv,
 )
-from scripts.runtime.report import html_page, html_table
+from scripts.runtime.report import copy_report, html_page, html_table
 
 logger = logging.getLogger("scripts.evaluation.study")
 
@@ -93,6 +95,7 @@ REDUCED = {"pixdim": [2.0, 2.0, 2.0], "spatial_shape": [64, 48, 48], "channels":
 PRESETS = ["a1b0", "a2b1", "a3b2"]
 FINAL_LOCK = "final.lock"  # in --work_dir: held by the process that runs the final stage
 FINAL_DONE = "final/done.json"  # in --work_dir: what the last final stage was run on
+STUDY_REPORT = "test_report"  # in --output: the copy of the test inference's run report that study.html links to
 SHARDING_OPTIONS = {"--shard": 1, "--jobs": 1, "--threads": 1, "--merge": 0}  # option -> number of values
 
 
@@ -186,11 +189,14 @@ def _markdown(summary, best, metrics, mis, anatomy, info, timings, args, common)
     if anatomy:
         lines += ["## Share of positive relevance per tissue class (correctly classified test subjects)", "",
                   "Relevance share = the tissue's part of the positive relevance; volume share = its part of the "
-                  "voxels of the network input; enrichment = relevance share / volume share (1 = no preference).",
+                  "voxels of the network input; enrichment = relevance share / volume share (1 = no preference). "
+                  "Subjects: those whose map has positive relevance (alpha1-beta0 keeps the sign of the explained "
+                  "logit: where the predicted class's logit is negative, its whole map is negative and has no "
+                  "relevance shares); the volume share is over all correctly classified subjects of the class.",
                   ""]
         csf = [r for r in anatomy if r["tissue"] in ("csf", "ventricles")]
         lines.append(markdown_table(
-            csf, ["class", "preset", "tissue", "relevance_share", "volume_share", "enrichment"]))
+            csf, ["class", "preset", "tissue", "subjects", "relevance_share", "volume_share", "enrichment"]))
         lines += ["All tissue classes: `study_anatomy.csv`.", ""]
     lines += ["## Figure", "", "![group maps](study_group_relevance.png)", "",
               "Rows: correctly classified preterm and term test subjects; columns: the average network input, then "
@@ -206,21 +212,19 @@ def _markdown(summary, best, metrics, mis, anatomy, info, timings, args, common)
     return "\n".join(lines)
 
 
-def _html(markdown: str, rows: list[dict], maps_dir: Path, output: Path) -> str:
+def _html(markdown: str, rows: list[dict], output: Path, report: str | None = STUDY_REPORT) -> str:
     """study.md as HTML with its figures, and the test subjects, each linked to its page of the run report of the
-    test inference (``<work_dir>/final/test/report/``, relative links)."""
-    index = report_index(maps_dir)
+    test inference (its copy in the folder ``report`` of ``output``; relative links)."""
     body = [markdown_to_html(markdown), "<h2>Test subjects</h2>"]
-    if index.is_file():
-        link = quote(Path(os.path.relpath(index, output)).as_posix())
+    if report is not None and report_index(output, report).is_file():
+        link = quote(report_index(".", report).as_posix())
         body.append(f'<p>Each subject links to its page of the <a href="{link}">run report</a> of the test inference '
                     "(relevance mosaics of every subject, decision and probability).</p>")
     table = []
     for r in rows:
-        page = report_page(maps_dir, r["subject"])
         name = html.escape(r["subject"])
-        if page.is_file():
-            name = f'<a href="{quote(Path(os.path.relpath(page, output)).as_posix())}">{name}</a>'
+        if report is not None and report_page(output, r["subject"], report).is_file():
+            name = f'<a href="{quote(report_page(".", r["subject"], report).as_posix())}">{name}</a>'
         table.append([name, r["class"], f"{r['birth_age']}", f"{r['scan_age']}", f"{r['prob_preterm']:.3f}",
                       CLASS_NAMES[r["prediction"]], "yes" if r["correct"] else "<b>no</b>"])
     body.append(html_table(["subject", "class", "birth age", "scan age", "p(preterm)", "prediction", "correct"],
@@ -363,7 +367,11 @@ def final_stage(args, common: dict, info: dict, settings: list[dict], cv_rows: l
     timings["report"] = time.perf_counter() - start
     markdown = _markdown(summary, best, metrics, mis, anatomy, info, timings, args, common)
     atomic_write_text(markdown, output / "study.md")
-    atomic_write_text(_html(markdown, rows, maps_dir, output), output / "study.html")
+    if report_index(maps_dir).is_file():  # the report can be switched off (override {"report": false})
+        copy_report(maps_dir, output / STUDY_REPORT)
+    else:
+        shutil.rmtree(output / STUDY_REPORT, ignore_errors=True)  # no stale copy of an earlier report
+    atomic_write_text(_html(markdown, rows, output), output / "study.html")
     logger.info("study written to %s (work files in %s)", output, work)
     return {"metrics": metrics, "best": best, "anatomy": anatomy, "summary": summary, "rows": rows}
 

@@ -82,14 +82,14 @@ def input_path(output_dir: str | os.PathLike, subject: str) -> Path:
 REPORT_FOLDER = "report"
 
 
-def report_index(output_dir: str | os.PathLike) -> Path:
-    """The run report's first page: ``<output_dir>/report/index.html``."""
-    return Path(output_dir) / REPORT_FOLDER / "index.html"
+def report_index(output_dir: str | os.PathLike, folder: str = REPORT_FOLDER) -> Path:
+    """The run report's first page: ``<output_dir>/report/index.html`` (``folder``: a copy's folder instead)."""
+    return Path(output_dir) / folder / "index.html"
 
 
-def report_page(output_dir: str | os.PathLike, subject: str) -> Path:
+def report_page(output_dir: str | os.PathLike, subject: str, folder: str = REPORT_FOLDER) -> Path:
     """A subject's page of the run report: ``<output_dir>/report/<subject>/index.html``."""
-    return Path(output_dir) / REPORT_FOLDER / subject / "index.html"
+    return Path(output_dir) / folder / subject / "index.html"
 
 
 def report_image(output_dir: str | os.PathLike, subject: str, what: str) -> Path:

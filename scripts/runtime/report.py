@@ -20,11 +20,13 @@ import hashlib
 import html
 import logging
 import os
+import re
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import ignite.distributed as idist
 import numpy as np
@@ -42,7 +44,8 @@ from scripts.runtime.outputs import (
 )
 from scripts.runtime.visual import COLOUR_RULE, overlay_mosaic, save_mosaic
 
-__all__ = ["CLASSES", "RunReport", "build_report", "html_page", "html_table", "qc_flag", "relevance_by_tissue"]
+__all__ = ["CLASSES", "RunReport", "build_report", "copy_report", "html_page", "html_table", "qc_flag",
+           "relevance_by_tissue"]
 
 logger = logging.getLogger(__name__)
 CLASSES = ("term", "preterm")
@@ -255,13 +258,18 @@ def _subject_page(output_dir: Path, subject: _Subject, preset: str, presets: Seq
     for p in presets:
         r = relevance_rows.get((subject.name, p), {})
         nifti = relevance_path(output_dir, subject.name, p)
-        rows.append([html.escape(p), _fmt(_float(r.get("conservation")), 3),
-                     html.escape(r.get("relevance_sum", "-") or "-"), _class_name(_int(r.get("target"))),
+        rows.append([html.escape(p), html.escape(r.get("start_relevance", "-") or "-"),
+                     _fmt(_float(r.get("conservation")), 3), html.escape(r.get("relevance_sum", "-") or "-"),
+                     _class_name(_int(r.get("target"))),
                      _link(nifti, here, nifti.name) if nifti.is_file() else '<span class="muted">missing</span>'])
     if rows:
         body += ["<h2>Relevance maps</h2>",
-                 html_table(["preset", "conservation", "relevance sum", "explained class", "NIfTI"], rows,
-                            numeric=[False, True, True, False, False])]
+                 html_table(["preset", "explained logit", "conservation", "relevance sum", "explained class",
+                             "NIfTI"], rows, numeric=[False, True, True, True, False, False])]
+        if _float(relevance_rows.get((subject.name, presets[0]), {}).get("start_relevance"), 0.0) < 0:
+            body.append('<p class="muted">The explained logit is negative, so the map starts from negative '
+                        "relevance: alpha-beta rules keep that sign, and an alpha1-beta0 map is then entirely "
+                        "negative (blue), although the class was predicted.</p>")
     network_input = input_path(output_dir, subject.name)
     if network_input.is_file():
         body.append(f"<p>Network input: {_link(network_input, here, network_input.name)}</p>")
@@ -419,6 +427,46 @@ def build_report(output_dir: str | os.PathLike, presets: Sequence[str] | None = 
     logger.info("run report: %s (%d subjects, %d failed) in %.1f s", index, len(subjects),
                 sum(s.failed for s in subjects), time.perf_counter() - start)
     return index
+
+
+_LINK = re.compile(r'<a href="([^"]*)">(.*?)</a>', re.S)
+
+
+def copy_report(output_dir: str | os.PathLike, destination: str | os.PathLike) -> Path:
+    """Copy the run report of ``output_dir`` (its pages and mosaics) to the folder ``destination`` so that it can
+    travel without the run's folder, e.g. beside a study's results: a link that leads out of the report (a NIfTI,
+    a table of the run) becomes its plain text, so the copy has no broken link. The copy is built beside
+    ``destination`` and moved into place, so a reader never sees half of it; returns the copy's index page."""
+    source = report_index(output_dir).parent.resolve()
+    if not report_index(output_dir).is_file():
+        raise FileNotFoundError(f"no run report to copy: {report_index(output_dir)} does not exist")
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    building = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
+    shutil.rmtree(building, ignore_errors=True)
+
+    def local(match: re.Match, page: Path) -> str:
+        target = (page.parent / unquote(match.group(1))).resolve()
+        return match.group(0) if target.is_relative_to(source) else f'<span class="muted">{match.group(2)}</span>'
+
+    try:
+        for path in sorted(source.rglob("*")):
+            if path.name.startswith(".") or not path.is_file():
+                continue  # an atomic write of the report in progress, or not a file
+            copy = building / path.relative_to(source)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            if path.suffix == ".html":
+                copy.write_text(_LINK.sub(lambda m, page=path: local(m, page), path.read_text()))
+            else:
+                shutil.copyfile(path, copy)
+        old = destination.with_name(f".{destination.name}.{os.getpid()}.old")
+        if destination.exists():
+            destination.rename(old)
+        building.rename(destination)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return destination / "index.html"
 
 
 class RunReport:
