@@ -8,8 +8,10 @@ import csv
 import hashlib
 import html.parser
 import json
+import os
 import re
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -189,7 +191,11 @@ def test_a_copied_report_is_complete_on_its_own(report_run, tmp_path):
         for target in page.links + [image["src"] for image in page.images]:
             resolved = (page_path.parent / target).resolve()
             assert resolved.is_file() and resolved.is_relative_to(tmp_path / "copy"), (page_path, target)
-    subject = next(p.parent.name for p in (tmp_path / "copy").glob("*/index.html"))
+    subjects = sorted(p.parent.name for p in (tmp_path / "copy").glob("*/index.html"))
+    assert {f"{s}/index.html" for s in subjects} <= set(_page(index).links)  # the report's own links are kept
+    for page_path in (tmp_path / "copy").glob("*/index.html"):
+        assert "../index.html" in _page(page_path).links  # "all subjects"
+    subject = subjects[0]
     text = (tmp_path / "copy" / subject / "index.html").read_text()
     assert f'<span class="muted">{subject}_relevance_a1b0.nii.gz</span>' in text  # the file named, not linked
     assert (tmp_path / "copy" / subject / f"{subject}_mosaic_a2b1.png").read_bytes() == report_image(
@@ -197,6 +203,18 @@ def test_a_copied_report_is_complete_on_its_own(report_run, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-built copy left
     with pytest.raises(FileNotFoundError, match="no run report"):
         copy_report(tmp_path / "nothing", tmp_path / "copy2")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(FileExistsError, match="a_file: it exists and is not a folder"):
+        copy_report(out, tmp_path / "a_file")
+
+    # the half-built copy of a killed run is removed by the next copy; that of a live process is kept
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale, live = tmp_path / f".copy.{gone.pid}.x1.tmp", tmp_path / f".copy.{os.getpid()}.x2.tmp"
+    for folder in (stale, live):
+        (folder / "sub").mkdir(parents=True)
+    copy_report(out, tmp_path / "copy")
+    assert not stale.exists() and live.exists()
 
 
 def _tiny_run(folder: Path, subjects: list[str], qc: dict[str, tuple[str, str]] | None = None) -> None:

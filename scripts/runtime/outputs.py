@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -195,8 +196,9 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike, depth: int = 2) -> list[Path]:
-    """Delete temporaries of ``atomic_target_for`` left in ``folder`` (and ``depth`` levels below) by a writer that
-    no longer runs (killed); those of live processes (other ranks, other jobs) are kept. Returns what was removed."""
+    """Delete temporaries of ``atomic_target_for`` (and the folders of ``report.copy_report``) left in ``folder``
+    (and ``depth`` levels below) by a writer that no longer runs (killed); those of live processes (other ranks,
+    other jobs) are kept. Returns what was removed."""
     folder = Path(folder)
     removed: list[Path] = []
     if not folder.is_dir():
@@ -206,8 +208,11 @@ def remove_stale_temporaries(folder: str | os.PathLike, depth: int = 2) -> list[
         for tmp in folder.glob(pattern):
             parts = tmp.name.split(".")
             pid = next((int(p) for p in parts[2:3] if p.isdigit()), None)
-            if pid is not None and not _alive(pid) and tmp.is_file():
-                tmp.unlink(missing_ok=True)
+            if pid is not None and not _alive(pid):
+                if tmp.is_dir():  # a folder built whole before it is moved into place (report.copy_report)
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    tmp.unlink(missing_ok=True)
                 removed.append(tmp)
     return removed
 

@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -38,6 +39,7 @@ from scripts.runtime.outputs import (
     read_rows,
     read_volume,
     relevance_path,
+    remove_stale_temporaries,
     report_image,
     report_index,
     report_page,
@@ -441,9 +443,13 @@ def copy_report(output_dir: str | os.PathLike, destination: str | os.PathLike) -
     if not report_index(output_dir).is_file():
         raise FileNotFoundError(f"no run report to copy: {report_index(output_dir)} does not exist")
     destination = Path(destination)
+    if destination.exists() and not destination.is_dir():
+        raise FileExistsError(f"cannot copy the run report to {destination}: it exists and is not a folder")
     destination.parent.mkdir(parents=True, exist_ok=True)
-    building = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
-    shutil.rmtree(building, ignore_errors=True)
+    remove_stale_temporaries(destination.parent, depth=0)  # the half-built copy of a killed run
+    building = Path(tempfile.mkdtemp(prefix=f".{destination.name}.{os.getpid()}.", suffix=".tmp",
+                                     dir=destination.parent))
+    old = building.with_name(f"{building.name}-old")
 
     def local(match: re.Match, page: Path) -> str:
         target = (page.parent / unquote(match.group(1))).resolve()
@@ -459,13 +465,18 @@ def copy_report(output_dir: str | os.PathLike, destination: str | os.PathLike) -
                 copy.write_text(_LINK.sub(lambda m, page=path: local(m, page), path.read_text()))
             else:
                 shutil.copyfile(path, copy)
-        old = destination.with_name(f".{destination.name}.{os.getpid()}.old")
+        building.chmod(0o755)  # mkdtemp makes it private; the copy is for readers
         if destination.exists():
             destination.rename(old)
-        building.rename(destination)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            building.rename(destination)
+        except OSError:
+            if old.exists() and not destination.exists():
+                old.rename(destination)  # the earlier copy stays in place
+            raise
     finally:
         shutil.rmtree(building, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return destination / "index.html"
 
 
