@@ -117,9 +117,8 @@ def _run_dir_and_overrides(setting: dict, fold: int, common: dict, work_dir: Pat
                      "output_dir": str(run_dir)}
 
 
-def _finished(setting: dict, fold: int, common: dict, work_dir: Path) -> dict | None:
-    """The result of a run finished with these overrides, else None."""
-    run_dir, overrides = _run_dir_and_overrides(setting, fold, common, work_dir)
+def _finished(run_dir: Path, overrides: dict) -> dict | None:
+    """The result of the run in ``run_dir`` if it finished with these overrides, else None."""
     result_file = run_dir / "result.json"
     result = json.loads(result_file.read_text()) if result_file.is_file() else None
     return result if result is not None and same_run(result.get("overrides"), overrides) else None
@@ -142,7 +141,7 @@ def run_cv(settings: list[dict], folds: Sequence[int], common: dict, work_dir: P
     for setting, fold in bar:
         run_dir, overrides = _run_dir_and_overrides(setting, fold, common, work_dir)
         result_file = run_dir / "result.json"
-        result = _finished(setting, fold, common, work_dir)
+        result = _finished(run_dir, overrides)
         if result is None:
             bar.set_postfix_str(run_label(setting, fold))
             start = time.perf_counter()
@@ -162,7 +161,7 @@ def collect_cv(settings: list[dict], folds: Sequence[int], common: dict,
     """(rows of the finished runs, labels of the missing ones), both in ``cv_runs`` order; trains nothing."""
     rows, missing = [], []
     for setting, fold in cv_runs(settings, folds):
-        result = _finished(setting, fold, common, work_dir)
+        result = _finished(*_run_dir_and_overrides(setting, fold, common, work_dir))
         if result is None:
             missing.append(run_label(setting, fold))
         else:

@@ -212,19 +212,19 @@ def _markdown(summary, best, metrics, mis, anatomy, info, timings, args, common)
     return "\n".join(lines)
 
 
-def _html(markdown: str, rows: list[dict], output: Path, report: str | None = STUDY_REPORT) -> str:
+def _html(markdown: str, rows: list[dict], output: Path) -> str:
     """study.md as HTML with its figures, and the test subjects, each linked to its page of the run report of the
-    test inference (its copy in the folder ``report`` of ``output``; relative links)."""
+    test inference (its copy in ``<output>/test_report/``; relative links)."""
     body = [markdown_to_html(markdown), "<h2>Test subjects</h2>"]
-    if report is not None and report_index(output, report).is_file():
-        link = quote(report_index(".", report).as_posix())
+    if report_index(output, STUDY_REPORT).is_file():
+        link = quote(report_index(".", STUDY_REPORT).as_posix())
         body.append(f'<p>Each subject links to its page of the <a href="{link}">run report</a> of the test inference '
                     "(relevance mosaics of every subject, decision and probability).</p>")
     table = []
     for r in rows:
         name = html.escape(r["subject"])
-        if report is not None and report_page(output, r["subject"], report).is_file():
-            name = f'<a href="{quote(report_page(".", r["subject"], report).as_posix())}">{name}</a>'
+        if report_page(output, r["subject"], STUDY_REPORT).is_file():
+            name = f'<a href="{quote(report_page(".", r["subject"], STUDY_REPORT).as_posix())}">{name}</a>'
         table.append([name, r["class"], f"{r['birth_age']}", f"{r['scan_age']}", f"{r['prob_preterm']:.3f}",
                       CLASS_NAMES[r["prediction"]], "yes" if r["correct"] else "<b>no</b>"])
     body.append(html_table(["subject", "class", "birth age", "scan age", "p(preterm)", "prediction", "correct"],
