@@ -95,8 +95,42 @@ def test_datalist_errors_name_file_and_key(tmp_path, cohort):
         class_weights([{"label": 0}, {"label": 0}])
     with pytest.raises(ValueError, match="config key 'num_epochs'"):
         check_positive_int("3", "num_epochs")
-    with pytest.raises(FileNotFoundError, match="datalist .*absent.json not found"):
+    with pytest.raises(FileNotFoundError, match="config key 'datalist': .*absent.json does not exist"):
         ensure_datalist(str(tmp_path / "absent.json"), str(cohort))
+
+
+def test_named_data_location_that_does_not_exist_creates_nothing(tmp_path):
+    """A mistyped --dataset_dir or --datalist is one error line naming the key, the path and the fix; the synthetic
+    cohort is not generated into it (only into the default folder, or where --generate_synthetic true asks)."""
+    typo = tmp_path / "in_typo"
+    for args, key in ((["--dataset_dir", str(typo)], "dataset_dir"),
+                      (["--datalist", str(typo / "list.json")], "datalist")):
+        proc = run_bundle("inference", "configs/inference.json", *args, "--output_dir", str(tmp_path / "out"),
+                          *TINY, check=False)
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 1, proc.stderr
+        assert len(lines) == 1 and f"config key '{key}': {typo}" in lines[0], proc.stderr
+        assert "--" + key in lines[0]  # the fix
+        assert not typo.exists() and not (tmp_path / "out").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="'dataset_dir': .*empty is empty.*--generate_synthetic true"):
+        ensure_datalist(None, str(tmp_path / "empty"), synthetic_dir=str(tmp_path / "default"))
+    with pytest.raises(ValueError, match="config key 'generate_synthetic' must be auto, true or false"):
+        ensure_datalist(None, str(typo), generate="yes")
+    assert not typo.exists()
+
+
+def test_synthetic_cohort_only_where_asked(tmp_path):
+    """The default folder (synthetic_dir) and an explicit generate=True get the cohort; generate=False never."""
+    default = tmp_path / "synthetic"
+    assert ensure_datalist(None, str(default), synthetic_subjects=4, synthetic_dir=str(default)) == \
+        str(default / "datalist.json")
+    with pytest.raises(FileNotFoundError, match="config key 'dataset_dir'"):
+        ensure_datalist(None, str(tmp_path / "other"), synthetic_subjects=4, generate=False,
+                        synthetic_dir=str(tmp_path / "other"))
+    named = tmp_path / "named"
+    assert ensure_datalist(None, str(named), synthetic_subjects=4, generate="true") == str(named / "datalist.json")
+    assert len(list((named / "images").glob("*.nii.gz"))) == 4
 
 
 def test_class_weights_favour_the_rare_class():

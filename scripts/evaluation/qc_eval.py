@@ -110,7 +110,8 @@ def evaluate(args) -> tuple[list[dict], dict]:
     common = {**json.loads(args.override), "device": "$torch.device('cpu')", "skip_bad": True}
     if args.ckpt_dir:
         common["ckpt_dir"] = str(args.ckpt_dir)
-    datalist = ensure_datalist(common.get("datalist"), common.get("dataset_dir", str(Path("data") / "synthetic")))
+    default = str(Path("data") / "synthetic")
+    datalist = ensure_datalist(common.get("datalist"), common.get("dataset_dir", default), synthetic_dir=default)
     items = load_split(datalist, "test", -1)[: args.subjects or None]
     work = Path(args.work_dir)
     records = write_variants(items, work / "inputs")

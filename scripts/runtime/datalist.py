@@ -17,34 +17,57 @@ logger = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test", "training", "all")
 
 
-def ensure_datalist(datalist: str | None, dataset_dir: str, synthetic_subjects: int = 160, seed: int = 0) -> str:
+def ensure_datalist(datalist: str | None, dataset_dir: str, synthetic_subjects: int = 160, seed: int = 0,
+                    generate="auto", synthetic_dir: str | None = None) -> str:
     """Return the datalist to use.
 
-    - ``datalist`` exists -> it.
-    - ``dataset_dir`` is missing or empty -> the built-in synthetic cohort is generated there once (reused later).
+    - ``datalist`` exists (a JSON file, or a folder of NIfTIs) -> it.
+    - ``datalist`` named by the user (not ``<dataset_dir>/datalist.json``) but missing -> error naming the key.
+    - ``dataset_dir`` is missing or empty -> the built-in synthetic cohort is generated there once (reused later),
+      but only where the user asked for it: ``generate`` ``"auto"`` (the configs' ``generate_synthetic``) generates
+      only into the default folder ``synthetic_dir``; ``True`` into any ``dataset_dir``; ``False`` never. Any other
+      missing ``dataset_dir`` is an error naming the key, the path and the fix, and nothing is created.
     - ``dataset_dir`` holds NIfTI files but no datalist -> ``dataset_dir`` itself (a folder of images, inference).
     """
-    if datalist and Path(datalist).is_file():
+    generate = _check_generate(generate)
+    if datalist and Path(datalist).exists():
         return str(datalist)
     folder = Path(dataset_dir)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"config key 'dataset_dir': {folder} is a file, not a folder; pass a folder of NIfTI "
+                                 "files or one holding datalist.json (--dataset_dir <folder>)")
+    if datalist and Path(datalist).resolve() != (folder / "datalist.json").resolve():
+        raise FileNotFoundError(f"config key 'datalist': {datalist} does not exist; pass an existing MONAI datalist "
+                                "JSON (--datalist <file>) or leave 'datalist' out to use dataset_dir")
     if not folder.exists() or not any(folder.iterdir()):
+        default = synthetic_dir is not None and folder.resolve() == Path(synthetic_dir).resolve()
+        if not (generate is True or (generate == "auto" and default)):
+            state = "is empty" if folder.exists() else "does not exist"
+            raise FileNotFoundError(
+                f"config key 'dataset_dir': {folder} {state}; pass a folder of NIfTI files or one holding "
+                "datalist.json (--dataset_dir <folder>), or add --generate_synthetic true to generate the synthetic "
+                "cohort there")
         if int(synthetic_subjects) < 2:
             raise ValueError(f"dataset_dir {folder} is empty and synthetic_subjects={synthetic_subjects} (< 2)")
         from scripts.data.synthetic import generate_cohort  # noqa: PLC0415 (heavy; only without a datalist)
 
-        logger.warning("no datalist at %s: generating the synthetic cohort (%d subjects) into %s",
-                       datalist, synthetic_subjects, folder)
-        path = generate_cohort(folder, subjects=int(synthetic_subjects), seed=int(seed))
-        if datalist and Path(datalist).resolve() != path.resolve():
-            raise FileNotFoundError(f"datalist {datalist} not found (a synthetic cohort was written to {path})")
-        return str(path)
-    if datalist and folder.resolve() not in Path(datalist).resolve().parents:
-        raise FileNotFoundError(f"datalist {datalist} not found")
+        logger.warning("no data in %s: generating the synthetic cohort (%d subjects) there", folder,
+                       synthetic_subjects)
+        return str(generate_cohort(folder, subjects=int(synthetic_subjects), seed=int(seed)))
     if (folder / "datalist.json").is_file():
         return str(folder / "datalist.json")
     if any(str(p).endswith(NIFTI_SUFFIXES) for p in folder.iterdir()):
         return str(folder)
-    raise FileNotFoundError(f"datalist {datalist} not found and dataset_dir {folder} holds no NIfTI files")
+    raise FileNotFoundError(f"config key 'dataset_dir': {folder} holds neither datalist.json nor NIfTI files "
+                            "(*.nii, *.nii.gz)")
+
+
+def _check_generate(value):
+    if value in ("auto", True, False):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ValueError(f"config key 'generate_synthetic' must be auto, true or false, got {value!r}")
 
 
 def _read_json(path: Path) -> dict:
