@@ -70,6 +70,33 @@ def trained(tmp_path_factory, cohort):
     return work / "models", work
 
 
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2 -m monai.bundle run <args>`` from the bundle root: 2 CPU processes
+    (gloo), one thread each."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
+           "run", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+
+
+def ddp_training_args(cohort: Path, out: Path) -> list[str]:
+    """``monai.bundle run`` arguments of the tests' DDP training: the multi-GPU config, 2 epochs, tiny network,
+    models in ``out/models``."""
+    return ["training", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']", "--dataset_dir",
+            str(cohort), "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "train"), "--num_epochs", "2",
+            *TINY]
+
+
+@pytest.fixture(scope="session")
+def ddp_trained(tmp_path_factory, cohort) -> Path:
+    """The tiny network trained with DDP through torchrun (``torchrun``, ``ddp_training_args``) on the session cohort:
+    its models folder (tests/test_scale_out.py; tests/test_slurm.py launches the same training through SLURM)."""
+    out = tmp_path_factory.mktemp("ddp_torchrun")
+    proc = torchrun(*ddp_training_args(cohort, out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out / "models"
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, trained) -> Path:
     """A bundle folder as MONAI Label and Deploy see one (configs/, scripts/, models/model.pt) holding the tiny

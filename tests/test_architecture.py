@@ -108,18 +108,26 @@ def test_config_expressions_are_short():
     assert not long, long
 
 
+GRID = "$@runtime.transforms.CentredGridd"
+
+
 def test_shared_transforms_are_equal_copies():
-    """train.json's deterministic transforms and inference.json's preprocessing are the same steps (copies, not a
+    """train.json's deterministic transforms (``spatial_transforms`` + ``intensity_transforms``, split so that the
+    training augmentation runs between them) and inference.json's preprocessing are the same steps (copies, not a
     ``%file#key`` macro, which resolves against the current folder and breaks runs from another folder)."""
-    train = read_json(ROOT / "configs" / "train.json")["deterministic_transforms"]
+    config = read_json(ROOT / "configs" / "train.json")
+    assert config["deterministic_transforms"] == "$@spatial_transforms + @intensity_transforms"
+    train = config["spatial_transforms"] + config["intensity_transforms"]
     inference = read_json(ROOT / "configs" / "inference.json")["preprocessing"]["transforms"]
     assert train == inference
-    assert [t["_target_"] for t in inference] == ["LoadImaged", "EnsureChannelFirstd", "Orientationd", "Spacingd",
-                                                  "NormalizeIntensityd", "ResizeWithPadOrCropd", "EnsureTyped"]
+    assert [t["_target_"] for t in inference] == ["LoadImaged", "EnsureChannelFirstd", "Orientationd", GRID,
+                                                  "EnsureTyped", "NormalizeIntensityd"]
+    assert next(t for t in inference if t["_target_"] == GRID)["mask_nonzero"] is True
     labels = read_json(ROOT / "configs" / "inference.json")["label_preprocessing"]["transforms"]
     spatial = [t for t in inference if t["_target_"] not in ("NormalizeIntensityd", "EnsureTyped")]
     assert [t["_target_"] for t in labels] == [t["_target_"] for t in spatial]
-    assert next(t for t in labels if t["_target_"] == "Spacingd")["mode"] == "nearest"
+    grid = next(t for t in labels if t["_target_"] == GRID)
+    assert grid["mode"] == "nearest" and not grid.get("mask_nonzero", False)
 
 
 def test_rank_zero_only_handlers_are_last():

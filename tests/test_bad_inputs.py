@@ -152,8 +152,13 @@ def test_inference_skips_bad_cases_and_lists_them(tmp_path, cohort, trained, bad
     # default: stop at the first bad file (sorted order), naming it and what is wrong
     assert proc.returncode != 0 and f"{folder / 'flat2d.nii.gz'}: expected a 3D image" in proc.stdout + proc.stderr
     assert not (out / "predictions.csv").exists()
-    run_bundle("inference", "configs/inference.json", "--dataset_dir", str(folder), "--ckpt_dir", str(trained[0]),
-               "--output_dir", str(out), "--lrp_presets", "['a2b1']", "--skip_bad", "true", *TINY)
+    proc = run_bundle("inference", "configs/inference.json", "--dataset_dir", str(folder), "--ckpt_dir",
+                      str(trained[0]), "--output_dir", str(out), "--lrp_presets", "['a2b1']", "--skip_bad", "true",
+                      *TINY, check=False)
+    # skip_bad: the run finishes, and its status (3) tells a script that some inputs have no prediction
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    summary = f"2 predicted, 0 flagged, 3 refused/skipped -> {out / 'predictions.csv'}"
+    assert proc.stdout.strip().splitlines()[-1] == summary
     skipped = list(csv.DictReader((out / "skipped.csv").open()))
     assert sorted(r["subject"] for r in skipped) == ["flat2d", "nan", "truncated"]
     assert all(r["image"] in r["reason"] for r in skipped)
@@ -161,6 +166,36 @@ def test_inference_skips_bad_cases_and_lists_them(tmp_path, cohort, trained, bad
     assert predicted == ["sub-0001", "sub-0002"]
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["sub-0001", "sub-0002"]
 
+
+def test_an_input_error_leaves_no_new_output_folder(tmp_path, cohort, trained, bad_cases):
+    """A 2D image stops inference, evaluation and training before anything is written: no output (or checkpoint)
+    folder is created for it, and an output folder that already existed is left as it was."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(cohort / "images" / "sub-0001.nii.gz", folder)
+    shutil.copy(bad_cases["2d"][0], folder)
+    items = [{"image": str(folder / "flat2d.nii.gz"), "label": label, "fold": label} for label in (0, 1)]
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": items, "test": items}))
+    message = f"{folder / 'flat2d.nii.gz'}: expected a 3D image"
+    runs = {
+        "inference": ("inference", "configs/inference.json", "--dataset_dir", str(folder), "--ckpt_dir",
+                      str(trained[0]), "--output_dir", str(tmp_path / "out_inference")),
+        "evaluation": ("evaluating", "['configs/train.json','configs/evaluate.json']", "--datalist", str(datalist),
+                       "--ckpt_dir", str(trained[0]), "--output_dir", str(tmp_path / "out_evaluation")),
+        "training": ("training", "configs/train.json", "--datalist", str(datalist), "--ckpt_dir",
+                     str(tmp_path / "models_training"), "--output_dir", str(tmp_path / "out_training")),
+    }
+    for name, (run_id, config, *args) in runs.items():
+        proc = run_bundle(run_id, config, *args, *TINY, check=False)
+        assert proc.returncode != 0 and message in proc.stderr, f"{name}: {proc.stderr[-2000:]}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["datalist.json", "in"]
+    existing = tmp_path / "existing"
+    (existing / "keep").mkdir(parents=True)
+    proc = run_bundle("inference", "configs/inference.json", "--dataset_dir", str(folder), "--ckpt_dir",
+                      str(trained[0]), "--output_dir", str(existing), *TINY, check=False)
+    assert proc.returncode != 0 and message in proc.stderr
+    assert [p.name for p in existing.iterdir()] == ["keep"]
 
 def test_config_override_of_the_wrong_type_names_the_key(tmp_path, cohort):
     proc = run_bundle("training", "configs/train.json", "--dataset_dir", str(cohort), "--ckpt_dir", str(tmp_path / "m"),

@@ -1,23 +1,30 @@
 """Input quality control: the reference training writes next to the weights, the verdicts ``run inference`` gives
 on test subjects and on corrupted variants of them (voxel array changed, header unchanged), the ``refuse``
-policy, and weights trained before QC existed."""
+policy, weights trained before QC existed, and what a failure tells the user to do (a native scan: the
+preprocessing command it gives, run as given, makes the scan pass)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import re
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, TINY_OVERRIDES, run_bundle
+from conftest import ROOT, TINY, TINY_OVERRIDES, run_bundle, tiny_args
 from monai.bundle import ConfigParser
+from native_fixtures import native_datalist, write_template
 
 from scripts.evaluation.qc_eval import CORRUPTIONS, write_variants
 from scripts.runtime.datalist import load_split
-from scripts.runtime.qc import MEASURES, REFERENCE, QCReference, evaluate_input, fingerprint
+from scripts.runtime.outputs import report_index, report_page
+from scripts.runtime.qc import MEASURES, REFERENCE, QCReference, advice, evaluate_input, fingerprint
 
 
 def _rows(path: Path) -> dict[str, dict]:
@@ -69,14 +76,16 @@ def test_flag_passes_the_test_split_and_flags_every_corruption(tmp_path, variant
     out = tmp_path / "out"
     proc = run_bundle("inference", "configs/inference.json", "--dataset_dir", str(folder), "--ckpt_dir",
                       str(ckpt_dir), "--output_dir", str(out), "--lrp_presets", "['a2b1']", "--skip_bad", "true",
-                      "--save_input", "false", *TINY)
+                      "--save_input", "false", *TINY, check=False)
     predictions, skipped = _rows(out / "predictions.csv"), _rows(out / "skipped.csv")
+    assert proc.returncode == (3 if skipped else 0), proc.stderr[-3000:]  # skip_bad: 3 when an input was skipped
     relevance = _rows(out / "relevance.csv")
     log = proc.stdout + proc.stderr
     for record in records:
         subject, corruption = record["subject"], record["corruption"]
         if corruption == "none":
             assert predictions[subject]["qc_pass"] == "true", (subject, predictions[subject])
+            assert predictions[subject]["qc_advice"] == ""
             continue
         if subject in skipped:  # refused before QC by the input checks (the tiny network's small field of view)
             assert corruption == "upsampled_2x" and "field of view" in skipped[subject]["reason"]
@@ -88,6 +97,9 @@ def test_flag_passes_the_test_split_and_flags_every_corruption(tmp_path, variant
         assert all(float(row[f"qc_{m}"]) >= 0 for m in MEASURES)
         assert relevance[subject]["qc_pass"] == "false" and relevance[subject]["qc_failed"] == row["qc_failed"]
         assert f"{record['image']}: input QC failed: {failed[0]}" in log  # one warning naming file and measure
+        # what to do, in the warning and both tables
+        assert row["qc_advice"] == advice(failed, record["image"]) and row["qc_advice"].startswith("What to do: ")
+        assert relevance[subject]["qc_advice"] == row["qc_advice"] and row["qc_advice"] in log
     assert {r["corruption"] for r in records} == {"none", *CORRUPTIONS}
 
 
@@ -113,8 +125,10 @@ def test_refuse_writes_nothing_for_a_flagged_subject_and_goes_on(tmp_path, varia
     for record in chosen:
         shutil.copy(record["image"], inputs)
     out = tmp_path / "out"
-    run_bundle("inference", "configs/inference.json", "--dataset_dir", str(inputs), "--ckpt_dir", str(ckpt_dir),
-               "--output_dir", str(out), "--lrp_presets", "['a2b1']", "--qc", "refuse", *TINY)
+    proc = run_bundle("inference", "configs/inference.json", "--dataset_dir", str(inputs), "--ckpt_dir",
+                      str(ckpt_dir), "--output_dir", str(out), "--lrp_presets", "['a2b1']", "--qc", "refuse", *TINY,
+                      check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]  # the run goes on; its status says some were refused
     predictions, skipped = _rows(out / "predictions.csv"), _rows(out / "skipped.csv")
     good = {r["subject"] for r in chosen if r["corruption"] == "none"}
     bad = {r["subject"] for r in chosen} - good
@@ -143,3 +157,64 @@ def test_bad_policy_names_the_key(tmp_path, cohort, trained):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-2] == "error: config key 'qc' must be one of ['flag', 'refuse', 'off'], " \
                                                    "got 'maybe'"
+
+
+def test_advice_says_what_to_do_for_each_measure():
+    """The registration measures point to the preprocessing (its command once, however many of them fail, with
+    the scan's path in the datalist it reads); intensity to the contrast; the features to a review."""
+    scan = "/data/new scans/sub-1_T2w.nii.gz"
+    for measure in ("similarity", "outside_brain", "missing_brain"):
+        text = advice([measure], scan)
+        assert text.startswith("What to do: ") and "`python -m scripts.data.preprocess run --datalist native.json " \
+            "--template TEMPLATE_T2w.nii.gz --template-mask TEMPLATE_mask.nii.gz --output prep`" in text, text
+        assert '`{"test": [{"image": "/data/new scans/sub-1_T2w.nii.gz", "mask": "BRAIN_MASK.nii.gz"}]}`' in text
+        assert "`python -m monai.bundle run inference --config_file configs/inference.json --dataset_dir prep`" in text
+    everything = advice(list(MEASURES))
+    assert everything.count("scripts.data.preprocess") == 1 and everything.count("Check the intensities") == 1
+    assert '"image": "SCAN_T2w.nii.gz"' in everything  # no path known: a placeholder
+    intensity = advice(["intensity"])
+    assert "preprocess" not in intensity and all(w in intensity for w in ("T2w", "T1w", "inverted", "bias-field"))
+    assert "without review" in advice(["feature_distance"]) and "preprocess" not in advice(["feature_distance"])
+    assert advice([]) == ""
+
+
+def test_a_native_scan_is_refused_with_the_preprocessing_that_makes_it_pass(tmp_path, cohort, trained):
+    """A native scan (not registered, scalp around the brain) of a synthetic subject fails QC; the reason in
+    skipped.csv, the log and the run report says to run the bundle's preprocessing and gives its commands. Run as
+    given (placeholders filled in), they make the scan pass."""
+    ckpt_dir, _ = trained
+    template, template_mask = write_template(tmp_path / "template")
+    native = json.loads(native_datalist(cohort, tmp_path / "native", ["sub-0001"], seed=1).read_text())["training"]
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    scan = scans / Path(native[0]["image"]).name
+    shutil.copy(native[0]["image"], scan)
+    out = tmp_path / "out"
+    proc = run_bundle("inference", "configs/inference.json", "--dataset_dir", str(scans), "--ckpt_dir", str(ckpt_dir),
+                      "--output_dir", str(out), "--lrp_presets", "['a2b1']", "--qc", "refuse", *tiny_args(report=True),
+                      check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]  # refused: no prediction
+    log = proc.stdout + proc.stderr
+    (row,) = _rows(out / "skipped.csv").values()
+    reason = row["reason"]
+    assert row["image"] == str(scan) and reason.startswith("input QC failed: ") and "What to do: " in reason, row
+    assert f"{scan} (refused): {reason}" in log and "input QC of 1 subject took" in log
+    index = report_index(out).read_text()
+    assert "<code>python -m scripts.data.preprocess run --datalist native.json" in index
+
+    datalist, preprocess, predict = re.findall(r"`([^`]*)`", reason.split("What to do: ", 1)[1])
+    assert json.loads(datalist) == {"test": [{"image": str(scan), "mask": "BRAIN_MASK.nii.gz"}]}
+    (tmp_path / "native.json").write_text(datalist.replace("BRAIN_MASK.nii.gz", native[0]["mask"]))
+    fill = {"python": sys.executable, "native.json": str(tmp_path / "native.json"), "prep": str(tmp_path / "prep"),
+            "TEMPLATE_T2w.nii.gz": str(template), "TEMPLATE_mask.nii.gz": str(template_mask)}
+    done = subprocess.run([fill.get(t, t) for t in shlex.split(preprocess)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = tmp_path / "again"
+    done = subprocess.run([fill.get(t, t) for t in shlex.split(predict)] + [
+        "--ckpt_dir", str(ckpt_dir), "--output_dir", str(again), "--lrp_presets", "['a2b1']", "--qc", "refuse", *TINY],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (passed,) = _rows(again / "predictions.csv").values()
+    assert passed["qc_pass"] == "true" and passed["qc_advice"] == "" and not _rows(again / "skipped.csv"), passed
+    assert not report_page(out, row["subject"]).exists()  # refused: no page, the index gives the reason

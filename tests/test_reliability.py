@@ -253,7 +253,7 @@ def test_inference_killed_midway_leaves_complete_files_and_resumes(tmp_path, coh
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # finished subjects were not redone
     rows = list(csv.DictReader((out / "predictions.csv").open()))
     assert len(rows) == 24 and len({r["subject"] for r in rows}) == 24
-    assert len(list(csv.DictReader((out / "relevance.csv").open()))) == 24 * 3
+    assert len(list(csv.DictReader((out / "relevance.csv").open()))) == 24 * 4  # default: APP_PRESET, a1b0, a2b1, a3b2
     assert not [p for p in out.rglob(".*.tmp*")], "temporaries of the killed run remain"
     _complete(out)
 

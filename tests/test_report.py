@@ -1,6 +1,7 @@
 """The run report of ``run inference``: contents on a tiny cohort (rows, captions with the decision and probability,
-images present, symmetric colour limits, failed subjects with their reason), a rerun and the switch, QC columns, a
-map that could not be read, size for many subjects, and the report opened in a real browser (headless Chromium)."""
+images present, symmetric colour limits, failed subjects with their reason), a rerun and the switch, QC scores
+beside their thresholds and what to do about a QC flag, the research-use notice, a map that could not be read,
+counts in words, size for many subjects, and the report opened in a real browser (headless Chromium) at 1280 px."""
 
 from __future__ import annotations
 
@@ -21,28 +22,37 @@ import pytest
 from browser import browser_page, open_pages
 from conftest import run_bundle, tiny_args
 
+from scripts.evaluation.qc_eval import CORRUPTIONS
 from scripts.runtime.outputs import input_path, relevance_path, report_image, report_index, report_page, write_csv
+from scripts.runtime.qc import MEASURES, REFERENCE
 from scripts.runtime.report import build_report, copy_report
 from scripts.runtime.visual import brain_mask, symmetric_limit
 
+# a subject name as long as real ones get (BIDS entities), on an input shifted off the template: QC flags it
+LONG_NAME = "sub-CC00999XX99_ses-123456_acq-highres_rec-motioncorrected_desc-restore_run-01_T2w_shifted20mm"
+NOTICE = "Research use only, not a clinical model"
+
 
 class _Page(html.parser.HTMLParser):
-    """Rows of ``table#predictions`` (cells as text, row class), images and figure captions of a page."""
+    """Rows of ``table#predictions`` (cells as text, row class) and of other tables with an id (``tables``),
+    images and figure captions of a page."""
 
     def __init__(self, text: str) -> None:
         super().__init__()
-        self.rows: list[dict] = []
+        self.tables: dict[str, list[dict]] = {}
         self.images: list[dict] = []
         self.captions: list[str] = []
         self.links: list[str] = []
         self._table = self._row = self._cell = self._caption = None
         self._depth = 0
         self.feed(text)
+        self.rows: list[dict] = self.tables.get("predictions", [])
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
-        if tag == "table" and attrs.get("id") == "predictions":
-            self._table = True
+        if tag == "table" and attrs.get("id"):
+            self._table = attrs["id"]
+            self.tables[self._table] = []
         elif tag == "tr" and self._table:
             self._row = {"class": attrs.get("class", "") or "", "cells": []}
         elif tag == "td" and self._row is not None:
@@ -59,7 +69,7 @@ class _Page(html.parser.HTMLParser):
             self._table = None
         elif tag == "tr" and self._row is not None:
             if self._row["cells"]:
-                self.rows.append(self._row)
+                self.tables[self._table].append(self._row)
             self._row = None
         elif tag == "td" and self._cell is not None:
             self._row["cells"].append("".join(self._cell).strip())
@@ -91,13 +101,21 @@ def report_run(tmp_path_factory, cohort, trained):
     raw = (cohort / "images" / "sub-0001.nii.gz").read_bytes()
     broken.write_bytes(raw[: len(raw) // 2])
     data["test"].append({"image": str(broken), "label": 0, "subject": "broken"})
+    shifted = {}
+    for key in ("image", "tissue"):  # the image and its tissue map moved 20 mm forward
+        source = nib.load(data["test"][0][key])
+        moved = CORRUPTIONS["shifted_20mm"](np.asarray(source.dataobj), source.affine, None)
+        shifted[key] = str(work / f"{LONG_NAME}{'' if key == 'image' else '_dseg'}.nii.gz")  # subject: file name
+        nib.save(nib.Nifti1Image(moved, source.affine, source.header), shifted[key])
+    data["test"].append({**shifted, "label": 0, "subject": LONG_NAME})
     datalist = work / "datalist.json"
     datalist.write_text(json.dumps(data))
     out = work / "out"
     started = time.perf_counter()
     proc = run_bundle("inference", "configs/inference.json", "--datalist", str(datalist), "--dataset_dir", str(cohort),
                       "--ckpt_dir", str(trained[0]), "--output_dir", str(out), "--lrp_presets", "['a2b1','a1b0']",
-                      "--skip_bad", "true", *tiny_args(report=True))
+                      "--skip_bad", "true", *tiny_args(report=True), check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]  # skip_bad: the broken image has no prediction
     return out, data["test"], proc, time.perf_counter() - started
 
 
@@ -157,7 +175,7 @@ def test_report_rerun_updates_it_and_the_switch_turns_it_off(report_run, cohort,
     rerun = tmp_path / "rerun"
     shutil.copytree(out, rerun)
     index = report_index(rerun)
-    written = re.search(r"<td>written</td><td>([^<]+)</td>", index.read_text()).group(1)
+    written = re.search(r"<td>written</td><td[^>]*>([^<]+)</td>", index.read_text()).group(1)
     time.sleep(1.1)
     datalist = json.loads((out.parent / "datalist.json").read_text())
     datalist["test"] = [it for it in datalist["test"] if it["subject"] != "broken"]
@@ -167,7 +185,7 @@ def test_report_rerun_updates_it_and_the_switch_turns_it_off(report_run, cohort,
     proc = run_bundle("inference", "configs/inference.json", *common, "--output_dir", str(rerun),
                       *tiny_args(report=True))
     assert "nothing left to do" in proc.stdout + proc.stderr  # every subject finished: the report is rebuilt
-    assert re.search(r"<td>written</td><td>([^<]+)</td>", index.read_text()).group(1) != written
+    assert re.search(r"<td>written</td><td[^>]*>([^<]+)</td>", index.read_text()).group(1) != written
     assert len(_page(index).rows) == len(test_items) - 1  # this run's skipped.csv lists no failure
 
     off = tmp_path / "off"
@@ -258,7 +276,10 @@ def test_report_shows_qc_columns_and_a_map_that_cannot_be_read(tmp_path):
     assert sorted(rows) == [*subjects, "s99"]
     assert "qc-flagged" in rows["s01"]["class"] and "qc-flagged" not in rows["s02"]["class"]
     text = index.read_text()
-    assert "qc_pass" in text and "qc_snr" in text and "1 flagged by input QC" in text
+    assert "<th>input QC</th>" in text and "1 flagged by input QC" in text
+    assert rows["s01"]["cells"][7] == "flagged: snr 11" and rows["s02"]["cells"][7] == "passed"
+    qc = {r["cells"][0]: r["cells"][1:] for r in _page(report_page(tmp_path, "s01")).tables["qc"]}
+    assert qc == {"snr": ["11.0", "-"]}  # another qc_* column: its value, no threshold known
     assert "failed" in rows["s03"]["class"] and "not a readable NIfTI" in rows["s03"]["cells"][-1]
     assert "failed" in rows["s99"]["class"] and "every voxel is zero" in rows["s99"]["cells"][-1]
     s03 = _page(report_page(tmp_path, "s03"))
@@ -278,7 +299,8 @@ def test_report_shows_qc_columns_and_a_map_that_cannot_be_read(tmp_path):
     # without QC columns (QC not installed): no QC column, no QC line
     plain = tmp_path / "plain"
     _tiny_run(plain, subjects[:2])
-    assert "qc_pass" not in build_report(plain).read_text()
+    text = build_report(plain).read_text()
+    assert "qc_pass" not in text and "<th>input QC</th>" not in text
 
 
 def test_report_of_many_subjects_stays_light(tmp_path):
@@ -296,12 +318,18 @@ def test_report_of_many_subjects_stays_light(tmp_path):
 
 def test_report_in_a_headless_browser(report_run, tmp_path):
     """Opened from disk in Debian's Chromium (headless, through Playwright's Python package; no browser download):
-    every image loads, no console error, one table row per subject; screenshots saved under tmp_path."""
+    every image loads, no console error, one table row per subject, the research-use notice visible and no page
+    wider than a 1280 px window (a long subject name, long failure reasons, QC scores); screenshots saved under
+    tmp_path."""
     out, test_items, _, _ = report_run
     pages = [report_index(out)] + [report_page(out, s) for s in sorted(
         r["subject"] for r in csv.DictReader((out / "predictions.csv").open()))]
+    assert report_page(out, LONG_NAME) in pages
 
     def check(n: int, path: Path) -> None:
+        width = page.evaluate("Math.max(document.documentElement.scrollWidth, document.body.scrollWidth)")
+        assert width <= 1280, f"{path}: {width} px wide in a 1280 px window"
+        assert page.get_by_text(NOTICE).is_visible()
         if n == 0:
             assert page.locator("table#predictions tbody tr").count() == len(test_items)
             page.screenshot(path=str(tmp_path / "report_index.png"), full_page=True)
@@ -316,3 +344,65 @@ def test_report_in_a_headless_browser(report_run, tmp_path):
         assert not problems, problems
     assert (tmp_path / "report_index.png").stat().st_size > 10_000
     assert (tmp_path / "report_subject.png").stat().st_size > 10_000
+
+
+def test_a_long_subject_name_is_not_cut_off_in_its_mosaic(report_run):
+    """The mosaic's title (subject, preset, decision) wraps or widens the picture: the margins stay white."""
+    from matplotlib.image import imread
+
+    out, _, _, _ = report_run
+    png = imread(report_image(out, LONG_NAME, "mosaic_a2b1"))[..., :3]
+    assert png[:, :6].min() == 1.0 and png[:, -6:].min() == 1.0  # nothing drawn into the 8-pixel margins
+    assert png[:40].min() < 0.5  # the title is there
+
+
+def _text(path: Path) -> str:
+    """A page's text without tags, whitespace collapsed."""
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", path.read_text())))
+
+
+def test_report_shows_qc_scores_beside_thresholds_and_what_to_do(report_run, trained):
+    """Every page says research use only; each subject page lists every QC score beside its threshold (max, from
+    the QC reference next to the model); the index gives the failed measures of a flagged subject with their
+    thresholds, and what to do (the preprocessing command, as code)."""
+    out, _, _, _ = report_run
+    thresholds = json.loads((trained[0] / REFERENCE).read_text())["thresholds"]
+    pages = sorted((out / "report").rglob("*.html"))
+    assert len(pages) > 2 and all(NOTICE in _text(p) for p in pages)
+    predictions = {r["subject"]: r for r in csv.DictReader((out / "predictions.csv").open())}
+    for subject, row in predictions.items():
+        qc = {r["cells"][0]: r["cells"][1:] for r in _page(report_page(out, subject)).tables["qc"]}
+        for m in MEASURES:
+            expected = "failed" if m in row["qc_failed"].split(";") else "passed"
+            assert qc[m] == [f"{float(row[f'qc_{m}']):.3g} (max {thresholds[m]:.3g})", expected], (subject, m, qc)
+    flagged = predictions[LONG_NAME]
+    failed = flagged["qc_failed"].split(";")
+    assert flagged["qc_pass"] == "false" and failed and "preprocess" in flagged["qc_advice"]
+    rows = {r["cells"][0]: r for r in _page(report_index(out)).rows}
+    cell = rows[LONG_NAME]["cells"][7]
+    scores = ", ".join(f"{m} {float(flagged[f'qc_{m}']):.3g} (max {thresholds[m]:.3g})" for m in failed)
+    assert cell == f"flagged: {scores}", cell
+    passed = next(s for s, r in predictions.items() if r["qc_pass"] == "true")
+    assert rows[passed]["cells"][7] == "passed"
+    index = report_index(out).read_text()
+    assert "<code>python -m scripts.data.preprocess run --datalist native.json" in index  # needs attention
+    assert "input QC thresholds (max)" in index and f"similarity {thresholds['similarity']:.3g}" in index
+    assert "<code>python -m scripts.data.preprocess run" in report_page(out, LONG_NAME).read_text()
+    assert f'"image": "{flagged["image"]}"' in _text(report_page(out, LONG_NAME))  # with the scan's own path
+    advised = _text(report_index(out)).split("What to do about input QC", 1)[1]  # each kind of advice once
+    assert LONG_NAME in advised and advised.count("scripts.data.preprocess run") == 1
+
+
+def test_counts_are_in_words_of_the_right_number(tmp_path, caplog):
+    """1 subject, 2 subjects: never "1 subjects" on a page or in the log."""
+    caplog.set_level("INFO", logger="scripts.runtime.report")
+    for count in (1, 2):
+        folder = tmp_path / str(count)
+        _tiny_run(folder, [f"s{i}" for i in range(count)])
+        index = build_report(folder, presets=["a2b1"])
+        noun = "subject" if count == 1 else "subjects"
+        assert f"{count} {noun} predicted" in _text(index)
+        assert f"({count} {noun}, 0 failed)" in caplog.text
+    pages = [p.read_text() for p in tmp_path.rglob("*.html")]
+    assert not [m for p in pages for m in re.findall(r"\b1 (?:subjects|maps|presets|failures)\b", p)]
+    assert "1 subjects" not in caplog.text

@@ -2,13 +2,12 @@
 sharded inference in which every subject is written exactly once."""
 
 import csv
-import os
 import subprocess
 import sys
 
 import nibabel as nib
 import torch
-from conftest import ROOT, TINY, read_json, tiny_args
+from conftest import ROOT, TINY, read_json, tiny_args, torchrun
 
 
 def test_torchscript_export_equals_eager(tmp_path, trained):
@@ -28,29 +27,18 @@ def test_torchscript_export_equals_eager(tmp_path, trained):
         assert torch.allclose(scripted(x), eager.eval()(x), atol=1e-5)
 
 
-def _torchrun(*args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
-           "run", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
-
-
-def test_ddp_training_and_sharded_inference(tmp_path, cohort):
-    models = tmp_path / "models"
-    proc = _torchrun("training", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
-                     "--dataset_dir", str(cohort), "--ckpt_dir", str(models), "--output_dir", str(tmp_path / "train"),
-                     "--num_epochs", "2", *TINY)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_ddp_training_and_sharded_inference(tmp_path, cohort, ddp_trained):
+    models = ddp_trained  # torchrun, 2 processes (conftest.py)
     state = torch.load(models / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state)  # the unwrapped network, loadable without DDP
     assert torch.load(models / "resume.pt", weights_only=True)["trainer"]["epoch"] == 2
     assert not list(models.glob(".*"))
 
     out = tmp_path / "infer"
-    proc = _torchrun("inference", "--config_file", "['configs/inference.json','configs/multi_gpu_inference.json']",
-                     "--dataset_dir", str(cohort), "--split", "all", "--ckpt_dir", str(models),
-                     "--output_dir", str(out),
-                     "--lrp_presets", "['a2b1']", *tiny_args(report=True))
+    proc = torchrun("inference", "--config_file", "['configs/inference.json','configs/multi_gpu_inference.json']",
+                    "--dataset_dir", str(cohort), "--split", "all", "--ckpt_dir", str(models),
+                    "--output_dir", str(out),
+                    "--lrp_presets", "['a2b1']", *tiny_args(report=True))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = read_json(cohort / "datalist.json")
     subjects = sorted(it["subject"] for it in data["training"] + data["test"])

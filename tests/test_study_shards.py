@@ -43,18 +43,22 @@ def test_shard_assignment_covers_every_run_exactly_once():
             parse_shard(bad)
 
 
-@pytest.fixture(scope="module")
-def datalist(tmp_path_factory, cohort):
-    """The session cohort cut to 2 folds (its folds 0 and 1) and its test split, absolute image paths."""
+def two_fold_datalist(cohort, path):
+    """The cohort cut to 2 folds (its folds 0 and 1) and its test split, absolute image paths, written to ``path``."""
     def absolute(item):
         return {k: str(cohort / v) if k in ("image", "tissue", "phenotype") else v for k, v in item.items()}
 
     data = json.loads((cohort / "datalist.json").read_text())
     training = [absolute(it) for it in data["training"] if it["fold"] in (0, 1)]
     test = [absolute(it) for it in data["test"]]
-    path = tmp_path_factory.mktemp("shards") / "datalist.json"
     path.write_text(json.dumps({"training": training, "test": test}))
     return path
+
+
+@pytest.fixture(scope="module")
+def datalist(tmp_path_factory, cohort):
+    """The session cohort cut to 2 folds and its test split (``two_fold_datalist``)."""
+    return two_fold_datalist(cohort, tmp_path_factory.mktemp("shards") / "datalist.json")
 
 
 def _cmd(datalist, work, *extra):
@@ -95,8 +99,9 @@ def test_jobs_2_equals_one_unsharded_run_and_trains_the_final_model_once(tmp_pat
     assert sum(log.count("running the final stage") for log in logs.values()) == 1
     assert len(list((tmp_path / "w" / "final" / "models").glob("model.pt"))) == 1
     assert not (tmp_path / "w" / "final.lock").exists()
-    # the command line of the report is the study's, without the sharding options
-    assert "--shard" not in (tmp_path / "out" / "study.md").read_text()
+    # the command line of the report is the one typed (--jobs 2), not a shard's
+    report = (tmp_path / "out" / "study.md").read_text()
+    assert "--shard" not in report and "--jobs 2 --threads 1`" in report
 
 
 def test_concurrent_shards_a_killed_shard_resumes_and_a_stale_lock_is_removed(tmp_path, datalist, unsharded):

@@ -207,20 +207,37 @@ def build_datalist(root, output, table=None, min_scan_age: float = TERM_WEEKS, s
     return summary
 
 
-@report_input_errors
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m scripts.data.dhcp_datalist`` (every option's help states its default)."""
     ap = argparse.ArgumentParser(prog="python -m scripts.data.dhcp_datalist", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--root", required=True, help="release root (holds sourcedata/ or rawdata/, derivatives/)")
-    ap.add_argument("--output", required=True, help="datalist JSON to write")
-    ap.add_argument("--table", default=None, help="combined table (default: found under --root)")
-    ap.add_argument("--min-scan-age", type=float, default=TERM_WEEKS)
-    ap.add_argument("--session", choices=("latest", "earliest"), default="latest")
+    ap.add_argument("--root", required=True,
+                    help="release root, holding sourcedata/ (release 2) or rawdata/ (release 3) and derivatives/ "
+                         "(required)")
+    ap.add_argument("--output", required=True,
+                    help="datalist JSON to write; the exclusions go to <output stem>_exclusions.csv beside it "
+                         "(required)")
+    ap.add_argument("--table", default=None,
+                    help="one combined table (participant_id, session_id, birth_age, scan_age, sex or gender) "
+                         "(default: the first combined*.tsv in --root or one folder below, else participants.tsv "
+                         "+ sub-*_sessions.tsv in --root or --root/rawdata)")
+    ap.add_argument("--min-scan-age", type=float, default=TERM_WEEKS,
+                    help="keep sessions scanned at this post-menstrual age in weeks or later (default: %(default)s)")
+    ap.add_argument("--session", choices=("latest", "earliest"), default="latest",
+                    help="which session of a baby with several to keep (default: %(default)s)")
     ap.add_argument("--exclude-radiology", nargs="*", default=["Q"],
                     help="radiology scores to exclude: exact values, and letters matched anywhere (default: Q, "
                          "i.e. Q, Q3, 3Q = poor image quality)")
-    ap.add_argument("--test-fraction", type=float, default=0.1)
-    ap.add_argument("--folds", type=int, default=10)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--test-fraction", type=float, default=0.1,
+                    help="share of the babies in the stratified test split (default: %(default)s)")
+    ap.add_argument("--folds", type=int, default=10,
+                    help="stratified cross-validation folds of the training split (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the test split and folds (default: %(default)s)")
+    return ap
+
+
+@report_input_errors
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     summary = build_datalist(args.root, args.output, args.table, args.min_scan_age, args.session,

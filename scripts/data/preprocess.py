@@ -206,24 +206,45 @@ def to_native(subject_dir: str, map_path: str, output: str, nearest: bool = Fals
     return Path(output)
 
 
-@report_input_errors
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m scripts.data.preprocess`` (every option's help states its default)."""
     ap = argparse.ArgumentParser(prog="python -m scripts.data.preprocess", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="preprocess every subject of a datalist")
-    run.add_argument("--datalist", required=True)
-    run.add_argument("--template", required=True, help="40-week T2w template (e.g. dHCP atlas / TemplateFlow dhcpVol)")
+    run = sub.add_parser("run", help="preprocess every subject of a datalist",
+                         description="Skull strip, register to the template, resample at 1 mm onto the template "
+                                     "grid (128x96x96); resumable: finished subjects are skipped on a rerun.")
+    run.add_argument("--datalist", required=True,
+                     help="datalist of native scans (items with image, mask, optional tissue), e.g. from "
+                          "scripts.data.dhcp_datalist (required)")
+    run.add_argument("--template", required=True,
+                     help="40-week T2w template (e.g. dHCP atlas / TemplateFlow dhcpVol) (required)")
     run.add_argument("--template-mask", default=None, help="its brain mask (default: the template's non-zero voxels)")
-    run.add_argument("--output", required=True)
-    run.add_argument("--method", default="sitk", choices=("sitk", "ants"))
-    run.add_argument("--bspline", action="store_true", help="sitk: add a B-spline free-form deformation")
-    run.add_argument("--transform", default="SyN", help="ants: type_of_transform (default SyN = affine + SyN)")
-    run.add_argument("--workers", type=int, default=1)
-    back = sub.add_parser("to-native", help="send a template-space map onto a subject's native scan")
-    back.add_argument("--subject-dir", required=True)
-    back.add_argument("--map", required=True)
-    back.add_argument("--output", required=True)
-    back.add_argument("--nearest", action="store_true", help="nearest-neighbour (label maps)")
+    run.add_argument("--output", required=True,
+                     help="folder for the per-subject folders, datalist.json and preprocess_failures.csv (required)")
+    run.add_argument("--method", default="sitk", choices=("sitk", "ants"),
+                     help="registration: sitk = SimpleITK rigid -> affine, ants = antspyx (pip install antspyx) "
+                          "(default: %(default)s)")
+    run.add_argument("--bspline", action="store_true",
+                     help="sitk: add a B-spline free-form deformation (default: off, affine only)")
+    run.add_argument("--transform", default="SyN",
+                     help="ants: type_of_transform (default: %(default)s = affine + SyN)")
+    run.add_argument("--workers", type=int, default=1,
+                     help="subjects preprocessed in parallel processes (default: %(default)s)")
+    back = sub.add_parser("to-native", help="send a template-space map onto a subject's native scan",
+                          description="Resample a template-space map (relevance map, network input, labels) onto "
+                                      "the baby's native scan with the inverse of its registration.")
+    back.add_argument("--subject-dir", required=True,
+                      help="the subject's folder written by 'run' (<output>/<subject>) (required)")
+    back.add_argument("--map", required=True, help="NIfTI on the template grid to send back (required)")
+    back.add_argument("--output", required=True, help="NIfTI to write on the native scan's grid (required)")
+    back.add_argument("--nearest", action="store_true",
+                      help="nearest-neighbour interpolation, for label maps (default: off, linear)")
+    return ap
+
+
+@report_input_errors
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.command == "to-native":

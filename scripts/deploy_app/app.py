@@ -1,7 +1,10 @@
-"""The MONAI Deploy application: NIfTI loader -> exported bundle model with LRP -> probabilities JSON and
-relevance NIfTI writers.
+"""The MONAI Deploy application: NIfTI or DICOM loader -> exported bundle model with LRP -> probabilities JSON,
+relevance and evidence NIfTI writers, and for DICOM input a DICOM SEG and SR (docs/dicom.md).
 
-    python scripts/deploy_app -i <NIfTI file or folder> -o <output folder> -m models/model.ts
+    python scripts/deploy_app -i <NIfTI file, folder of NIfTIs, or folder of .dcm files> -o <output> -m models/model.ts
+
+A folder holding ``.dcm`` files (at any depth) is DICOM input: the SDK's DICOMDataLoaderOperator and
+DICOMSeriesSelectorOperator (rules: ``scripts/deploy_app/series_rules.json``, edit to taste) pick the series.
 
 Environment variables (MONAI Deploy convention) ``HOLOSCAN_INPUT_PATH``, ``HOLOSCAN_OUTPUT_PATH`` and
 ``HOLOSCAN_MODEL_PATH`` replace the options; ``PRETERM_LRP_PRESET`` picks the LRP composite (default
@@ -17,15 +20,28 @@ from pathlib import Path
 
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import Application
+from monai.deploy.operators.dicom_series_selector_operator import DICOMSeriesSelectorOperator
 
-from scripts.deploy_app.operators import NiftiImageLoader, PretermInference, ProbabilitiesWriter, RelevanceWriter
+from scripts.deploy_app import dicom
+from scripts.deploy_app.operators import (
+    DicomSegWriter,
+    DicomSrWriter,
+    DicomStudyLoader,
+    DicomVolumeLoader,
+    EvidenceWriter,
+    NiftiImageLoader,
+    PretermInference,
+    ProbabilitiesWriter,
+    RelevanceWriter,
+)
 from scripts.runtime.checks import EXPORT_COMMAND, TRAIN_COMMAND
 from scripts.runtime.errors import report_input_errors
 from scripts.runtime.explain import APP_PRESET
 
 
 class PretermDeployApp(Application):
-    """Term / preterm birth classification with LRP relevance maps from neonatal T2w NIfTI volumes."""
+    """Term / preterm birth classification with LRP relevance maps from neonatal T2w NIfTI volumes or DICOM
+    series."""
 
     name = "preterm-lrp"
     description = __doc__
@@ -34,14 +50,24 @@ class PretermDeployApp(Application):
         context = Application.init_app_context(self.argv)
         output = Path(context.output_path)
         output.mkdir(parents=True, exist_ok=True)
-        loader = NiftiImageLoader(self, CountCondition(self, 1), input_path=Path(context.input_path), name="loader")
+        input_path = Path(context.input_path)
         infer = PretermInference(self, model_path=model_file(context.model_path),
                                  preset=os.environ.get("PRETERM_LRP_PRESET", APP_PRESET), name="inference")
+        writers = [ProbabilitiesWriter, RelevanceWriter, EvidenceWriter]
+        if dicom.is_dicom_folder(input_path):
+            studies = DicomStudyLoader(self, CountCondition(self, 1), input_folder=input_path, name="dicom_loader")
+            selector = DICOMSeriesSelectorOperator(self, rules=dicom.rules_text(), name="series_selector")
+            loader = DicomVolumeLoader(self, input_path=input_path, name="dicom_volume")
+            self.add_flow(studies, selector, {("dicom_study_list", "dicom_study_list")})
+            self.add_flow(studies, loader, {("dicom_study_list", "dicom_study_list")})
+            self.add_flow(selector, loader, {("study_selected_series_list", "study_selected_series_list")})
+            writers += [DicomSegWriter, DicomSrWriter]
+        else:
+            loader = NiftiImageLoader(self, CountCondition(self, 1), input_path=input_path, name="loader")
         self.add_flow(loader, infer, {("images", "images")})
-        self.add_flow(infer, ProbabilitiesWriter(self, output_folder=output, name="probabilities_writer"),
-                      {("results", "results")})
-        self.add_flow(infer, RelevanceWriter(self, output_folder=output, name="relevance_writer"),
-                      {("results", "results")})
+        for writer in writers:
+            self.add_flow(infer, writer(self, output_folder=output, name=writer.__name__.lower()),
+                          {("results", "results")})
 
 
 def model_file(path) -> Path:

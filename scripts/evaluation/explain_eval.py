@@ -331,25 +331,42 @@ def _figures(rows, curves, patches, settings, output: Path) -> None:
     plt.close(fig)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m scripts.evaluation.explain_eval`` (every option's help states its default)."""
+    ap = argparse.ArgumentParser(prog="python -m scripts.evaluation.explain_eval", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config_file", default=str(ROOT / "configs" / "inference.json"),
+                    help="the inference config giving the network, preprocessing and datalist (default: "
+                         "configs/inference.json in the bundle folder)")
+    ap.add_argument("--ckpt", default=None, help="checkpoint (default: the config's ckpt_path, models/model.pt)")
+    ap.add_argument("--split", default="test", help="datalist split to explain (default: %(default)s)")
+    ap.add_argument("--subjects", type=int, default=0, help="at most this many subjects, preterm and term in turn "
+                                                            "(default: %(default)s = all of the split)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS),
+                    help=f"methods to compare (default: all: {' '.join(METHODS)})")
+    ap.add_argument("--patches", type=int, nargs="+", default=[8, 16],
+                    help="block sides of region perturbation (default: 8 16)")
+    ap.add_argument("--steps", type=int, default=5, help="perturbation steps per curve (default: %(default)s)")
+    ap.add_argument("--fraction", type=float, default=0.25,
+                    help="share of the brain's blocks replaced at the end (default: %(default)s)")
+    ap.add_argument("--smoothgrad-samples", type=int, default=16,
+                    help="noisy samples per SmoothGrad map (default: %(default)s)")
+    ap.add_argument("--occlusion-mask", type=int, default=24,
+                    help="occlusion block side (16: 3x the forward passes) (default: %(default)s)")
+    ap.add_argument("--reduced", action="store_true",
+                    help="small settings for CI: 2 steps, 2 SmoothGrad samples (default: off)")
+    ap.add_argument("--override", type=json.loads, default={},
+                    help='config overrides as JSON, e.g. \'{"fold": 0}\' (default: {}, none)')
+    ap.add_argument("--output", default=str(ROOT / "docs" / "results"),
+                    help="folder for explanations.md/.csv and the figures (default: docs/results in the bundle "
+                         "folder)")
+    return ap
+
+
 @report_input_errors
 def main(argv=None) -> int:
     if argv is None:
         reexec_with_returning_malloc("scripts.evaluation.explain_eval")
-    ap = argparse.ArgumentParser(prog="python -m scripts.evaluation.explain_eval", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config_file", default=str(ROOT / "configs" / "inference.json"))
-    ap.add_argument("--ckpt", default=None, help="checkpoint (default: the config's ckpt_path)")
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--subjects", type=int, default=0, help="at most this many subjects, preterm and term in turn "
-                                                            "(0: all of the split)")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
-    ap.add_argument("--patches", type=int, nargs="+", default=[8, 16], help="block sides of region perturbation")
-    ap.add_argument("--steps", type=int, default=5, help="perturbation steps per curve")
-    ap.add_argument("--fraction", type=float, default=0.25, help="share of the brain's blocks replaced at the end")
-    ap.add_argument("--smoothgrad-samples", type=int, default=16)
-    ap.add_argument("--occlusion-mask", type=int, default=24, help="occlusion block side (16: 3x the forward passes)")
-    ap.add_argument("--reduced", action="store_true", help="small settings for CI (fewer steps and samples)")
-    ap.add_argument("--override", type=json.loads, default={}, help='config overrides as JSON, e.g. \'{"fold": 0}\'')
-    ap.add_argument("--output", default=str(ROOT / "docs" / "results"))
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.reduced:
         args.steps, args.smoothgrad_samples, args.occlusion_mask = 2, 2, 24

@@ -154,14 +154,26 @@ def summary(results: list[dict]) -> list[dict]:
     return out
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m scripts.evaluation.qc_eval`` (every option's help states its default)."""
+    parser = argparse.ArgumentParser(prog="python -m scripts.evaluation.qc_eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default="docs/results",
+                        help="folder for qc.csv and qc.md (default: %(default)s, from the current folder)")
+    parser.add_argument("--work_dir", default="runs/qc_eval",
+                        help="corrupted inputs and inference outputs (default: %(default)s, from the current folder)")
+    parser.add_argument("--ckpt_dir", default=None,
+                        help="folder of model.pt and its QC reference (default: the config's ckpt_dir, models/)")
+    parser.add_argument("--override", default="{}",
+                        help="JSON object of inference.json overrides (default: %(default)s, none)")
+    parser.add_argument("--subjects", type=int, default=0,
+                        help="test subjects to use (default: %(default)s = all)")
+    return parser
+
+
 @report_input_errors
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default="docs/results", help="folder for qc.csv and qc.md")
-    parser.add_argument("--work_dir", default="runs/qc_eval", help="corrupted inputs and inference outputs")
-    parser.add_argument("--ckpt_dir", default=None, help="folder of model.pt and its QC reference")
-    parser.add_argument("--override", default="{}", help="JSON object of inference.json overrides")
-    parser.add_argument("--subjects", type=int, default=0, help="test subjects to use (0: all)")
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     results, timing = evaluate(args)

@@ -403,20 +403,33 @@ def _class_figure(rows, path: Path) -> None:
     plt.close(fig)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m scripts.evaluation.sanity`` (every option's help states its default)."""
+    ap = argparse.ArgumentParser(prog="python -m scripts.evaluation.sanity", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config_file", default=str(ROOT / "configs" / "inference.json"),
+                    help="the inference config giving the network, preprocessing and datalist (default: "
+                         "configs/inference.json in the bundle folder)")
+    ap.add_argument("--ckpt", default=None, help="checkpoint (default: the config's ckpt_path, models/model.pt)")
+    ap.add_argument("--split", default="test", help="datalist split to check on (default: %(default)s)")
+    ap.add_argument("--subjects", type=int, default=6, help="at most this many subjects, preterm and term in turn "
+                                                            "(0: all) (default: %(default)s)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS),
+                    help=f"methods to check (default: all: {' '.join(METHODS)})")
+    ap.add_argument("--checks", nargs="+", default=["randomisation", "class"], choices=["randomisation", "class"],
+                    help="which checks to run (default: randomisation class)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the re-initialised layers (default: %(default)s)")
+    ap.add_argument("--reduced", action="store_true", help="small settings for CI: 2 subjects (default: off)")
+    ap.add_argument("--override", type=json.loads, default={},
+                    help='config overrides as JSON, e.g. \'{"fold": 0}\' (default: {}, none)')
+    ap.add_argument("--output", default=str(ROOT / "docs" / "results"),
+                    help="folder for sanity.md, the CSVs and the figures (default: docs/results in the bundle "
+                         "folder)")
+    return ap
+
+
 @report_input_errors
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m scripts.evaluation.sanity", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config_file", default=str(ROOT / "configs" / "inference.json"))
-    ap.add_argument("--ckpt", default=None, help="checkpoint (default: the config's ckpt_path)")
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--subjects", type=int, default=6, help="at most this many subjects, preterm and term in turn "
-                                                            "(0: all)")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
-    ap.add_argument("--checks", nargs="+", default=["randomisation", "class"], choices=["randomisation", "class"])
-    ap.add_argument("--seed", type=int, default=0, help="seed of the re-initialised layers")
-    ap.add_argument("--reduced", action="store_true", help="small settings for CI (2 subjects)")
-    ap.add_argument("--override", type=json.loads, default={}, help='config overrides as JSON, e.g. \'{"fold": 0}\'')
-    ap.add_argument("--output", default=str(ROOT / "docs" / "results"))
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.reduced:
         args.subjects = min(args.subjects, 2) if args.subjects > 0 else 2

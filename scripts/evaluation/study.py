@@ -6,7 +6,7 @@ linked to its page of the test inference's run report, copied into ``test_report
 the folder is complete on its own).
 
     python -m scripts.evaluation.study                                  # built-in synthetic cohort, full settings
-    python -m scripts.evaluation.study --reduced --output docs/results  # 2 mm / smaller network / shorter grid
+    python -m scripts.evaluation.study --reduced --jobs 2 --output docs/results  # 2 mm, smaller network, 2 shards
     python -m scripts.evaluation.study --datalist /data/dhcp/datalist.json --work_dir /scratch/study --output results/
 
 Every stage is one of the bundle's own workflows (``configs/train.json``, ``train_full.json``,
@@ -37,6 +37,7 @@ import logging.config
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -97,6 +98,7 @@ FINAL_LOCK = "final.lock"  # in --work_dir: held by the process that runs the fi
 FINAL_DONE = "final/done.json"  # in --work_dir: what the last final stage was run on
 STUDY_REPORT = "test_report"  # in --output: the copy of the test inference's run report that study.html links to
 SHARDING_OPTIONS = {"--shard": 1, "--jobs": 1, "--threads": 1, "--merge": 0}  # option -> number of values
+COMMAND_ENV = "PRETERM_STUDY_COMMAND"  # set by --jobs N for its shards: the command line study.md names
 
 
 def _parser(config: str, overrides: dict):
@@ -162,9 +164,8 @@ def group_analysis(rows: list[dict], items: list[dict], maps_dir: Path, presets:
 def _markdown(summary, best, metrics, mis, anatomy, info, timings, args, common) -> str:
     lines = [
         "# Study results", "",
-        f"Command: `{shlex.join(['python', '-m', 'scripts.evaluation.study', *_without_sharding(args.argv)])}`"
-        + (" (cross-validation run in shards)" if _sharded(args) else ""), "",
-        f"Datalist: {info['datalist']} — training split term/preterm {info['training']}, "
+        f"Command: {_command(args)}", "",
+        f"Datalist: {_display_path(info['datalist'])} — training split term/preterm {info['training']}, "
         f"{len(info['folds'])} folds; test split term/preterm {info['test']}.",
         "Config overrides for every stage: "
         f"`{json.dumps({k: v for k, v in common.items() if k not in ('datalist', 'dataset_dir')})}`.",
@@ -231,6 +232,26 @@ def _html(markdown: str, rows: list[dict], output: Path) -> str:
                            table, ["" if r["correct"] else "misclassified" for r in rows],
                            numeric=[False, False, True, True, True, False, False]))
     return html_page("Study results", "\n".join(body))
+
+
+def _command(args) -> str:
+    """The study's command line for ``study.md``: the one the user typed (for the shards of ``--jobs N``, the
+    ``--jobs N`` command, passed down in ``COMMAND_ENV``); for a shard or ``--merge`` started by hand, the command
+    without its sharding options, marked as sharded."""
+    typed = os.environ.get(COMMAND_ENV)
+    if typed:
+        return f"`{typed}`"
+    command = shlex.join(["python", "-m", "scripts.evaluation.study", *_without_sharding(args.argv)])
+    return f"`{command}`" + (" (cross-validation run in shards)" if _sharded(args) else "")
+
+
+def _display_path(path) -> str:
+    """``path`` relative to the bundle folder when it lies inside it (reports name no machine-specific folder),
+    else as it is."""
+    try:
+        return Path(path).resolve().relative_to(ROOT.resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _without_sharding(argv: list[str]) -> list[str]:
@@ -402,7 +423,8 @@ def run_jobs(args) -> int:
     try:
         for k in range(1, n + 1):
             env = dict(os.environ, PYTHONPATH=pythonpath, OMP_NUM_THREADS=str(args.threads),
-                       MKL_NUM_THREADS=str(args.threads))
+                       MKL_NUM_THREADS=str(args.threads),
+                       **{COMMAND_ENV: shlex.join(["python", "-m", "scripts.evaluation.study", *args.argv])})
             if gpus:
                 env["CUDA_VISIBLE_DEVICES"] = gpus[(k - 1) % len(gpus)]
             log = logs / f"shard-{k}-of-{n}.log"
@@ -432,36 +454,60 @@ def run_jobs(args) -> int:
     return 0
 
 
-@report_input_errors
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+EPILOG = ("Outputs by default: the tables, figures, study.md, study.html and test_report/ go to eval/study/results/, "
+          "the models, maps, fold results and shard logs to eval/study/ (both in the bundle folder; --output and "
+          "--work_dir move them). Time on a CPU: the full settings (1 mm grid, the default network, 14 epochs, "
+          "4 settings x 10 folds = 40 training runs of about 14 min each) take roughly 9-10 hours on 2 CPU cores; "
+          "--reduced --jobs 2 takes about 16 min there (docs/results/study.md). Where CUDA is available the "
+          "configs train on the GPU (their device); otherwise use fewer settings (--grid) or more machines "
+          "(--shard) for the full settings.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m scripts.evaluation.study`` (every option's help states its default)."""
     ap = argparse.ArgumentParser(prog="python -m scripts.evaluation.study", description=__doc__.split("\n\n")[0],
-                                 allow_abbrev=False)
+                                 epilog=EPILOG, allow_abbrev=False)
     ap.add_argument("--dataset_dir", default=None, help="folder holding datalist.json (default: the configs' "
-                    "synthetic cohort, generated when missing)")
-    ap.add_argument("--datalist", default=None, help="MONAI datalist JSON with labels, folds and a test split")
+                    "synthetic cohort, data/synthetic in the bundle folder, generated when missing)")
+    ap.add_argument("--datalist", default=None, help="MONAI datalist JSON with labels, folds and a test split "
+                    "(default: datalist.json in --dataset_dir)")
     ap.add_argument("--work_dir", default=str(ROOT / "eval" / "study"),
-                    help="models, maps and fold results (reused on a rerun)")
-    ap.add_argument("--output", default=str(ROOT / "eval" / "study" / "results"), help="tables and figures")
+                    help="models, maps, fold results and shard logs, reused on a rerun (default: eval/study in the "
+                         "bundle folder)")
+    ap.add_argument("--output", default=str(ROOT / "eval" / "study" / "results"),
+                    help="study.md, study.html, test_report/, tables and figures (default: eval/study/results in "
+                         "the bundle folder)")
     ap.add_argument("--grid", type=json.loads, default=None,
-                    help=f"hyper-parameter grid as JSON (default {json.dumps(DEFAULT_GRID)})")
-    ap.add_argument("--presets", nargs="+", default=PRESETS, help="LRP alpha-beta settings of the group maps")
+                    help=f"hyper-parameter grid as JSON (default: {json.dumps(DEFAULT_GRID)}; with --reduced "
+                         f"{json.dumps(REDUCED_GRID)})")
+    ap.add_argument("--presets", nargs="+", default=PRESETS,
+                    help=f"LRP alpha-beta settings of the group maps (default: {' '.join(PRESETS)})")
     ap.add_argument("--override", type=json.loads, default={},
-                    help='config overrides for every stage as JSON, e.g. \'{"num_epochs": 20}\'')
+                    help='config overrides for every stage as JSON, e.g. \'{"num_epochs": 20}\' (default: {}, none)')
     ap.add_argument("--reduced", action="store_true",
-                    help=f"2 mm grid, smaller network, grid {json.dumps(REDUCED_GRID)}: {json.dumps(REDUCED)}")
+                    help=f"2 mm grid, smaller network, grid {json.dumps(REDUCED_GRID)}: {json.dumps(REDUCED)} "
+                         "(default: off, the full settings)")
     spread = ap.add_argument_group("spreading the runs over processes, GPUs or machines (one shared --work_dir)")
     spread.add_argument("--shard", default=None, metavar="K/N",
                         help="run only shard K of N (1 <= K <= N): the i-th (setting, fold) run, i = 0, 1, ... in "
                              "grid then fold order, belongs to shard i %% N + 1; the shard that finds every run "
-                             "finished runs the final stage")
+                             "finished runs the final stage (default: no sharding, every run)")
     spread.add_argument("--merge", action="store_true",
                         help="only the final stage (setting, final model, test, reports); fails naming the runs "
-                             "still missing")
+                             "still missing (default: off)")
     spread.add_argument("--jobs", type=int, default=None, metavar="N",
-                        help="run shards 1..N as N local processes (each its own threads and GPU) and wait for them")
+                        help="run shards 1..N as N local processes (each its own threads and GPU) and wait for them "
+                             "(default: one process)")
     spread.add_argument("--threads", type=int, default=None,
-                        help="torch threads of this process (with --jobs: of each shard; default cores // N)")
+                        help="torch threads of this process (with --jobs: of each shard) (default: torch's own "
+                             "choice; with --jobs, cores // N)")
+    return ap
+
+
+@report_input_errors
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = build_parser()
     args = ap.parse_args(argv)
     args.argv = argv
     logging.config.fileConfig(ROOT / "configs" / "logging.conf", disable_existing_loggers=False)  # as the bundle
@@ -495,4 +541,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM (scancel, a SLURM time limit or preemption, a --jobs parent stopping its shards) ends the study
+    # through Python: the final-stage lock is released, --jobs stops its shards; a run it interrupts is redone
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     sys.exit(main())

@@ -9,11 +9,31 @@ and ``ConfigWorkflow`` work from any folder (MONAI adds the bundle root to ``sys
 
 The modules load on first attribute access (PEP 562), so that importing one of them (the apps import only
 ``scripts.runtime.explain``) does not also load the handlers, the report and matplotlib.
+
+Importing the package also silences two notices MONAI prints that tell a user of this bundle nothing they can act
+on (exactly these messages, nothing else):
+
+- ``parsing config_file ...: any "_target_" value ... Only proceed if this config is from a source you trust``:
+  MONAI's ``create_workflow`` warns on every config it parses; the configs here are the bundle's own.
+- ``Detected deprecated name 'optional_packages_version' ...``: the MONAI metadata schema the model zoo validates
+  against (meta_schema_20240725) still *requires* that key in ``configs/metadata.json`` beside
+  ``required_packages_version``, and MONAI warns whenever it reads it.
+
+They are gone wherever the bundle's code is imported before MONAI reads a config (the study and the evaluation
+commands, which run workflows in-process, the apps). ``python -m monai.bundle run`` shows each once: it emits
+them before it evaluates anything of the config, so before this import can filter them.
 """
 
+import warnings
 from importlib import import_module
 
-__all__ = ["checks", "datalist", "errors", "handlers", "monitor", "network", "outputs", "qc", "report"]
+__all__ = ["checks", "datalist", "errors", "explain", "handlers", "monitor", "network", "outputs", "qc", "report",
+           "transforms"]
+
+warnings.filterwarnings("ignore", message=r"parsing config_file .* Only proceed if this config is from a source you "
+                        r"trust", category=UserWarning)
+warnings.filterwarnings("ignore", message=r"Detected deprecated name 'optional_packages_version' in configuration "
+                        r"file", category=UserWarning)
 
 
 def __getattr__(name: str):

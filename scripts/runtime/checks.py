@@ -54,10 +54,11 @@ def check_volume(path: str, data: np.ndarray, affine, spatial_shape=None, pixdim
 
 
 def validate_items(items: list[dict], skip_bad: bool = False, report: str | None = None, keys=("image",),
-                   spatial_shape=None, pixdim=None) -> list[dict]:
+                   spatial_shape=None, pixdim=None, allow_none: bool = False) -> list[dict]:
     """Check every item's images (``check_image``). With ``skip_bad`` the bad items are dropped and listed
     (subject, file, reason) in ``report`` (a CSV); otherwise the first bad item raises. An empty list stays empty
-    (e.g. every subject already finished)."""
+    (e.g. every subject already finished); when every item is bad, that is an error unless ``allow_none`` (the
+    other subjects of a resumed inference were finished by an earlier run)."""
     good, bad = [], []
     for item in items:
         try:
@@ -73,7 +74,7 @@ def validate_items(items: list[dict], skip_bad: bool = False, report: str | None
         good.append(item)
     if report is not None and (bad or skip_bad):
         write_csv(bad, report, SKIPPED_COLUMNS)
-    if items and not good:
+    if items and not good and not allow_none:
         raise ValueError(f"no usable input: all {len(items)} items failed their checks"
                          + (f" (see {report})" if report else ""))
     return good

@@ -165,7 +165,8 @@ def inference_items(datalist: str, split: str, output_dir: str, run_key: str, re
     pending = pending_subjects(items, output_dir, key, presets, check_bool(save_input, "save_input"),
                                check_bool(save_original_space, "save_original_space"))
     return validate_items(pending, skip_bad=check_bool(skip_bad, "skip_bad"),
-                          report=os.path.join(output_dir, "skipped.csv"), spatial_shape=spatial_shape, pixdim=pixdim)
+                          report=os.path.join(output_dir, "skipped.csv"), spatial_shape=spatial_shape, pixdim=pixdim,
+                          allow_none=len(pending) < len(items))
 
 
 def _check_item(item, base: Path, datalist: Path, require_label: bool, check_files: bool) -> dict:

@@ -28,9 +28,10 @@ from scripts.runtime.outputs import input_path, relevance_path, save_nifti
 __all__ = ["APP_PRESET", "Explained", "affine_of", "check_presets", "explain", "labels_to_original_grid",
            "to_original_grid", "write_explanation"]
 
-# The LRP preset of the MONAI Label tasks and the MONAI Deploy app when their users do not pick one (Label:
-# ``--conf lrp_preset``, Deploy: ``PRETERM_LRP_PRESET``). The one place to change it; the apps' tests follow it.
-# (``configs/inference.json``'s ``lrp_presets`` -- the study's and ``run inference``'s maps -- is separate.)
+# The recommended LRP preset (docs/README.md, explanation evaluation): the one of the MONAI Label tasks and the MONAI
+# Deploy app when their users do not pick one (Label: ``--conf lrp_preset``, Deploy: ``PRETERM_LRP_PRESET``), and
+# the first of ``configs/inference.json``'s default ``lrp_presets`` (``run inference``; the run report pictures the
+# first preset), which names it. The one place to change it; the apps' tests and tests/test_console.py follow it.
 APP_PRESET = "epsilon_gamma_box"
 
 

@@ -7,6 +7,7 @@ runs), all writing their files atomically:
 ``AtomicCheckpointSaver``  MONAI's CheckpointSaver, files through a temporary name (its DiskSaver writes in place)
 ``AtomicMetricsSaver``     MONAI's MetricsSaver, the same way
 ``ResumableTraining``      ``resume.pt`` after every epoch and the restore of a killed training run
+``RunSummary``             ``run inference``'s console lines (one per subject, then the counts) and its exit status
 
 Under torch.distributed (``ignite.distributed`` gives rank and world size) each rank writes its own shard of the
 tables and rank 0 the merged table and the checkpoints.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,26 +30,40 @@ from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver, MetricsSaver
 
 from scripts.runtime.explain import check_presets, explain, write_explanation
-from scripts.runtime.outputs import CrashSafeTable, atomic_target_for, remove_stale_temporaries, source_file
+from scripts.runtime.outputs import (
+    CrashSafeTable,
+    atomic_target_for,
+    read_rows,
+    remove_stale_temporaries,
+    report_index,
+    source_file,
+    subject_name,
+)
 from scripts.runtime.qc import COLUMNS as QC_COLUMNS
 from scripts.runtime.qc import qc_row
 
-__all__ = ["AtomicCheckpointSaver", "AtomicMetricsSaver", "LRPHandler", "PredictionWriter", "ResumableTraining",
-           "run_if_pending"]
+__all__ = ["EXIT_ERROR", "EXIT_OK", "EXIT_PARTIAL", "AtomicCheckpointSaver", "AtomicMetricsSaver", "LRPHandler",
+           "PredictionWriter", "ResumableTraining", "RunSummary", "run_if_pending", "subject_line"]
 
 logger = logging.getLogger(__name__)
 RELEVANCE_COLUMNS = ["subject", "preset", "pred", "prob_term", "prob_preterm", "target", "start_relevance",
                      "relevance_sum", "conservation", "run_key", *QC_COLUMNS]
 PREDICTION_COLUMNS = ["subject", "image", "prob_term", "prob_preterm", "prediction", "label", "run_key",
                       *QC_COLUMNS]
+CLASSES = ("term", "preterm")
+# exit status of ``python -m monai.bundle run inference`` (README.md, Reliability): 0 every input has its prediction
+# (this run's or an earlier one's with the same model and settings); 1 an error (the one-line ``error: ...`` of
+# scripts.runtime.errors, or a traceback); 3 the run finished but some inputs have no prediction: refused by input
+# QC (qc=refuse) or skipped as unreadable (skip_bad=true), or none predicted at all
+EXIT_OK, EXIT_ERROR, EXIT_PARTIAL = 0, 1, 3
 
 
 def run_if_pending(engine: Engine, data) -> None:
-    """Run ``engine`` unless there is nothing left to do (every subject finished by an earlier run)."""
+    """Run ``engine`` unless there is nothing left to do (every subject finished by an earlier run, or skipped)."""
     if len(data):
         engine.run()
     else:
-        logger.info("nothing left to do: every subject is finished")
+        logger.info("nothing left to do: every usable subject is finished")
 
 
 def _items(batch) -> list:
@@ -316,3 +332,121 @@ class ResumableTraining:
             logger.info("training had already finished all %d epochs (%s): nothing to do; raise num_epochs to "
                         "train longer", engine.state.max_epochs, self.path)
             engine.terminate()
+
+
+def subject_line(subject: str, row: dict | None = None, reason: str = "") -> str:
+    """One console line about one subject: ``sub-0001: preterm (p = 0.873), QC passed`` from its predictions row
+    (``prob_term``, ``prob_preterm``, ``prediction`` and the QC columns); without a row, why it has no
+    prediction."""
+    if row is None:
+        return f"{subject}: no prediction, {reason or 'not processed'}"
+    decision = int(row["prediction"])
+    probability = float(row["prob_preterm"] if decision == 1 else row["prob_term"])
+    if row.get("qc_pass") == "true":
+        qc = "QC passed"
+    elif row.get("qc_pass") == "false":
+        qc = "QC flagged: " + ", ".join(m for m in str(row.get("qc_failed", "")).split(";") if m)
+    else:
+        qc = "QC off"
+    return f"{subject}: {CLASSES[decision]} (p = {probability:.3f}), {qc}"
+
+
+def _bundle_cli() -> bool:
+    """Whether this process is ``python -m monai.bundle`` (not a script running a workflow in-process)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", "") == "monai.bundle.__main__"
+
+
+class RunSummary:
+    """What ``run inference`` prints and the status it exits with.
+
+    While the evaluator runs (attached after ``PredictionWriter``), one line per subject on stdout: the decision
+    with its probability and the QC verdict with the failed measures (``subject_line``), or that QC refused it.
+    ``finish`` (last step of the config's ``inference`` list, after the run report) adds a line for every input
+    this run did not process (predicted by an earlier run with the same ``run_key``, or skipped by the input
+    checks, with the reason from ``skipped.csv``) and then ``N predicted, F flagged, R refused/skipped -> <path>``
+    (the run report's index, or ``predictions.csv`` with ``report`` off), counted over every input of the
+    datalist split: a subject predicted by an earlier (resumed) run counts as predicted. ``exit_status`` (the config's
+    ``finalize``) ends ``python -m monai.bundle run`` with ``EXIT_PARTIAL`` (3) when some input has no prediction;
+    in-process workflows (``ConfigWorkflow``) are not ended: ``finish`` and ``exit_status`` return the status. Under
+    torch.distributed every rank prints its own subjects' lines, rank 0 the rest, and every rank exits with rank
+    0's status.
+
+    Args:
+        output_dir: the inference's output folder (``predictions.csv``, ``skipped.csv``, ``report/``).
+        datalist / split: the run's inputs (``load_split`` of them).
+        run_key: identifies model and settings: rows of ``predictions.csv`` with another key do not count.
+        report: whether the run report is written (``report`` config key): the last line points to it.
+        filename: the predictions table.
+        image_key / pred_key: keys in the decollated batch and output.
+    """
+
+    def __init__(self, output_dir: str, datalist: str, split: str = "test", run_key: str = "", report: bool = True,
+                 filename: str = "predictions.csv", image_key: str = "image", pred_key: str = "pred") -> None:
+        self.output_dir = Path(output_dir)
+        self.datalist, self.split = datalist, split
+        self.run_key = str(run_key)
+        self.report = bool(report)
+        self.filename = filename
+        self.image_key, self.pred_key = image_key, pred_key
+        self.status: int | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        for item, out in zip(_items(engine.state.batch), _items(engine.state.output)):
+            subject, _ = source_file(item, self.image_key)
+            verdict = _qc(engine, subject)
+            if verdict and verdict.get("refused"):
+                _say(f"{subject}: refused by QC ({', '.join(verdict['failed'])}), no prediction")
+                continue
+            prob = torch.as_tensor(out[self.pred_key]).detach().float().cpu().reshape(-1)
+            _say(subject_line(subject, {"prob_term": float(prob[0]), "prob_preterm": float(prob[1]),
+                                        "prediction": int(prob.argmax()), **qc_row(verdict)}))
+
+    def finish(self, data: Sequence[Mapping]) -> int:
+        """The lines of the subjects this run did not process (``data``: the items it had to do), the summary line,
+        and the status (``EXIT_OK`` or ``EXIT_PARTIAL``), which it returns and keeps for ``exit_status``."""
+        status = EXIT_OK
+        if idist.get_rank() == 0:
+            from scripts.runtime.datalist import load_split  # noqa: PLC0415 (datalist imports checks -> outputs)
+
+            inputs = list(dict.fromkeys(subject_name(it["image"]) for it in load_split(
+                self.datalist, self.split, -1, require_label=False, check_files=False)))
+            rows = {r["subject"]: r for r in read_rows(self.output_dir / self.filename)
+                    if not self.run_key or r.get("run_key") == self.run_key}
+            skipped = {subject_name(r["image"]) if r.get("image") else r.get("subject", ""): r.get("reason", "")
+                       for r in read_rows(self.output_dir / "skipped.csv")}
+            processed = {subject_name(it["image"]) for it in data}
+            for subject in inputs:
+                if subject in processed:
+                    continue  # its line came while the evaluator ran
+                row = rows.get(subject)
+                if row is not None:
+                    _say(subject_line(subject, row) + " (earlier run)")
+                else:
+                    _say(subject_line(subject, reason=f"skipped: {skipped[subject]}" if subject in skipped else ""))
+            predicted = [s for s in inputs if s in rows]
+            flagged = sum(rows[s].get("qc_pass") == "false" for s in predicted)
+            where = report_index(self.output_dir) if self.report else self.output_dir / self.filename
+            _say(f"{len(predicted)} predicted, {flagged} flagged, {len(inputs) - len(predicted)} refused/skipped "
+                 f"-> {where}")
+            status = EXIT_OK if len(predicted) == len(inputs) else EXIT_PARTIAL
+        if idist.get_world_size() > 1:
+            status = int(idist.broadcast(status, src=0))
+        self.status = status
+        return status
+
+    def exit_status(self) -> int:
+        """End ``python -m monai.bundle run`` with the status of ``finish`` when it is not ``EXIT_OK`` (the
+        config's last ``finalize`` step, so everything is written and a distributed run has left its process
+        group); in-process workflows get the status back instead."""
+        if self.status and _bundle_cli():
+            sys.stdout.flush()
+            raise SystemExit(self.status)
+        return EXIT_OK if self.status is None else self.status
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)

@@ -18,6 +18,11 @@ margin), so no training subject fails by construction. Training writes the refer
 (``QCReferenceWriter``): ``qc_reference.json`` (statistics, thresholds, margins), ``qc_mean_image.nii.gz``
 (8 mm) and ``qc_brain_region.nii.gz`` (4 mm); editing the margins or thresholds in the JSON changes the policy without
 retraining. Inference applies it with ``QCHandler`` (policy ``flag``, ``refuse`` or ``off``).
+
+Every failure says what to do (``advice``): the registration measures point to the bundle's preprocessing
+(``python -m scripts.data.preprocess run``, with the datalist it needs), ``intensity`` to the scan's contrast,
+``feature_distance`` to a review of the case. The advice goes into the warning, ``skipped.csv``, the tables'
+``qc_advice`` column and the run report.
 """
 
 from __future__ import annotations
@@ -37,12 +42,13 @@ import nibabel as nib
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.data import Dataset
 
 from scripts.runtime.outputs import SKIPPED_COLUMNS, CrashSafeTable, atomic_write_text, save_nifti, source_file
+from scripts.runtime.visual import plural
 
-__all__ = ["COLUMNS", "MARGINS", "MEASURES", "POLICIES", "QCHandler", "QCReference", "QCReferenceWriter",
-           "build_reference", "check_policy", "evaluate_input", "network_features", "qc_row"]
+__all__ = ["COLUMNS", "MARGINS", "MEASURES", "POLICIES", "QCHandler", "QCReference", "QCReferenceWriter", "advice",
+           "build_reference", "check_policy", "evaluate_input", "failure_reason", "load_thresholds",
+           "network_features", "qc_row", "score_text"]
 
 logger = logging.getLogger(__name__)
 MEASURES = ("similarity", "outside_brain", "missing_brain", "intensity", "feature_distance")
@@ -53,10 +59,68 @@ POLICIES = ("flag", "refuse", "off")
 SHRINKAGE = 0.1  # share of the mean variance added to the feature covariance's diagonal
 REDUCTION = 4  # voxels per side of the grid of the brain-region measures (4 mm at 1 mm)
 SIMILARITY_REDUCTION = 8  # and of the similarity (8 mm: anatomy, not subject-specific detail)
-COLUMNS = ["qc_pass", "qc_failed", *(f"qc_{m}" for m in MEASURES)]
+COLUMNS = ["qc_pass", "qc_failed", *(f"qc_{m}" for m in MEASURES), "qc_advice"]
 REFERENCE = "qc_reference.json"
 MEAN_IMAGE = "qc_mean_image.nii.gz"
 REGION = "qc_brain_region.nii.gz"
+
+# what to do when a measure fails (``advice``): placeholders in capitals, commands between backticks, run from the
+# bundle folder; a scan's own path replaces SCAN_T2w.nii.gz where it is known
+SCAN_PLACEHOLDER = "SCAN_T2w.nii.gz"
+ADVICE_START = "What to do: "
+NATIVE_DATALIST = json.dumps({"test": [{"image": SCAN_PLACEHOLDER, "mask": "BRAIN_MASK.nii.gz"}]})
+PREPROCESS = ("python -m scripts.data.preprocess run --datalist native.json --template TEMPLATE_T2w.nii.gz "
+              "--template-mask TEMPLATE_mask.nii.gz --output prep")
+PREDICT = "python -m monai.bundle run inference --config_file configs/inference.json --dataset_dir prep"
+_REGISTER = ("If this is a native scan (not skull-stripped, or not registered to the 40-week template), run the "
+             "bundle's preprocessing on it and its brain mask, from the bundle folder: write "
+             f"native.json = `{NATIVE_DATALIST}`, run `{PREPROCESS}` (TEMPLATE: the 40-week T2w template the model "
+             "was trained in and its brain mask, e.g. the dHCP atlas, TemplateFlow tpl-dhcpVol), then predict on "
+             f"its output: `{PREDICT}`.")
+_ORIENTATION = ("If it is registered already, check its orientation: the header must match the voxels (not "
+                "flipped front to back or rotated).")
+_COVERAGE = "Check also that the whole brain lies inside the scan's field of view."
+_CONTRAST = ("Check the intensities: a T2w scan (not T1w or another sequence; CSF bright), contrast not "
+             "inverted, not rescaled or quantised, bias-field corrected like the training data (dHCP "
+             "*_desc-restore_T2w), not noise or a constant volume.")
+_FEATURES = ("The network's own features are unlike every training subject's: check that this is a "
+             "term-equivalent neonatal T2w from a scanner and protocol like the training data, and do not trust "
+             "its prediction without review.")
+ADVICE = {"similarity": (_REGISTER, _ORIENTATION, _CONTRAST), "outside_brain": (_REGISTER,),
+          "missing_brain": (_REGISTER, _COVERAGE), "intensity": (_CONTRAST,), "feature_distance": (_FEATURES,)}
+_ORDER = (_REGISTER, _ORIENTATION, _COVERAGE, _CONTRAST, _FEATURES)  # the order pieces of advice are given in
+
+
+def advice(failed: Sequence[str], image: str | os.PathLike | None = None) -> str:
+    """What to do about the ``failed`` measures (empty when none failed), each piece of advice once; ``image``, the
+    scan's path, goes into the datalist the preprocessing command reads."""
+    parts = sorted({part for m in MEASURES if m in failed for part in ADVICE[m]}, key=_ORDER.index)
+    if not parts:
+        return ""
+    text = ADVICE_START + " ".join(parts)
+    return text.replace(SCAN_PLACEHOLDER, json.dumps(str(image))[1:-1]) if image else text
+
+
+def score_text(measure: str, score: float, threshold: float | None = None) -> str:
+    """``similarity 0.412 (max 0.571)``: a score beside the threshold it must not exceed."""
+    return f"{measure} {score:.3g}" + (f" (max {threshold:.3g})" if threshold is not None else "")
+
+
+def failure_reason(failed: Sequence[str], scores: dict, thresholds: dict,
+                   image: str | os.PathLike | None = None) -> str:
+    """The reason a subject fails QC, as the warning and ``skipped.csv`` give it: the failed measures beside their
+    thresholds, then what to do."""
+    return ("input QC failed: " + ", ".join(score_text(m, scores[m], thresholds.get(m)) for m in failed) + ". "
+            + advice(failed, image))
+
+
+def load_thresholds(folder: str | os.PathLike) -> dict[str, float] | None:
+    """The thresholds of the QC reference in ``folder`` (its JSON only); None without a readable one."""
+    try:
+        content = json.loads((Path(folder) / REFERENCE).read_text())
+        return {m: float(content["thresholds"][m]) for m in MEASURES}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def check_policy(value) -> str:
@@ -253,7 +317,8 @@ def qc_row(verdict: dict | None) -> dict:
     if not verdict:
         return dict.fromkeys(COLUMNS, "")
     return {"qc_pass": str(verdict["pass"]).lower(), "qc_failed": ";".join(verdict["failed"]),
-            **{f"qc_{m}": f"{verdict['scores'][m]:.6g}" for m in MEASURES}}
+            **{f"qc_{m}": f"{verdict['scores'][m]:.6g}" for m in MEASURES},
+            "qc_advice": verdict.get("advice") or advice(verdict["failed"])}
 
 
 class QCReferenceWriter:
@@ -275,12 +340,14 @@ class QCReferenceWriter:
             return
         network = copy.deepcopy(getattr(self.network, "module", self.network))
         network.load_state_dict(torch.load(self.ckpt_path, map_location="cpu", weights_only=True))
+        from monai.data import Dataset  # noqa: PLC0415 (training only: the report imports this module)
+
         dataset = Dataset(self.data, self.transform)
         inputs = [dataset[i]["image"] for i in range(len(dataset))]
         reference = build_reference(network, inputs, [int(item["label"]) for item in self.data])
         reference.save(self.output_dir)
-        logger.info("QC reference of %s from %d training subjects: %s", self.ckpt_path, reference.subjects,
-                    self.output_dir / REFERENCE)
+        logger.info("QC reference of %s from %s: %s", self.ckpt_path,
+                    plural(reference.subjects, "training subject"), self.output_dir / REFERENCE)
 
 
 class QCHandler:
@@ -318,8 +385,8 @@ class QCHandler:
         if self.skipped is not None:
             self.skipped.finish()
         if self.count:
-            logger.info("input QC of %d subjects took %.2f s (%.3f s per subject)", self.count, self.seconds,
-                        self.seconds / self.count)
+            logger.info("input QC of %s took %.2f s (%.3f s per subject)", plural(self.count, "subject"),
+                        self.seconds, self.seconds / self.count)
 
     def _capture(self, module, args) -> None:
         self._features = args[0].detach()
@@ -347,15 +414,15 @@ class QCHandler:
             scores = self.reference.measure(volume, features[i])
             passed, failed = self.reference.verdict(scores)
             verdict = {"pass": passed, "failed": failed, "scores": scores,
+                       "thresholds": dict(self.reference.thresholds), "advice": advice(failed, source),
                        "refused": not passed and self.policy == "refuse"}
             engine.state.qc[subject] = verdict
             if passed:
                 if self.skipped is not None:
                     self.skipped.rows.pop((subject,), None)  # refused by an earlier run, passes now
                 continue
-            reason = "input QC failed: " + ", ".join(
-                f"{m} {scores[m]:.3g} > {self.reference.thresholds[m]:.3g}" for m in failed)
-            logger.warning("%s: %s%s", source, reason, " (refused)" if verdict["refused"] else "")
+            reason = failure_reason(failed, scores, self.reference.thresholds, source)
+            logger.warning("%s%s: %s", source, " (refused)" if verdict["refused"] else "", reason)
             if verdict["refused"] and self.skipped is not None:
                 self.skipped.add({"subject": subject, "image": source, "reason": reason})
         if self.skipped is not None:
@@ -372,4 +439,5 @@ def evaluate_input(reference: QCReference | None, network: torch.nn.Module, imag
     features, _ = network_features(network, x)
     scores = reference.measure(x[0, 0].cpu().numpy(), features[0])
     passed, failed = reference.verdict(scores)
-    return {"pass": passed, "failed": failed, "scores": scores}
+    return {"pass": passed, "failed": failed, "scores": scores, "thresholds": dict(reference.thresholds),
+            "advice": advice(failed)}

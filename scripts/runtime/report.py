@@ -11,13 +11,17 @@ offline from the folder alone (no scripts, no CDN, no server)::
 ``relevance.csv``, ``skipped.csv`` and the NIfTIs), so rank 0 of a sharded run and a rerun with nothing left to
 do rebuild it the same way; ``RunReport`` is the Ignite handler that calls it when the evaluator completes.
 Every file is written atomically, the index last; QC columns (``qc_pass``, ``qc_failed``, ``qc_*``) of
-``predictions.csv`` are shown when present.
+``predictions.csv`` are shown when present: the index says per subject whether it passed and which measures
+failed, each score beside its threshold (from the QC reference next to the model), and what to do; the subject
+page lists every score. Every page says that the model is for research use only, and the pages fit a 1280 px
+wide window (long names and paths wrap).
 """
 
 from __future__ import annotations
 
 import hashlib
 import html
+import json
 import logging
 import os
 import re
@@ -44,24 +48,29 @@ from scripts.runtime.outputs import (
     report_index,
     report_page,
 )
-from scripts.runtime.visual import COLOUR_RULE, overlay_mosaic, save_mosaic
+from scripts.runtime.qc import ADVICE_START, MEASURES, SCAN_PLACEHOLDER, advice, load_thresholds, score_text
+from scripts.runtime.visual import COLOUR_RULE, overlay_mosaic, plural, save_mosaic
 
-__all__ = ["CLASSES", "RunReport", "build_report", "copy_report", "html_page", "html_table", "qc_flag",
-           "relevance_by_tissue"]
+__all__ = ["CLASSES", "RESEARCH_NOTICE", "RunReport", "build_report", "copy_report", "html_page", "html_table",
+           "qc_flag", "relevance_by_tissue"]
 
 logger = logging.getLogger(__name__)
 CLASSES = ("term", "preterm")
 QC_PREFIX = "qc_"
+RESEARCH_NOTICE = ("Research use only, not a clinical model: its predictions and relevance maps must not guide the "
+                   "diagnosis or care of any baby.")
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 1.5em auto; max-width: 1500px;
-       padding: 0 1em; color: #1b1b1b; line-height: 1.4; }
+       padding: 0 1em; color: #1b1b1b; line-height: 1.4; overflow-wrap: anywhere; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; }
 table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.92em; }
-th, td { border: 1px solid #c8c8c8; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th, td { border: 1px solid #c8c8c8; padding: 0.25em 0.6em; text-align: left; vertical-align: top;
+         overflow-wrap: break-word; }
 th { background: #f0f0f0; position: sticky; top: 0; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-#predictions td:first-child { white-space: nowrap; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.wrap { overflow-wrap: anywhere; min-width: 8em; }
+p.notice { border: 1px solid #b45309; background: #fff7e6; padding: 0.4em 0.7em; max-width: 70em; }
 tr.misclassified td { background: #fde2e1; } tr.failed td { background: #fff1c2; }
 tr.qc-flagged td:first-child { border-left: 5px solid #d97706; }
 .badge { display: inline-block; padding: 0 0.45em; border-radius: 0.6em; font-size: 0.85em; margin-left: 0.3em; }
@@ -82,14 +91,18 @@ def html_page(title: str, body: str) -> str:
 
 
 def html_table(header: Sequence[str], rows: Sequence[Sequence[str]], row_classes: Sequence[str] | None = None,
-               table_id: str = "", numeric: Sequence[bool] | None = None) -> str:
-    """A table whose cells are HTML already (escape text with ``html.escape`` first)."""
+               table_id: str = "", numeric: Sequence[bool] | None = None, wrap: Sequence[bool] | None = None) -> str:
+    """A table whose cells are HTML already (escape text with ``html.escape`` first). ``numeric`` columns are
+    right-aligned, never broken; ``wrap`` columns (names, paths, reasons) may break anywhere, so that a long name
+    does not make the table wider than the window."""
     numeric = list(numeric or [False] * len(header))
+    wrap = list(wrap or [False] * len(header))
     ident = f' id="{table_id}"' if table_id else ""
     lines = [f"<table{ident}>", "<thead><tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr></thead>", "<tbody>"]
     for i, row in enumerate(rows):
         cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
-        cells = "".join(f'<td class="num">{c}</td>' if numeric[j] else f"<td>{c}</td>" for j, c in enumerate(row))
+        cells = "".join(f'<td class="num">{c}</td>' if numeric[j] else f'<td class="wrap">{c}</td>' if wrap[j]
+                        else f"<td>{c}</td>" for j, c in enumerate(row))
         lines.append(f"<tr{cls}>{cells}</tr>")
     lines += ["</tbody>", "</table>"]
     return "\n".join(lines)
@@ -102,6 +115,15 @@ def _href(target: Path, start: Path) -> str:
 
 def _link(target: Path, start: Path, text: str) -> str:
     return f'<a href="{_href(target, start)}">{html.escape(text)}</a>'
+
+
+def _rich(text: str) -> str:
+    """Plain text as HTML, what stands between backticks (commands, file contents) as code."""
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
+
+
+def _notice() -> str:
+    return f'<p class="notice"><b>{html.escape(RESEARCH_NOTICE)}</b></p>'
 
 
 def qc_flag(row: Mapping[str, str]) -> bool | None:
@@ -183,6 +205,7 @@ class _Subject:
         self.label = _int(self.row.get("label"))
         self.prob = (_float(self.row.get("prob_term")), _float(self.row.get("prob_preterm")))
         self.qc = qc_flag(self.row)
+        self.qc_failed = [m for m in str(self.row.get("qc_failed", "")).split(";") if m.strip()]
         self.conservation = float("nan")  # of the first preset's map, from relevance.csv
         self.mosaic = None
         self.tissue: dict[str, tuple] = {}
@@ -216,14 +239,50 @@ class _Subject:
             out.append('<span class="badge qc-flagged">QC flagged</span>')
         return "".join(out)
 
+    def qc_scores(self, thresholds: Mapping[str, float] | None) -> str:
+        """``similarity 0.712 (max 0.571), ...`` for the failed measures, as HTML."""
+        out = []
+        for m in self.qc_failed:
+            score = _float(self.row.get(f"{QC_PREFIX}{m}"))
+            if score == score:
+                out.append(score_text(m, score, (thresholds or {}).get(m)))
+            else:
+                out.append(m)
+        return html.escape(", ".join(out))
+
+    def qc_summary(self, thresholds: Mapping[str, float] | None) -> str:
+        """The index's input-QC cell: passed, or flagged with the failed measures beside their thresholds."""
+        if self.qc is None:
+            return "-"
+        if not self.qc:
+            return "passed"
+        return "<b>flagged</b>" + (f": {self.qc_scores(thresholds)}" if self.qc_failed else "")
+
+    def advice(self) -> str:
+        """What to do (``What to do: ...``, empty when nothing): about a QC flag, the run's ``qc_advice`` column (else
+        from the failed measures); about a subject refused by QC, the end of its reason."""
+        if self.qc is True:
+            return str(self.row.get("qc_advice", "")).strip() or advice(
+                [m for m in self.qc_failed if m in MEASURES], self.row.get("image") or None)
+        return ADVICE_START + self.reason.split(ADVICE_START, 1)[1] if ADVICE_START in self.reason else ""
+
+    def short_reason(self) -> str:
+        """Why it failed, without what to do (that goes once per kind of advice on the index)."""
+        return self.reason.split(ADVICE_START, 1)[0].strip()
+
+    def generic_advice(self) -> str:
+        """``advice`` with the scan's own path replaced by the placeholder, so subjects can share it."""
+        text, image = self.advice(), str(self.row.get("image", ""))
+        return text.replace(json.dumps(image)[1:-1], SCAN_PLACEHOLDER) if image else text
+
 
 def _settings_table(settings: Mapping[str, str]) -> str:
-    return html_table(["setting", "value"], [[html.escape(k), v] for k, v in settings.items()])
+    return html_table(["setting", "value"], [[html.escape(k), v] for k, v in settings.items()], wrap=[False, True])
 
 
 def _subject_page(output_dir: Path, subject: _Subject, preset: str, presets: Sequence[str],
                   relevance_rows: Mapping[tuple, Mapping[str, str]], previous: str | None, following: str | None,
-                  target_note: str) -> str:
+                  target_note: str, thresholds: Mapping[str, float] | None = None) -> str:
     page = report_page(output_dir, subject.name)
     here = page.parent
     nav = [_link(report_index(output_dir), here, "all subjects")]
@@ -231,18 +290,18 @@ def _subject_page(output_dir: Path, subject: _Subject, preset: str, presets: Seq
         nav.append(_link(report_page(output_dir, previous), here, f"previous: {previous}"))
     if following:
         nav.append(_link(report_page(output_dir, following), here, f"next: {following}"))
-    body = [f"<nav>{''.join(nav)}</nav>", f"<h1>{html.escape(subject.name)} {subject.badges()}</h1>"]
+    body = [f"<nav>{''.join(nav)}</nav>", f"<h1>{html.escape(subject.name)} {subject.badges()}</h1>", _notice()]
     facts = [f"<b>Prediction:</b> {html.escape(subject.decision())}"]
     if subject.label is not None:
         facts.append(f"<b>Label:</b> {_class_name(subject.label)} — "
                      + ("correct" if subject.correct else "<b>misclassified</b>"))
     if subject.qc is not None:
-        failed = subject.row.get("qc_failed", "")
-        facts.append("<b>QC:</b> " + ("flagged" + (f" ({html.escape(failed)})" if failed else "") if subject.qc
-                                      else "passed"))
+        facts.append("<b>Input QC:</b> " + subject.qc_summary(thresholds))
     body.append("<p>" + "<br>".join(facts) + "</p>")
     if subject.failed:
-        body.append(f'<p class="failed"><b>No relevance map:</b> {html.escape(subject.reason)}</p>')
+        body.append(f'<p class="failed"><b>No relevance map:</b> {html.escape(subject.short_reason())}</p>')
+    if subject.advice():
+        body.append(f'<p class="advice">{_rich(subject.advice())}</p>')
     if subject.mosaic is not None:
         mosaic = subject.mosaic
         image = report_image(output_dir, subject.name, f"mosaic_{preset}")
@@ -267,7 +326,8 @@ def _subject_page(output_dir: Path, subject: _Subject, preset: str, presets: Seq
     if rows:
         body += ["<h2>Relevance maps</h2>",
                  html_table(["preset", "explained logit", "conservation", "relevance sum", "explained class",
-                             "NIfTI"], rows, numeric=[False, True, True, True, False, False])]
+                             "NIfTI"], rows, numeric=[False, True, True, True, False, False],
+                            wrap=[False] * 5 + [True])]
         if _float(relevance_rows.get((subject.name, presets[0]), {}).get("start_relevance"), 0.0) < 0:
             body.append('<p class="muted">The explained logit is negative, so the map starts from negative '
                         "relevance: alpha-beta rules keep that sign, and an alpha1-beta0 map is then entirely "
@@ -284,21 +344,35 @@ def _subject_page(output_dir: Path, subject: _Subject, preset: str, presets: Seq
                  "voxels of the network grid; enrichment = relevance share / volume share.</p>",
                  html_table(["tissue", "relevance share (%)", "volume share (%)", "enrichment"], tissue_rows,
                             numeric=[False, True, True, True])]
-    qc_columns = [c for c in subject.row if c.startswith(QC_PREFIX)]
-    if qc_columns:
-        body += ["<h2>Input QC</h2>", html_table(["check", "value"], [[html.escape(c), html.escape(
-            str(subject.row[c]))] for c in qc_columns])]
+    qc_columns = [c for c in subject.row if c.startswith(QC_PREFIX) and c not in ("qc_pass", "qc_failed", "qc_advice")]
+    if subject.qc is not None or qc_columns:
+        rows = []
+        for column in qc_columns:
+            measure = column[len(QC_PREFIX):]
+            threshold = (thresholds or {}).get(measure)
+            value = html.escape(str(subject.row[column]))
+            score = _float(subject.row[column])
+            if measure in MEASURES and score == score:
+                value = html.escape(score_text(measure, score, threshold).removeprefix(f"{measure} "))
+            result = "-"
+            if measure in MEASURES and subject.qc is not None:
+                result = "<b>failed</b>" if measure in subject.qc_failed else "passed"
+            rows.append([html.escape(measure), value, result])
+        body += ["<h2>Input QC</h2>",
+                 "<p>Each measure is a badness (larger is worse) and fails above its threshold (max), the training "
+                 "subjects' maximum times a margin (docs/README.md, input quality control).</p>",
+                 html_table(["measure", "score (threshold)", "result"], rows, table_id="qc")]
     return html_page(f"{subject.name}: run report", "\n".join(body))
 
 
 def _index_page(output_dir: Path, subjects: list[_Subject], settings: Mapping[str, str], preset: str,
-                qc_columns: list[str], paged: set[str]) -> str:
+                qc_columns: list[str], paged: set[str], thresholds: Mapping[str, float] | None = None) -> str:
     here = report_index(output_dir).parent
-    body = ["<h1>Run report</h1>", "<h2>Settings</h2>", _settings_table(settings)]
+    body = ["<h1>Run report</h1>", _notice(), "<h2>Settings</h2>", _settings_table(settings)]
     predicted = [s for s in subjects if s.prediction is not None]
     labelled = [s for s in predicted if s.correct is not None]
-    summary = [f"{len(predicted)} subjects predicted ({sum(s.prediction == 1 for s in predicted)} preterm, "
-               f"{sum(s.prediction == 0 for s in predicted)} term)"]
+    summary = [f"{plural(len(predicted), 'subject')} predicted ({sum(s.prediction == 1 for s in predicted)} "
+               f"preterm, {sum(s.prediction == 0 for s in predicted)} term)"]
     if labelled:
         wrong = sum(s.correct is False for s in labelled)
         summary.append(f"{len(labelled)} with labels: {len(labelled) - wrong} correct, {wrong} misclassified "
@@ -315,25 +389,42 @@ def _index_page(output_dir: Path, subjects: list[_Subject], settings: Mapping[st
         items = []
         for s in attention:
             name = _link(report_page(output_dir, s.name), here, s.name) if s.name in paged else html.escape(s.name)
-            reason = f": {html.escape(s.reason)}" if s.failed else ""
+            reason = f": {html.escape(s.short_reason())}" if s.failed else ""
+            if s.qc is True:
+                reason += f"; input QC {s.qc_summary(thresholds)}"
             items.append(f"<li>{name} {s.badges()}{reason}</li>")
         body += ["<h2>Needs attention</h2>", "<ul>" + "".join(items) + "</ul>"]
+    advised: dict[str, list[str]] = {}  # what to do -> the subjects it is for
+    for s in subjects:
+        if s.generic_advice():
+            advised.setdefault(s.generic_advice(), []).append(
+                _link(report_page(output_dir, s.name), here, s.name) if s.name in paged else html.escape(s.name))
+    if advised:
+        items = [f"<li><b>{plural(len(names), 'subject')}</b> ({', '.join(names)}): "
+                 f"{_rich(text.removeprefix(ADVICE_START))}</li>" for text, names in advised.items()]
+        body += ["<h2>What to do about input QC</h2>",
+                 f"<p>Commands run from the bundle folder; {SCAN_PLACEHOLDER} stands for each subject's scan (a "
+                 "subject's page gives them with its own path).</p>", "<ul>" + "".join(items) + "</ul>"]
+    with_qc = bool(qc_columns)
     header = ["subject", "p(term)", "p(preterm)", "prediction", "label", "correct", f"conservation ({preset})",
-              *[html.escape(c) for c in qc_columns], "status"]
+              *(["input QC"] if with_qc else []), "status"]
     rows, classes = [], []
     for s in subjects:
         name = _link(report_page(output_dir, s.name), here, s.name) if s.name in paged else html.escape(s.name)
         correct = "-" if s.correct is None else ("yes" if s.correct else "<b>no</b>")
-        status = f"failed: {html.escape(s.reason)}" if s.failed else "ok"
+        status = f"failed: {html.escape(s.short_reason())}" if s.failed else "ok"
         rows.append([name, _fmt(s.prob[0]), _fmt(s.prob[1]), _class_name(s.prediction), _class_name(s.label), correct,
-                     _fmt(s.conservation, 3),
-                     *[html.escape(str(s.row.get(c, ""))) for c in qc_columns], status + s.badges()])
+                     _fmt(s.conservation, 3), *([s.qc_summary(thresholds)] if with_qc else []),
+                     status + s.badges()])
         classes.append(s.classes())
+    qc_note = (" Input QC: flagged subjects list each failed measure's score beside its threshold (max); every score "
+               "is on the subject's page." if with_qc else "")
     body += ["<h2>Predictions</h2>",
              "<p>One row per subject; red rows: misclassified (label known), yellow rows: failed (reason given), an "
-             "orange left edge: flagged by input QC. Each subject's page shows its relevance mosaics.</p>",
+             f"orange left edge: flagged by input QC. Each subject's page shows its relevance mosaics.{qc_note}</p>",
              html_table(header, rows, classes, table_id="predictions",
-                        numeric=[False, True, True, False, False, False, True, *[False] * len(qc_columns), False])]
+                        numeric=[False, True, True, False, False, False, True, *([False] if with_qc else []), False],
+                        wrap=[True, *[False] * (len(header) - 2), True])]
     return html_page("Run report", "\n".join(body))
 
 
@@ -364,6 +455,7 @@ def build_report(output_dir: str | os.PathLike, presets: Sequence[str] | None = 
     by_item = {str(it.get("subject", "")): it for it in (items or [])}
     names = _tissue_names()
     qc_columns = [c for c in (predictions[0] if predictions else {}) if c.startswith(QC_PREFIX)]
+    thresholds = load_thresholds(Path(ckpt_path).parent) if ckpt_path and qc_columns else None
 
     subjects: list[_Subject] = []
     for row in predictions:
@@ -408,6 +500,8 @@ def build_report(output_dir: str | os.PathLike, presets: Sequence[str] | None = 
                                                                    else ""),
         "explained class (target)": html.escape(str(target if target is not None else "-")),
     }
+    if thresholds:
+        table["input QC thresholds (max)"] = html.escape(", ".join(f"{m} {v:.3g}" for m, v in thresholds.items()))
     table.update({html.escape(str(k)): html.escape(str(v)) for k, v in (settings or {}).items()})
     table["written"] = datetime.now(UTC).isoformat(timespec="seconds")
     table["output folder"] = html.escape(str(output.resolve()))
@@ -423,10 +517,10 @@ def build_report(output_dir: str | os.PathLike, presets: Sequence[str] | None = 
         previous = pages[i - 1].name if i > 0 else None
         following = pages[i + 1].name if i + 1 < len(pages) else None
         atomic_write_text(_subject_page(output, subject, preset, presets, relevance_rows, previous, following,
-                                        target_note), report_page(output, subject.name))
-    index = atomic_write_text(_index_page(output, subjects, table, preset, qc_columns, {s.name for s in pages}),
-                              report_index(output))
-    logger.info("run report: %s (%d subjects, %d failed) in %.1f s", index, len(subjects),
+                                        target_note, thresholds), report_page(output, subject.name))
+    index = atomic_write_text(_index_page(output, subjects, table, preset, qc_columns, {s.name for s in pages},
+                                          thresholds), report_index(output))
+    logger.info("run report: %s (%s, %d failed) in %.1f s", index, plural(len(subjects), "subject"),
                 sum(s.failed for s in subjects), time.perf_counter() - start)
     return index
 

@@ -25,7 +25,7 @@ from scipy import ndimage
 from scripts.runtime.outputs import atomic_target_for
 
 __all__ = ["COLOUR_RULE", "DIVERGING", "LIMIT_PERCENTILE", "PLANES", "SATURATED_SHARE", "SATURATION_LEVEL", "Mosaic",
-           "brain_mask", "is_saturated", "overlay_mosaic", "plane_slice", "save_mosaic", "saturation",
+           "brain_mask", "is_saturated", "overlay_mosaic", "plane_slice", "plural", "save_mosaic", "saturation",
            "symmetric_limit", "to_ras"]
 
 DIVERGING = "RdBu_r"
@@ -36,6 +36,11 @@ PLANES = ("axial", "coronal", "sagittal")
 _FIXED_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}  # RAS axis held fixed by each plane
 COLOUR_RULE = ("diverging colour map (red = evidence for the explained class, blue = against) with symmetric "
                f"limits ±L, L = the {LIMIT_PERCENTILE:g}th percentile of |relevance| over brain voxels")
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """``1 subject``, ``2 subjects``: a count with its noun in the right number (captions, the run report, logs)."""
+    return f"{count} {noun if count == 1 else (nouns or noun + 's')}"
 
 
 def brain_mask(image: np.ndarray) -> np.ndarray:
@@ -222,6 +227,26 @@ def _paste(canvas: np.ndarray, patch: np.ndarray, top: int, left: int) -> None:
     canvas[top:top + h, left:left + w] = patch[:h, :w]
 
 
+def _heading(title: str, width: int, size: int = 11) -> np.ndarray:
+    """``title`` rasterised in lines no wider than ``width`` pixels where spaces allow (a long subject name must not
+    be cut off at the picture's edge), each line centred."""
+    lines: list[str] = []
+    for word in title.split(" "):
+        if lines and _text(f"{lines[-1]} {word}", size).shape[1] <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    patches = [_text(line, size) for line in lines]
+    out = np.full((sum(p.shape[0] for p in patches) + 3 * (len(patches) - 1), max(p.shape[1] for p in patches), 3),
+                  255, dtype=np.uint8)
+    top = 0
+    for patch in patches:
+        left = (out.shape[1] - patch.shape[1]) // 2
+        out[top:top + patch.shape[0], left:left + patch.shape[1]] = patch
+        top += patch.shape[0] + 3
+    return out
+
+
 def _colour_bar(height: int, width: int = 14) -> np.ndarray:
     import matplotlib  # noqa: PLC0415 (heavy; only when drawing)
 
@@ -236,9 +261,10 @@ def _colour_bar(height: int, width: int = 14) -> np.ndarray:
 def save_mosaic(mosaic: Mosaic, path: str | os.PathLike, title: str = "", label: str = "relevance",
                 cell_pixels: int = 160) -> None:
     """Write ``mosaic`` as a PNG at a readable natural size (each slice cell about ``cell_pixels`` wide, nearest
-    neighbour, integer scale), the plane names on the left, the title on top and a colour bar from -L to L on
-    the right; atomically. The picture is composed as pixels (matplotlib rasterises the text and writes the
-    PNG): about 0.1 s per mosaic, where a laid-out matplotlib figure takes 0.5 s."""
+    neighbour, integer scale), the plane names on the left, the title on top (in lines as wide as the picture; a
+    word wider than that widens it) and a colour bar from -L to L on the right; atomically. The picture is
+    composed as pixels (matplotlib rasterises the text and writes the PNG): about 0.1 s per mosaic, where a
+    laid-out matplotlib figure takes 0.5 s."""
     from matplotlib.image import imsave  # noqa: PLC0415 (heavy; only when drawing)
 
     scale = max(1, int(np.ceil(cell_pixels / max(mosaic.cell))))
@@ -246,14 +272,15 @@ def save_mosaic(mosaic: Mosaic, path: str | os.PathLike, title: str = "", label:
     h, w = image.shape[:2]
     names = [_text(p, 10) for p in mosaic.planes]
     ticks = [_text(f"{mosaic.limit:.2g}", 9), _text("0", 9), _text(f"{-mosaic.limit:.2g}", 9)]
-    heading = _text(title, 11) if title else None
     axis_label = _text(label, 9, rotate=True)
     margin = 8
     left = margin + max(n.shape[1] for n in names) + margin
-    top = margin + (heading.shape[0] + margin if heading is not None else 0)
     bar_h, bar_w = max(int(h * 0.8), 30), 14
     right = 2 * margin + bar_w + 4 + max(t.shape[1] for t in ticks) + margin + axis_label.shape[1] + margin
-    canvas = np.full((top + h + margin, left + w + right, 3), 255, dtype=np.uint8)
+    heading = _heading(title, left + w + right - 2 * margin) if title else None
+    top = margin + (heading.shape[0] + margin if heading is not None else 0)
+    width = max(left + w + right, heading.shape[1] + 2 * margin if heading is not None else 0)
+    canvas = np.full((top + h + margin, width, 3), 255, dtype=np.uint8)
     canvas[top:top + h, left:left + w] = image
     if heading is not None:
         _paste(canvas, heading, margin, max(margin, (canvas.shape[1] - heading.shape[1]) // 2))

@@ -1,0 +1,142 @@
+"""Robustness to the grids real scans come on (issue 24, item 3): the ``robustness`` command's table, the
+deployed preprocessing putting a scan on another grid exactly where the scan on the template grid lands (no
+voxel shift, no dim rim around the brain)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, TINY_OVERRIDES, read_json
+from monai.bundle import ConfigParser
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    NormalizeIntensityd,
+    Orientationd,
+    ResizeWithPadOrCropd,
+    Spacingd,
+)
+
+from scripts.evaluation import robustness
+from scripts.runtime.outputs import save_nifti
+
+GRIDS = {"0.7 mm": (0.7, 0.7, 0.7), "0.8 mm": (0.8, 0.8, 0.8), "1.2 mm": (1.2, 1.2, 1.2),
+         "0.8x0.8x2 mm": (0.8, 0.8, 2.0)}
+
+
+def _preprocessing(config: str = "inference.json", key: str = "preprocessing", **overrides):
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / config))
+    parser.update({"bundle_root": str(ROOT), "device": "$torch.device('cpu')", **overrides})
+    return parser.get_parsed_content(key)
+
+
+def _old_preprocessing(spatial_shape=(128, 96, 96), normalise: bool = True):
+    """The preprocessing before the fix: Spacingd anchored at the first voxel, then a centred cut or pad."""
+    return Compose([LoadImaged("image", reader="NibabelReader", image_only=True), EnsureChannelFirstd("image"),
+                    Orientationd("image", axcodes="ALS", labels=None),
+                    Spacingd("image", pixdim=(1.0, 1.0, 1.0), mode="bilinear"),
+                    *([NormalizeIntensityd("image", nonzero=True)] if normalise else []),
+                    ResizeWithPadOrCropd("image", spatial_size=spatial_shape),
+                    EnsureTyped("image", dtype=torch.float32, track_meta=True)])
+
+
+@pytest.fixture(scope="module")
+def scan(cohort):
+    return str(cohort / read_json(cohort / "datalist.json")["test"][0]["image"])
+
+
+def test_command_writes_the_table_with_every_perturbation(tmp_path, cohort, trained):
+    ckpt_dir, _ = trained
+    out = tmp_path / "out"
+    args = ["--datalist", str(cohort / "datalist.json"), "--ckpt_dir", str(ckpt_dir), "--limit", "2",
+            "--override", json.dumps(TINY_OVERRIDES), "--output", str(out), "--work_dir", str(tmp_path / "work")]
+    assert robustness.main(args) == 0
+    text = (out / "robustness.md").read_text()
+    rows = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[1:] == list(robustness.PERTURBATIONS)  # the header, then one row per perturbation, in order
+    assert "python -m scripts.evaluation.robustness --datalist" in text
+    sha = hashlib.sha256((ckpt_dir / "model.pt").read_bytes()).hexdigest()[:12]
+    assert f"sha256 `{sha}`" in text and str(ckpt_dir / "model.pt") in text
+    subjects = [item["subject"] for item in read_json(cohort / "datalist.json")["test"][:2]]
+    assert all(s in text for s in subjects)
+    table = list(csv.DictReader((out / "robustness.csv").open()))
+    assert len(table) == 2 * len(robustness.PERTURBATIONS)
+    assert {r["subject"] for r in table} == set(subjects)
+    control = [r for r in table if r["perturbation"] == "reoriented"]
+    assert all(r["axcodes"] == "RAS" and abs(float(r["delta"])) < 1e-5 for r in control)  # orientation alone: no change
+    written = {r["perturbation"]: r for r in table if r["subject"] == subjects[0]}
+    assert written["resampled_0.8x0.8x2mm"]["voxel_mm"] == "0.8x0.8x2"
+    image = nib.load(tmp_path / "work" / "inputs" / f"{subjects[0]}__resampled_0.7mm.nii.gz")
+    assert np.allclose(nib.affines.voxel_sizes(image.affine), 0.7) and nib.aff2axcodes(image.affine) == tuple("RAS")
+
+
+def test_fresh_cohort_refuses_the_default_seed(tmp_path):
+    with pytest.raises(ValueError, match="default cohort"):
+        robustness.fresh_cohort(tmp_path, 0, 8)
+
+
+@pytest.mark.parametrize("grid", list(GRIDS))
+def test_a_scan_on_another_grid_lands_where_the_template_grid_scan_does(scan, tmp_path, grid):
+    """The same scan written on another grid (same field of view, RAS) goes through the deployed preprocessing onto
+    the same network grid (same affine), with its brain where it was (centroid within 0.1 voxel) and as many brain
+    voxels (no partial-volume rim, which NormalizeIntensityd(nonzero=True) would count as brain). Before the fix
+    (Spacingd + ResizeWithPadOrCropd) 0.8x0.8x2 mm landed 0.5 mm off with the brain 0.8 voxel lower, and every grid
+    added 3-7 % dim rim voxels."""
+    preprocessing = _preprocessing()
+    reference = preprocessing({"image": scan})["image"]
+    image = nib.load(scan)
+    data, affine = robustness.resample_scan(np.asarray(image.dataobj, dtype=np.float32), image.affine, GRIDS[grid])
+    path = save_nifti(data, affine, tmp_path / "resampled.nii.gz")
+    moved = preprocessing({"image": str(path)})["image"]
+    assert moved.shape == reference.shape
+    np.testing.assert_allclose(np.asarray(moved.affine), np.asarray(reference.affine), atol=1e-3)
+    shift = robustness.centroid(moved) - robustness.centroid(reference)
+    assert np.abs(shift).max() < 0.1, f"{grid}: brain moved by {shift} voxels"
+    brain, brain_ref = int((moved != 0).sum()), int((reference != 0).sum())
+    assert abs(brain - brain_ref) < 0.01 * brain_ref, f"{grid}: {brain} brain voxels, {brain_ref} on the template grid"
+
+
+@pytest.mark.parametrize("pad", [(0, 0, 0), (1, 2, 0), (3, 0, 1)])
+def test_a_scan_on_the_network_voxel_size_is_cut_or_padded_as_before(scan, tmp_path, pad):
+    """On 1 mm voxels the new resampling is the old centred cut or pad, also for array sizes whose parity differs
+    from the grid's: the same voxels. Where the brain fits the grid (the default 128x96x96) the whole network input
+    is the same bit for bit, so the shipped weights see what they were trained on; a grid that cuts into the brain
+    (the tests' 64x48x48) is now z-scored over the brain it keeps (the old order z-scored before cutting)."""
+    image = nib.load(scan)
+    data = np.pad(np.asarray(image.dataobj, dtype=np.float32), [(p, 0) for p in pad])
+    affine = image.affine.copy()
+    affine[:3, 3] -= affine[:3, :3] @ np.asarray(pad, dtype=float)
+    path = save_nifti(data, affine, tmp_path / "padded.nii.gz")
+    for shape in ((128, 96, 96), (64, 48, 48), (130, 97, 95)):
+        spatial = Compose(_preprocessing("train.json", "spatial_transforms", spatial_shape=list(shape)))
+        new = spatial({"image": str(path)})["image"]
+        old = _old_preprocessing(shape, normalise=False)({"image": str(path)})["image"]
+        assert torch.equal(new.as_tensor(), old.as_tensor())
+        np.testing.assert_allclose(np.asarray(new.affine), np.asarray(old.affine), atol=1e-6)
+    new = _preprocessing()({"image": str(path)})["image"]
+    assert torch.equal(new.as_tensor(), _old_preprocessing()({"image": str(path)})["image"].as_tensor())
+
+
+def test_label_maps_follow_the_image_grid(cohort):
+    item = {k: str(cohort / v) for k, v in read_json(cohort / "datalist.json")["test"][0].items()
+            if k in ("image", "tissue")}
+    image = _preprocessing()({"image": item["image"]})["image"]
+    tissue = _preprocessing(key="label_preprocessing")({"tissue": item["tissue"]})["tissue"]
+    assert tissue.shape == image.shape and np.allclose(np.asarray(tissue.affine), np.asarray(image.affine))
+    assert set(np.unique(tissue.numpy())) <= set(range(10))  # nearest neighbour: labels only
+
+
+def test_training_caches_the_resampling_before_the_random_transforms():
+    steps = [type(t).__name__ for t in _preprocessing("train.json", "train#preprocessing").transforms]
+    first_random = steps.index("RandFlipd")
+    assert steps[:first_random] == ["LoadImaged", "EnsureChannelFirstd", "Orientationd", "CentredGridd", "EnsureTyped",
+                                    "NormalizeIntensityd"]
