@@ -36,73 +36,44 @@ setup() {
     fi
 }
 
-# headless Chromium for the run report's browser test (tests/test_report.py, through Playwright's Python package
-# pointed at this browser: no browser download); without root or apt-get the test skips and says why
-ensure_chromium() {
-    if [ -n "${CHROMIUM:-}" ] || command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
-        return 0
-    fi
-    local sudo=""
+# apt_install WHAT PACKAGES... : Debian packages the tests need (as root, or with password-less sudo); where that is
+# impossible the tests that need WHAT skip and say why (REQUIRE_SYSTEM_TESTS=1, set by .ci/run, makes them fail)
+apt_install() {
+    local what=$1 sudo=""
+    shift
     if [ "$(id -u)" != 0 ]; then
         if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; else
-            echo "run.sh: chromium is missing and cannot be installed without root: the browser test will skip" >&2
+            echo "run.sh: $* cannot be installed without root: the tests of $what will skip" >&2
             return 0
         fi
     fi
-    if command -v apt-get >/dev/null 2>&1; then
-        $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null \
-            || echo "run.sh: apt-get could not install chromium: the browser test will skip" >&2
-    else
-        echo "run.sh: no apt-get to install chromium: the browser test will skip" >&2
-    fi
-}
-
-# dcmtk (dsrdump) and dicom3tools (dciodvfy) for the Deploy app's DICOM tests (tests/deploy/test_deploy_dicom.py);
-# without root or apt-get those checks skip and say why (REQUIRE_SYSTEM_TESTS=1 makes them fail instead)
-ensure_dicom_tools() {
-    if command -v dciodvfy >/dev/null 2>&1 && command -v dsrdump >/dev/null 2>&1; then
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "run.sh: no apt-get to install $*: the tests of $what will skip" >&2
         return 0
     fi
-    local sudo=""
-    if [ "$(id -u)" != 0 ]; then
-        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; else
-            echo "run.sh: dciodvfy/dsrdump are missing and cannot be installed without root: those DICOM checks will skip" >&2
-            return 0
-        fi
+    if [ -z "${APT_UPDATED:-}" ]; then
+        $sudo apt-get update -qq && APT_UPDATED=1
     fi
-    if command -v apt-get >/dev/null 2>&1; then
-        $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq dcmtk dicom3tools \
-            >/dev/null || echo "run.sh: apt-get could not install dcmtk dicom3tools: those DICOM checks will skip" >&2
-    else
-        echo "run.sh: no apt-get to install dcmtk dicom3tools: those DICOM checks will skip" >&2
-    fi
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null \
+        || echo "run.sh: apt-get could not install $*: the tests of $what will skip" >&2
 }
 
-# slurmctld, slurmd, slurm-client and munge for the tests' one-node SLURM cluster (tests/slurm_cluster.py starts and
-# stops its own daemons with a config in a temporary folder; nothing is configured system-wide); without root or
-# apt-get the SLURM tests skip and say why
-ensure_slurm() {
-    local name missing=""
-    for name in slurmctld slurmd sbatch srun munged; do
-        PATH="$PATH:/usr/sbin:/sbin" command -v "$name" >/dev/null 2>&1 || missing="$missing $name"
+have() {
+    local name
+    for name in "$@"; do
+        PATH="$PATH:/usr/sbin:/sbin" command -v "$name" >/dev/null 2>&1 || return 1
     done
-    if [ -z "$missing" ]; then
-        return 0
-    fi
-    local sudo=""
-    if [ "$(id -u)" != 0 ]; then
-        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; else
-            echo "run.sh:$missing missing and cannot be installed without root: the SLURM tests will skip" >&2
-            return 0
-        fi
-    fi
-    if command -v apt-get >/dev/null 2>&1; then
-        $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq \
-            --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null \
-            || echo "run.sh: apt-get could not install the SLURM packages: the SLURM tests will skip" >&2
-    else
-        echo "run.sh: no apt-get to install slurmctld slurmd slurm-client munge: the SLURM tests will skip" >&2
-    fi
+}
+
+# the system tools of the tests, each installed where missing:
+# - headless Chromium for the run report's browser tests (Playwright's Python package pointed at it, no download)
+# - dcmtk (dsrdump) and dicom3tools (dciodvfy) for the Deploy app's DICOM tests (tests/deploy/test_deploy_dicom.py)
+# - slurmctld, slurmd, slurm-client and munge for the one-node SLURM cluster of tests/slurm_cluster.py (it starts and
+#   stops its own daemons with a config in a temporary folder; nothing is configured system-wide)
+ensure_system_tools() {
+    [ -n "${CHROMIUM:-}" ] || have chromium || have chromium-browser || apt_install "the run report in a browser" chromium
+    have dciodvfy dsrdump || apt_install "the DICOM outputs" dcmtk dicom3tools
+    have slurmctld slurmd sbatch srun munged || apt_install "SLURM" --no-install-recommends slurmctld slurmd slurm-client munge
 }
 
 case "${1:-}" in
@@ -116,9 +87,7 @@ case "${1:-}" in
         $B inference --config_file configs/inference.json ;;
     test)
         setup dev
-        ensure_chromium
-        ensure_dicom_tools
-        ensure_slurm
+        ensure_system_tools
         shift || true
         # lint: the model zoo's pre-commit hooks and ruff, offline (.pre-commit-config.yaml); a hook that fixes a file
         # fails the run
