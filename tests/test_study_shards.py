@@ -203,7 +203,7 @@ def test_fast_key_on_cpu_gives_the_normal_paths_metrics(tmp_path, datalist, one_
         assert loader == ("ThreadDataLoader" if fast == "true" else "DataLoader")
         assert ("ToDeviced" in steps) == ("ToDeviced" in cached) == (fast == "true")
         if fast == "true":  # cached on the device: after the deterministic steps, before the first random one
-            assert steps.index("ToDeviced") == steps.index("EnsureTyped") + 1 == steps.index("RandFlipd") - 1
+            assert steps.index("ToDeviced") == steps.index("NormalizeIntensityd") + 1 == steps.index("RandFlipd") - 1
         on_gpu = fast == "true" and cuda  # AMP, cudnn.benchmark and cuDNN's non-deterministic kernels: CUDA only
         assert parser.get_parsed_content("train#trainer").amp is on_gpu
         assert torch.backends.cudnn.benchmark is on_gpu and torch.backends.cudnn.deterministic is not on_gpu
