@@ -119,6 +119,11 @@ def test_shared_transforms_are_equal_copies():
     assert config["deterministic_transforms"] == "$@spatial_transforms + @intensity_transforms"
     train = config["spatial_transforms"] + config["intensity_transforms"]
     inference = read_json(ROOT / "configs" / "inference.json")["preprocessing"]["transforms"]
+    # inference alone registers native scans (``preprocess``, the template beside the weights); the training data
+    # are registered by contract (scripts.data.preprocess)
+    registration = next(t for t in inference if t["_target_"] == GRID)
+    assert registration.pop("preprocess") == "$@runtime.transforms.check_preprocess(@preprocess)"
+    assert registration.pop("template_dir") == "@ckpt_dir"
     assert train == inference
     assert [t["_target_"] for t in inference] == ["LoadImaged", "EnsureChannelFirstd", "Orientationd", GRID,
                                                   "EnsureTyped", "NormalizeIntensityd"]

@@ -76,7 +76,7 @@ def test_flag_passes_the_test_split_and_flags_every_corruption(tmp_path, variant
     out = tmp_path / "out"
     proc = run_bundle("inference", "configs/inference.json", "--dataset_dir", str(folder), "--ckpt_dir",
                       str(ckpt_dir), "--output_dir", str(out), "--lrp_presets", "['a2b1']", "--skip_bad", "true",
-                      "--save_input", "false", *TINY, check=False)
+                      "--save_input", "false", "--preprocess", "off", *TINY, check=False)
     predictions, skipped = _rows(out / "predictions.csv"), _rows(out / "skipped.csv")
     assert proc.returncode == (3 if skipped else 0), proc.stderr[-3000:]  # skip_bad: 3 when an input was skipped
     relevance = _rows(out / "relevance.csv")
@@ -126,8 +126,8 @@ def test_refuse_writes_nothing_for_a_flagged_subject_and_goes_on(tmp_path, varia
         shutil.copy(record["image"], inputs)
     out = tmp_path / "out"
     proc = run_bundle("inference", "configs/inference.json", "--dataset_dir", str(inputs), "--ckpt_dir",
-                      str(ckpt_dir), "--output_dir", str(out), "--lrp_presets", "['a2b1']", "--qc", "refuse", *TINY,
-                      check=False)
+                      str(ckpt_dir), "--output_dir", str(out), "--lrp_presets", "['a2b1']", "--qc", "refuse",
+                      "--preprocess", "off", *TINY, check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]  # the run goes on; its status says some were refused
     predictions, skipped = _rows(out / "predictions.csv"), _rows(out / "skipped.csv")
     good = {r["subject"] for r in chosen if r["corruption"] == "none"}
@@ -191,8 +191,8 @@ def test_a_native_scan_is_refused_with_the_preprocessing_that_makes_it_pass(tmp_
     shutil.copy(native[0]["image"], scan)
     out = tmp_path / "out"
     proc = run_bundle("inference", "configs/inference.json", "--dataset_dir", str(scans), "--ckpt_dir", str(ckpt_dir),
-                      "--output_dir", str(out), "--lrp_presets", "['a2b1']", "--qc", "refuse", *tiny_args(report=True),
-                      check=False)
+                      "--output_dir", str(out), "--lrp_presets", "['a2b1']", "--qc", "refuse", "--preprocess", "off",
+                      *tiny_args(report=True), check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]  # refused: no prediction
     log = proc.stdout + proc.stderr
     (row,) = _rows(out / "skipped.csv").values()

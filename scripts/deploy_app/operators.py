@@ -175,6 +175,7 @@ class PretermInference(Operator):
                              "--config_file configs/inference.json")
         parser = ConfigParser(json.loads(extra["inference.json"]))
         parser["spatial_shape"] = [int(s) for s in scripted._expected]  # the shape the exported model was built for
+        parser["ckpt_dir"] = str(self.model_path.parent)  # the registration template of native scans lies beside it
         steps = parser.get_parsed_content("preprocessing", instantiate=True).transforms
         preprocessing = Compose([t for t in steps if not isinstance(t, LoadImaged)])
         metadata = json.loads(extra["metadata.json"] or "{}")

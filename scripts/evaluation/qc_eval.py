@@ -107,7 +107,9 @@ def write_variants(items: list[dict], folder: Path, corruptions=tuple(CORRUPTION
 
 
 def evaluate(args) -> tuple[list[dict], dict]:
-    common = {**json.loads(args.override), "device": "$torch.device('cpu')", "skip_bad": True}
+    # QC of what reaches the network unrepaired: the preprocessing's registration (preprocess=auto) would put
+    # the shifted and some rotated scans right before QC sees them (tests/test_native.py)
+    common = {"preprocess": "off", **json.loads(args.override), "device": "$torch.device('cpu')", "skip_bad": True}
     if args.ckpt_dir:
         common["ckpt_dir"] = str(args.ckpt_dir)
     default = str(Path("data") / "synthetic")

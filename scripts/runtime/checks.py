@@ -107,6 +107,16 @@ def require_file(path: str, how: str) -> str:
     return path
 
 
+def check_bool_or_auto(value, key: str) -> bool | str:
+    """A true/false/auto config value (``auto`` returned as the string)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return check_bool(value, key)
+    except ValueError:
+        raise ValueError(f"config key '{key}' must be true, false or auto, got {value!r}") from None
+
+
 def check_bool(value, key: str) -> bool:
     """Validate a true/false config override (the CLI passes ``--resume true`` as the string 'true')."""
     if isinstance(value, bool):

@@ -8,7 +8,7 @@ import logging
 import os
 from pathlib import Path
 
-from scripts.runtime.checks import check_bool, validate_items
+from scripts.runtime.checks import check_bool, check_bool_or_auto, validate_items
 from scripts.runtime.outputs import NIFTI_SUFFIXES, pending_subjects, subject_name
 
 __all__ = ["check_study_datalist", "checked_split", "ensure_datalist", "folder_items", "inference_items", "load_split"]
@@ -163,7 +163,7 @@ def inference_items(datalist: str, split: str, output_dir: str, run_key: str, re
     items = load_split(datalist, split, -1, require_label=False)
     key = run_key if check_bool(resume, "resume") else None
     pending = pending_subjects(items, output_dir, key, presets, check_bool(save_input, "save_input"),
-                               check_bool(save_original_space, "save_original_space"))
+                               check_bool_or_auto(save_original_space, "save_original_space") is True)
     return validate_items(pending, skip_bad=check_bool(skip_bad, "skip_bad"),
                           report=os.path.join(output_dir, "skipped.csv"), spatial_shape=spatial_shape, pixdim=pixdim,
                           allow_none=len(pending) < len(items))

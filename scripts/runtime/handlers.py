@@ -41,6 +41,7 @@ from scripts.runtime.outputs import (
 )
 from scripts.runtime.qc import COLUMNS as QC_COLUMNS
 from scripts.runtime.qc import qc_row
+from scripts.runtime.transforms import REGISTERED
 
 __all__ = ["EXIT_ERROR", "EXIT_OK", "EXIT_PARTIAL", "AtomicCheckpointSaver", "AtomicMetricsSaver", "LRPHandler",
            "PredictionWriter", "ResumableTraining", "RunSummary", "run_if_pending", "subject_line"]
@@ -86,7 +87,8 @@ class LRPHandler:
         presets: LRP composites by name (``a1b0``, ``a2b1``, ``a3b2``, ``epsilon_a2b1``, ``zbox_a2b1``, ...).
         target: ``"pred"`` (predicted class), a class index, or ``"difference"`` (logit preterm - term).
         save_input: also write the preprocessed network input.
-        save_original_space: also write each map on the original image's grid (inverse of ``transform``).
+        save_original_space: also write each map on the original image's grid (inverse of ``transform``):
+            ``True`` for every subject, ``"auto"`` for the native scans the preprocessing registered.
         transform: the preprocessing Compose (needed for ``save_original_space``).
         image_key / pred_key: keys of the network input and of the (softmax) prediction in the decollated batch.
         table_name: name of the per-subject table.
@@ -95,7 +97,7 @@ class LRPHandler:
     """
 
     def __init__(self, output_dir: str, presets: Sequence[str] = ("a2b1",), target: str | int = "pred",
-                 save_input: bool = True, save_original_space: bool = False, transform=None,
+                 save_input: bool = True, save_original_space: bool | str = False, transform=None,
                  image_key: str = "image", pred_key: str = "pred", table_name: str = "relevance.csv",
                  network: torch.nn.Module | None = None, run_key: str = "") -> None:
         self.presets = check_presets(presets)
@@ -104,6 +106,7 @@ class LRPHandler:
         self.output_dir = Path(output_dir)
         self.target = target
         self.save_input = save_input
+        self.save_original_space = save_original_space
         self.transform = transform if save_original_space else None
         self.image_key = image_key
         self.pred_key = pred_key
@@ -135,8 +138,11 @@ class LRPHandler:
         explained = explain(self.network if self.network is not None else engine.network, images, self.presets,
                             self.target, probabilities)
         for i, (subject, item) in enumerate(zip(subjects, items)):
-            write_explanation(self.output_dir, subject, item[self.image_key], explained, i, self.save_input,
-                              self.transform)
+            image = item[self.image_key]
+            original = self.save_original_space is True or (
+                self.save_original_space == "auto" and bool(getattr(image, "meta", {}).get(REGISTERED, False)))
+            write_explanation(self.output_dir, subject, image, explained, i, self.save_input,
+                              self.transform if original else None)
             for preset in self.presets:
                 s = explained.summary(i, preset)
                 self.table.add({

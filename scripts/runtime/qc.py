@@ -47,7 +47,7 @@ from scripts.runtime.outputs import SKIPPED_COLUMNS, CrashSafeTable, atomic_writ
 from scripts.runtime.visual import plural
 
 __all__ = ["COLUMNS", "MARGINS", "MEASURES", "POLICIES", "QCHandler", "QCReference", "QCReferenceWriter", "advice",
-           "build_reference", "check_policy", "evaluate_input", "failure_reason", "load_thresholds",
+           "build_reference", "check_policy", "save_template", "evaluate_input", "failure_reason", "load_thresholds",
            "network_features", "qc_row", "score_text"]
 
 logger = logging.getLogger(__name__)
@@ -72,8 +72,11 @@ NATIVE_DATALIST = json.dumps({"test": [{"image": SCAN_PLACEHOLDER, "mask": "BRAI
 PREPROCESS = ("python -m scripts.data.preprocess run --datalist native.json --template TEMPLATE_T2w.nii.gz "
               "--template-mask TEMPLATE_mask.nii.gz --output prep")
 PREDICT = "python -m monai.bundle run inference --config_file configs/inference.json --dataset_dir prep"
-_REGISTER = ("If this is a native scan (not skull-stripped, or not registered to the 40-week template), run the "
-             "bundle's preprocessing on it and its brain mask, from the bundle folder: write "
+_REGISTER = ("If this is a native scan (not skull-stripped, or not registered to the 40-week template), let the "
+             "inference register it to the template beside the weights: run it again with the option --preprocess "
+             "on (the default, auto, registers the scans that do not look registered). Or, with its own brain mask "
+             "(a better skull stripping), run the bundle's preprocessing on it and the mask, from the bundle folder: "
+             "write "
              f"native.json = `{NATIVE_DATALIST}`, run `{PREPROCESS}` (TEMPLATE: the 40-week T2w template the model "
              "was trained in and its brain mask, e.g. the dHCP atlas, TemplateFlow tpl-dhcpVol), then predict on "
              f"its output: `{PREDICT}`.")
@@ -194,19 +197,27 @@ class QCReference:
     fingerprint: str = ""
     subjects: int = 0
 
-    def measure(self, volume: np.ndarray, features: np.ndarray) -> dict:
-        """Every measure of one (D, H, W) network input and its (F,) features."""
+    def registration_scores(self, volume: np.ndarray) -> dict:
+        """``similarity`` and ``outside_brain`` of one (D, H, W) input: the measures that tell a registered,
+        skull-stripped scan (the preprocessing's ``auto`` uses them before the intensity normalisation; both are
+        unchanged by a linear intensity change)."""
         reduced = reduce(volume, SIMILARITY_REDUCTION)
         occupancy = reduce((volume != 0).astype(np.float32))
         if reduced.shape != self.mean_image.shape or occupancy.shape != self.region.shape:
             raise ValueError(f"the QC reference (grid {self.region.shape} at {REDUCTION} mm) does not fit an input "
                              f"of shape {volume.shape}; retrain with this spatial_shape to create its reference")
         filled = float(occupancy.sum())
+        return {"similarity": 1.0 - _ncc(reduced, self.mean_image),
+                "outside_brain": float((occupancy * ~self.region).sum() / filled) if filled else 1.0}
+
+    def measure(self, volume: np.ndarray, features: np.ndarray) -> dict:
+        """Every measure of one (D, H, W) network input and its (F,) features."""
+        scores = self.registration_scores(volume)
+        occupancy = reduce((volume != 0).astype(np.float32))
         z = np.abs(intensity_stats(volume) - self.intensity_mean) / self.intensity_std
         diff = features[None, :] - self.class_means
         distance = np.sqrt(np.maximum(np.einsum("cf,fg,cg->c", diff, self.precision, diff), 0)).min()
-        return {"similarity": 1.0 - _ncc(reduced, self.mean_image),
-                "outside_brain": float((occupancy * ~self.region).sum() / filled) if filled else 1.0,
+        return {**scores,
                 "missing_brain": float(((1 - occupancy) * self.region).sum() / max(self.region.sum(), 1)),
                 "intensity": float(z.max()),
                 "feature_distance": float(distance)}
@@ -312,6 +323,22 @@ def build_reference(network: torch.nn.Module, inputs: Sequence, labels: Sequence
     return reference
 
 
+def save_template(inputs: Sequence, folder: str | os.PathLike) -> list[Path]:
+    """The registration template of native scans (``CentredGridd(preprocess=...)``) from the training inputs
+    (1, D, H, W): their mean on the network grid, each brain shifted above the zero background (z-scores + 4),
+    and the brain mask where at least half the training brains are."""
+    from scripts.runtime.transforms import TEMPLATE_IMAGE, TEMPLATE_MASK  # noqa: PLC0415 (no cycle at import)
+
+    volumes = np.stack([torch.as_tensor(v).as_subclass(torch.Tensor)[0].cpu().numpy() for v in inputs])
+    brains = volumes != 0
+    mean = np.where(brains, volumes + 4.0, 0.0).mean(0).astype(np.float32)
+    mask = brains.mean(0) > 0.5
+    affine = np.asarray(getattr(inputs[0], "affine", np.eye(4)), dtype=float)
+    folder = Path(folder)
+    return [save_nifti(mean * mask, affine, folder / TEMPLATE_IMAGE),
+            save_nifti(mask, affine, folder / TEMPLATE_MASK, dtype=np.uint8)]
+
+
 def qc_row(verdict: dict | None) -> dict:
     """The QC columns of one subject's table row (empty when QC is off)."""
     if not verdict:
@@ -346,6 +373,7 @@ class QCReferenceWriter:
         inputs = [dataset[i]["image"] for i in range(len(dataset))]
         reference = build_reference(network, inputs, [int(item["label"]) for item in self.data])
         reference.save(self.output_dir)
+        save_template(inputs, self.output_dir)
         logger.info("QC reference of %s from %s: %s", self.ckpt_path,
                     plural(reference.subjects, "training subject"), self.output_dir / REFERENCE)
 

@@ -11,11 +11,25 @@
                    On a scan already on the network grid (the template grid at 1 mm) it changes nothing: same
                    voxels, same values; a scan with the same voxel size but another array size is cut or padded by
                    whole voxels exactly as ``ResizeWithPadOrCropd`` did (tests/test_robustness.py).
+                   With ``preprocess`` (``auto`` | ``on`` | ``off``) and the template beside the weights
+                   (``template_dir``: ``template_T2w.nii.gz``, ``template_mask.nii.gz``, written by training) it
+                   also takes native scans: ``on`` registers every scan to the template (SimpleITK rigid ->
+                   affine, ``scripts.data.registration.affine_to_template``), resamples it onto the template grid
+                   through that affine in the same single invertible step and keeps the template's brain mask
+                   (skull stripping); ``auto`` does so only for a scan that is not registered already -- one whose
+                   centred input fails the QC reference's ``similarity`` or ``outside_brain`` threshold (the
+                   measures that tell an unregistered or unstripped scan, scripts/runtime/qc.py); ``off`` never.
+                   Because the step stays one ``SpatialResample``, MONAI's ``Invertd`` sends relevance and evidence
+                   maps back onto the native scan's grid (``save_original_space``, the Label app's evidence).
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
+
+import logging
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,7 +37,56 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import InvertibleTransform, MapTransform, SpatialResample
 
-__all__ = ["CentredGridd", "centred_grid_affine"]
+__all__ = ["PREPROCESS", "REGISTERED", "TEMPLATE_IMAGE", "TEMPLATE_MASK", "CentredGridd", "Template",
+           "centred_grid_affine", "check_preprocess"]
+
+logger = logging.getLogger(__name__)
+PREPROCESS = ("auto", "on", "off")
+TEMPLATE_IMAGE = "template_T2w.nii.gz"
+TEMPLATE_MASK = "template_mask.nii.gz"
+REGISTERED = "registered_to_template"  # meta key of a network input: the scan was registered (native scan)
+
+
+def check_preprocess(value) -> str:
+    """The ``preprocess`` config value, or a ValueError naming the key."""
+    if str(value) not in PREPROCESS:
+        raise ValueError(f"config key 'preprocess' must be one of {', '.join(PREPROCESS)}, got {value!r}")
+    return str(value)
+
+
+class Template:
+    """The registration target beside the weights: the mean training input on the network grid, its brain mask
+    (where most training brains are) and the QC reference whose ``similarity`` / ``outside_brain`` thresholds
+    tell whether a scan is registered already."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        import nibabel as nib
+
+        from scripts.runtime.qc import QCReference
+
+        folder = Path(folder)
+        missing = [str(folder / n) for n in (TEMPLATE_IMAGE, TEMPLATE_MASK) if not (folder / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"native scans need the registration template {' and '.join(missing)}: it is "
+                                    "written by training beside model.pt; retrain, or set preprocess=off and "
+                                    "register the scans first (python -m scripts.data.preprocess run)")
+        image = nib.load(str(folder / TEMPLATE_IMAGE))
+        self.image = np.asarray(image.dataobj, dtype=np.float32)
+        self.affine = np.asarray(image.affine, dtype=np.float64)
+        self.mask = np.asarray(nib.load(str(folder / TEMPLATE_MASK)).dataobj) > 0
+        self.reference = QCReference.load(folder)
+
+    def registered(self, volume: np.ndarray) -> tuple[bool, dict]:
+        """Whether a centred network input already looks registered and skull-stripped (no QC reference:
+        assumed so), with the scores."""
+        if self.reference is None:
+            return True, {}
+        volume = np.asarray(volume, dtype=np.float64)
+        brain = volume != 0
+        if brain.sum() > 1 and volume[brain].std() > 0:  # as NormalizeIntensityd(nonzero=True) gives the network
+            volume = np.where(brain, (volume - volume[brain].mean()) / volume[brain].std(), 0.0)
+        scores = self.reference.registration_scores(volume)
+        return all(scores[m] <= self.reference.thresholds[m] for m in scores), scores
 
 
 def centred_grid_affine(affine, in_shape: Sequence[int], pixdim: Sequence[float], out_shape: Sequence[int],
@@ -56,8 +119,16 @@ class CentredGridd(MapTransform, InvertibleTransform):
     around the brain; use it for intensity images, not for label maps."""
 
     def __init__(self, keys: KeysCollection, pixdim: Sequence[float], spatial_size: Sequence[int],
-                 mode: str = "bilinear", mask_nonzero: bool = False, allow_missing_keys: bool = False) -> None:
+                 mode: str = "bilinear", mask_nonzero: bool = False, preprocess: str = "off",
+                 template_dir: str | os.PathLike | None = None, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.preprocess = check_preprocess(preprocess)
+        self.template_dir = template_dir
+        self._template: Template | None = None
+        if self.preprocess != "off" and template_dir is None:
+            raise ValueError("CentredGridd: preprocess needs template_dir (the folder of model.pt)")
+        if self.preprocess == "on":
+            self._template = Template(template_dir)  # fail at start, naming the missing files
         self.pixdim = [float(p) for p in pixdim]
         self.spatial_size = [int(s) for s in spatial_size]
         if len(self.pixdim) != 3 or len(self.spatial_size) != 3:
@@ -73,13 +144,53 @@ class CentredGridd(MapTransform, InvertibleTransform):
             if not isinstance(image, MetaTensor):
                 raise TypeError(f"CentredGridd: '{key}' must be a MetaTensor with an affine (LoadImaged output)")
             dst = torch.as_tensor(centred_grid_affine(image.affine, image.shape[1:], self.pixdim, self.spatial_size))
+            template = self._register_to(image, dst)
+            if template is not None:
+                dst = template
             out = self.resampler(image, dst_affine=dst, spatial_size=self.spatial_size)
             if self.mask_nonzero:
                 brain = MetaTensor((image.as_tensor() != 0).float(), affine=image.affine)
                 mask = self.mask_resampler(brain, dst_affine=dst, spatial_size=self.spatial_size).as_tensor()
                 out = out * mask.to(out.device, out.dtype)  # keeps out's meta and applied operations
+            if template is not None:  # skull stripping by the template's brain mask
+                # (the input keeps its affine in the scan's world: maps saved with it overlay the native scan)
+                out = out * torch.as_tensor(self._template.mask[None], device=out.device).to(out.dtype)
+            out.meta[REGISTERED] = template is not None
             d[key] = out
         return d
+
+    def _register_to(self, image: MetaTensor, centred: torch.Tensor) -> torch.Tensor | None:
+        """The network grid's affine in the scan's world when the scan is to be registered, else None."""
+        if self.preprocess == "off":
+            return None
+        if self._template is None:
+            try:
+                self._template = Template(self.template_dir)
+            except FileNotFoundError as err:  # weights from before the template: as before, atlas-space input only
+                logger.warning("%s; preprocess=auto is off for this run", err)
+                self.preprocess = "off"
+                return None
+        name = image.meta.get("filename_or_obj", "the scan")
+        if self.preprocess == "auto":
+            quick = self.resampler(image, dst_affine=centred, spatial_size=self.spatial_size)
+            registered, scores = self._template.registered(quick.as_tensor()[0].cpu().numpy())
+            if registered:
+                return None
+            logger.info("%s: not registered to the template (%s): registering it", name,
+                        ", ".join(f"{m} {v:.3g} > {self._template.reference.thresholds[m]:.3g}"
+                                  for m, v in scores.items() if v > self._template.reference.thresholds[m]))
+        from scripts.data.registration import affine_to_template  # noqa: PLC0415 (SimpleITK only when needed)
+
+        scan = image.as_tensor()[0].detach().cpu().numpy()
+        try:
+            template_to_scan = affine_to_template(self._template.image, self._template.affine, self._template.mask,
+                                                  scan, image.affine.cpu().numpy())
+        except RuntimeError as err:  # SimpleITK: e.g. a constant image, or no overlap left ("outside ... buffer")
+            reason = str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__
+            logger.warning("%s: registration to the template failed (%s): the scan is used as it is, and input QC "
+                           "judges it", name, reason)
+            return None
+        return torch.as_tensor(template_to_scan @ self._template.affine, dtype=torch.float64)
 
     def inverse(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)

@@ -1,0 +1,112 @@
+"""Native scans in ``run inference`` (``preprocess``: auto | on | off, issue 25 item 1): a scan with scalp, rotated,
+on a 0.9 mm grid, is registered to the template written by training, skull-stripped by the template's brain mask,
+passes the QC measures that tell a registered scan, and its relevance maps come back on its own grid; an
+atlas-space scan is left exactly as before."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import TINY, run_bundle
+from native_fixtures import dice, random_affine, to_native
+from scipy import ndimage
+
+from scripts.runtime.transforms import TEMPLATE_IMAGE, TEMPLATE_MASK
+
+
+def _rows(path) -> dict[str, dict]:
+    with open(path, newline="") as f:
+        return {row["subject"]: row for row in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory, cohort):
+    """Two test subjects as native scans (``native/``, with their brain masks kept aside) and as they are
+    (``atlas/``)."""
+    root = tmp_path_factory.mktemp("native")
+    items = json.loads((cohort / "datalist.json").read_text())["test"][:2]
+    rng = np.random.default_rng(5)
+    masks = {}
+    for item in items:
+        subject = item["subject"]
+        files = to_native(cohort / item["image"], cohort / item["tissue"], root / "work", random_affine(rng), subject)
+        (root / "native").mkdir(exist_ok=True)
+        shutil.copy(files["image"], root / "native" / f"{subject}.nii.gz")
+        masks[subject] = files["mask"]
+        (root / "atlas").mkdir(exist_ok=True)
+        shutil.copy(cohort / item["image"], root / "atlas" / f"{subject}.nii.gz")
+    return root, masks
+
+
+def _infer(data, out, ckpt_dir, *extra, check=True):
+    return run_bundle("inference", "configs/inference.json", "--dataset_dir", str(data), "--ckpt_dir",
+                      str(ckpt_dir), "--output_dir", str(out), "--lrp_presets", '["a2b1"]', *TINY, *extra,
+                      check=check)
+
+
+def test_training_writes_the_template(trained):
+    ckpt_dir, _ = trained
+    template, mask = nib.load(ckpt_dir / TEMPLATE_IMAGE), nib.load(ckpt_dir / TEMPLATE_MASK)
+    assert template.shape == mask.shape == (64, 48, 48)  # the network grid (the tests' tiny shape: a crop inside the brain)
+    brain = np.asarray(mask.dataobj) > 0
+    assert brain.mean() > 0.5 and np.all(np.asarray(template.dataobj)[~brain] == 0)
+
+
+def test_native_scan_is_registered_and_its_maps_come_back_on_its_grid(tmp_path, scans, trained):
+    root, masks = scans
+    ckpt_dir, _ = trained
+    proc = _infer(root / "native", tmp_path / "auto", ckpt_dir)
+    off = _infer(root / "native", tmp_path / "off", ckpt_dir, "--preprocess", "off")
+    auto_rows, off_rows = _rows(tmp_path / "auto" / "relevance.csv"), _rows(tmp_path / "off" / "relevance.csv")
+    for subject, mask_path in masks.items():
+        assert f"{subject}.nii.gz: not registered to the template" in proc.stdout + proc.stderr
+        # without preprocessing the unregistered scan is what QC says it is; registered, it is not
+        assert "similarity" in off_rows[subject]["qc_failed"]
+        failed = auto_rows[subject]["qc_failed"].split(";")
+        assert "similarity" not in failed and "outside_brain" not in failed, auto_rows[subject]
+        # the network input: the native brain (its own mask, which the app never saw) where the input is
+        net = nib.load(tmp_path / "auto" / subject / f"{subject}_input.nii.gz")
+        native_mask = nib.load(mask_path)
+        to_mask = np.linalg.inv(native_mask.affine) @ net.affine
+        coords = np.indices(net.shape).reshape(3, -1)
+        coords = (to_mask[:3, :3] @ coords + to_mask[:3, 3:4]).reshape(3, *net.shape)
+        brain_on_input = ndimage.map_coordinates(np.asarray(native_mask.dataobj), coords, order=0) > 0
+        assert dice(np.asarray(net.dataobj) != 0, brain_on_input) > 0.9
+        # the relevance map on the native scan's own grid, holding the relevance
+        original = nib.load(tmp_path / "auto" / subject / f"{subject}_relevance_a2b1_orig.nii.gz")
+        native = nib.load(root / "native" / f"{subject}.nii.gz")
+        assert original.shape == native.shape
+        np.testing.assert_allclose(original.affine, native.affine, atol=1e-4)
+        assert np.abs(np.asarray(original.dataobj)).sum() > 0
+        assert not (tmp_path / "off" / subject / f"{subject}_relevance_a2b1_orig.nii.gz").exists()
+    assert off.returncode == 0
+
+
+def test_atlas_scan_is_left_as_it_was(tmp_path, scans, trained):
+    root, masks = scans
+    ckpt_dir, _ = trained
+    proc = _infer(root / "atlas", tmp_path / "auto", ckpt_dir)
+    _infer(root / "atlas", tmp_path / "off", ckpt_dir, "--preprocess", "off")
+    assert "not registered to the template" not in proc.stdout + proc.stderr
+    auto, off = _rows(tmp_path / "auto" / "predictions.csv"), _rows(tmp_path / "off" / "predictions.csv")
+    for subject in masks:
+        assert auto[subject]["prob_preterm"] == off[subject]["prob_preterm"]
+        assert not (tmp_path / "auto" / subject / f"{subject}_relevance_a2b1_orig.nii.gz").exists()
+
+
+def test_preprocess_on_without_template_and_bad_value_are_one_line_errors(tmp_path, scans, trained):
+    root, _ = scans
+    ckpt_dir, _ = trained
+    bare = tmp_path / "models"
+    shutil.copytree(ckpt_dir, bare, ignore=shutil.ignore_patterns("template_*"))
+    proc = _infer(root / "native", tmp_path / "out", bare, "--preprocess", "on", check=False)
+    assert proc.returncode != 0
+    assert str(bare / TEMPLATE_IMAGE) in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "predictions.csv").exists()
+    proc = _infer(root / "native", tmp_path / "out2", ckpt_dir, "--preprocess", "maybe", check=False)
+    assert proc.returncode != 0 and "'preprocess'" in proc.stderr and "Traceback" not in proc.stderr
