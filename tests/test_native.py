@@ -110,3 +110,17 @@ def test_preprocess_on_without_template_and_bad_value_are_one_line_errors(tmp_pa
     assert not (tmp_path / "out" / "predictions.csv").exists()
     proc = _infer(root / "native", tmp_path / "out2", ckpt_dir, "--preprocess", "maybe", check=False)
     assert proc.returncode != 0 and "'preprocess'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_registration_is_the_same_on_every_run(scans, trained):
+    """Seeded metric sampling (not SimpleITK's wall-clock seed 0) and one thread: identical transforms, so that
+    a native scan's relevance maps are identical on reruns."""
+    from scripts.data.registration import affine_to_template
+
+    root, masks = scans
+    ckpt_dir, _ = trained
+    template, mask = nib.load(ckpt_dir / TEMPLATE_IMAGE), nib.load(ckpt_dir / TEMPLATE_MASK)
+    scan = nib.load(root / "native" / f"{next(iter(masks))}.nii.gz")
+    first, second = (affine_to_template(template.get_fdata(), template.affine, mask.get_fdata(), scan.get_fdata(),
+                                        scan.affine) for _ in range(2))
+    np.testing.assert_array_equal(first, second)

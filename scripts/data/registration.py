@@ -45,10 +45,11 @@ def from_array(array, affine):
 
 
 def affine_to_template(template, template_affine, template_mask, scan, scan_affine, margin_mm: float = 4.0,
-                       iterations: int = 100, seed: int = 0):
+                       iterations: int = 100, seed: int = 1):
     """The 4x4 matrix that maps template world points onto the scan's world points, by SimpleITK registration
     (Mattes mutual information). Arrays are (x, y, z) with 4x4 affines in one world convention (MONAI's RAS
-    here); a fixed ``seed`` samples the same metric points on every run. Two stages, so that a scan with scalp
+    here); a fixed ``seed`` samples the same metric points on every run (not 0: SimpleITK's seed 0 is
+    ``sitkWallClock``, other points each run). Two stages, so that a scan with scalp
     and neck registers too: rigid (moments-initialised, the metric over the template's brain: no scaling, so the
     scalp cannot pull the brain outwards), then, from it, affine on the scan stripped by the template's brain
     mapped onto it and dilated by ``margin_mm``, with the metric over that dilated brain."""
@@ -60,10 +61,15 @@ def affine_to_template(template, template_affine, template_mask, scan, scan_affi
     dilated = sitk.BinaryDilate(brain, [max(1, int(round(margin_mm / s))) for s in brain.GetSpacing()])
     moving = from_array(scan, scan_affine)
     method = SimpleITKRegistration(iterations=iterations, seed=seed)
-    first = method.affine(fixed, moving, brain, rigid_only=True)
-    on_scan = sitk.Resample(dilated, moving, first.GetInverse(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    stripped = sitk.Mask(moving, on_scan)
-    transform = method.affine(fixed, stripped, dilated, initial=first)
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # the metric's sums in one order: the same result each run
+    try:
+        first = method.affine(fixed, moving, brain, rigid_only=True)
+        on_scan = sitk.Resample(dilated, moving, first.GetInverse(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        stripped = sitk.Mask(moving, on_scan)
+        transform = method.affine(fixed, stripped, dilated, initial=first)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     matrix = np.array(transform.GetMatrix(), dtype=np.float64).reshape(3, 3)
     centre = np.array(transform.GetCenter(), dtype=np.float64)
     out = np.eye(4)
