@@ -52,7 +52,8 @@ def _infer(data, out, ckpt_dir, *extra, check=True):
 def test_training_writes_the_template(trained):
     ckpt_dir, _ = trained
     template, mask = nib.load(ckpt_dir / TEMPLATE_IMAGE), nib.load(ckpt_dir / TEMPLATE_MASK)
-    assert template.shape == mask.shape == (64, 48, 48)  # the network grid (the tests' tiny shape: a crop inside the brain)
+    # the network grid (the tests' tiny shape: a crop inside the brain)
+    assert template.shape == mask.shape == (64, 48, 48)
     brain = np.asarray(mask.dataobj) > 0
     assert brain.mean() > 0.5 and np.all(np.asarray(template.dataobj)[~brain] == 0)
 

@@ -25,10 +25,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
-
 import logging
 import os
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -60,9 +59,9 @@ class Template:
     tell whether a scan is registered already."""
 
     def __init__(self, folder: str | os.PathLike) -> None:
-        import nibabel as nib
+        import nibabel as nib  # noqa: PLC0415 (only where native scans are registered)
 
-        from scripts.runtime.qc import QCReference
+        from scripts.runtime.qc import QCReference  # noqa: PLC0415 (qc imports this module: no cycle at import)
 
         folder = Path(folder)
         missing = [str(folder / n) for n in (TEMPLATE_IMAGE, TEMPLATE_MASK) if not (folder / n).is_file()]
