@@ -53,6 +53,12 @@ def check_preprocess(value) -> str:
     return str(value)
 
 
+def missing_template(missing: Sequence[str]) -> str:
+    return (f"native scans need the registration template {' and '.join(missing)}: it is written by training "
+            "beside model.pt; retrain, or set preprocess=off and register the scans first "
+            "(python -m scripts.data.preprocess run)")
+
+
 class Template:
     """The registration target beside the weights: the mean training input on the network grid, its brain mask
     (where most training brains are) and the QC reference whose ``similarity`` / ``outside_brain`` thresholds
@@ -64,16 +70,20 @@ class Template:
         from scripts.runtime.qc import QCReference  # noqa: PLC0415 (qc imports this module: no cycle at import)
 
         folder = Path(folder)
-        missing = [str(folder / n) for n in (TEMPLATE_IMAGE, TEMPLATE_MASK) if not (folder / n).is_file()]
-        if missing:
-            raise FileNotFoundError(f"native scans need the registration template {' and '.join(missing)}: it is "
-                                    "written by training beside model.pt; retrain, or set preprocess=off and "
-                                    "register the scans first (python -m scripts.data.preprocess run)")
-        image = nib.load(str(folder / TEMPLATE_IMAGE))
-        self.image = np.asarray(image.dataobj, dtype=np.float32)
-        self.affine = np.asarray(image.affine, dtype=np.float64)
-        self.mask = np.asarray(nib.load(str(folder / TEMPLATE_MASK)).dataobj) > 0
         self.reference = QCReference.load(folder)
+        self.missing = [str(folder / n) for n in (TEMPLATE_IMAGE, TEMPLATE_MASK) if not (folder / n).is_file()]
+        self.image = self.affine = self.mask = None
+        if not self.missing:
+            image = nib.load(str(folder / TEMPLATE_IMAGE))
+            self.image = np.asarray(image.dataobj, dtype=np.float32)
+            self.affine = np.asarray(image.affine, dtype=np.float64)
+            self.mask = np.asarray(nib.load(str(folder / TEMPLATE_MASK)).dataobj) > 0
+
+    def require(self) -> Template:
+        """Self, or a FileNotFoundError naming the missing template files and what to do."""
+        if self.missing:
+            raise FileNotFoundError(missing_template(self.missing))
+        return self
 
     def registered(self, volume: np.ndarray) -> tuple[bool, dict]:
         """Whether a centred network input already looks registered and skull-stripped (no QC reference:
@@ -127,7 +137,7 @@ class CentredGridd(MapTransform, InvertibleTransform):
         if self.preprocess != "off" and template_dir is None:
             raise ValueError("CentredGridd: preprocess needs template_dir (the folder of model.pt)")
         if self.preprocess == "on":
-            self._template = Template(template_dir)  # fail at start, naming the missing files
+            self._template = Template(template_dir).require()  # fail at start, naming the missing files
         self.pixdim = [float(p) for p in pixdim]
         self.spatial_size = [int(s) for s in spatial_size]
         if len(self.pixdim) != 3 or len(self.spatial_size) != 3:
@@ -163,21 +173,20 @@ class CentredGridd(MapTransform, InvertibleTransform):
         if self.preprocess == "off":
             return None
         if self._template is None:
-            try:
-                self._template = Template(self.template_dir)
-            except FileNotFoundError as err:  # weights from before the template: as before, atlas-space input only
-                logger.warning("%s; preprocess=auto is off for this run", err)
-                self.preprocess = "off"
-                return None
+            self._template = Template(self.template_dir)
         name = image.meta.get("filename_or_obj", "the scan")
         if self.preprocess == "auto":
             quick = self.resampler(image, dst_affine=centred, spatial_size=self.spatial_size)
             registered, scores = self._template.registered(quick.as_tensor()[0].cpu().numpy())
             if registered:
                 return None
-            logger.info("%s: not registered to the template (%s): registering it", name,
-                        ", ".join(f"{m} {v:.3g} > {self._template.reference.thresholds[m]:.3g}"
-                                  for m, v in scores.items() if v > self._template.reference.thresholds[m]))
+            failed = ", ".join(f"{m} {v:.3g} > {self._template.reference.thresholds[m]:.3g}"
+                               for m, v in scores.items() if v > self._template.reference.thresholds[m])
+            if self._template.missing:  # weights from before the template: the scan goes on as it is, QC judges it
+                logger.warning("%s: not registered to the template (%s), but %s: used as it is", name, failed,
+                               missing_template(self._template.missing))
+                return None
+            logger.info("%s: not registered to the template (%s): registering it", name, failed)
         from scripts.data.registration import affine_to_template  # noqa: PLC0415 (SimpleITK only when needed)
 
         scan = image.as_tensor()[0].detach().cpu().numpy()
