@@ -12,7 +12,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import TINY, run_bundle
+from conftest import ROOT, TINY, run_bundle
 from native_fixtures import dice, random_affine, to_native
 from scipy import ndimage
 
@@ -111,6 +111,11 @@ def test_preprocess_on_without_template_and_bad_value_are_one_line_errors(tmp_pa
     assert not (tmp_path / "out" / "predictions.csv").exists()
     proc = _infer(root / "native", tmp_path / "out2", ckpt_dir, "--preprocess", "maybe", check=False)
     assert proc.returncode != 0 and "'preprocess'" in proc.stderr and "Traceback" not in proc.stderr
+    shipped = ROOT / "models"  # the shipped template is for 128x96x96, the tiny network's input is smaller
+    proc = _infer(root / "native", tmp_path / "out3", shipped, "--preprocess", "on", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"registration template in {shipped} does not fit config key 'spatial_shape'" in proc.stderr
+    assert not (tmp_path / "out3" / "predictions.csv").exists()
 
 
 def test_registration_is_the_same_on_every_run(scans, trained):

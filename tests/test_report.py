@@ -91,7 +91,8 @@ def _page(path: Path) -> _Page:
 
 @pytest.fixture(scope="module")
 def report_run(tmp_path_factory, cohort, trained):
-    """``run inference`` with the report on, two presets, the test split plus one unreadable image (skip_bad)."""
+    """``run inference`` with the report on, two presets, the test split plus one unreadable image (skip_bad) and
+    one scan shifted 20 mm that QC flags (preprocess off: ``auto`` would register it, tests/test_native.py)."""
     work = tmp_path_factory.mktemp("report_run")
     data = json.loads((cohort / "datalist.json").read_text())
     for item in data["training"] + data["test"]:
@@ -114,7 +115,7 @@ def report_run(tmp_path_factory, cohort, trained):
     started = time.perf_counter()
     proc = run_bundle("inference", "configs/inference.json", "--datalist", str(datalist), "--dataset_dir", str(cohort),
                       "--ckpt_dir", str(trained[0]), "--output_dir", str(out), "--lrp_presets", "['a2b1','a1b0']",
-                      "--skip_bad", "true", *tiny_args(report=True), check=False)
+                      "--skip_bad", "true", "--preprocess", "off", *tiny_args(report=True), check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]  # skip_bad: the broken image has no prediction
     return out, data["test"], proc, time.perf_counter() - started
 

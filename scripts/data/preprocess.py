@@ -4,6 +4,7 @@
         [--template-mask mask.nii.gz] --output /data/prep [--method sitk|ants] [--bspline] [--workers 2]
     python -m scripts.data.preprocess to-native --subject-dir /data/prep/sub-X --map sub-X_relevance_a2b1.nii.gz \\
         --output sub-X_relevance_a2b1_native.nii.gz
+    python -m scripts.data.preprocess template --ckpt_dir models [--override '{"dataset_dir": "/data/prep"}']
 
 ``run``: for every datalist item (``image`` + brain ``mask``, optional drawem9 ``tissue``; named
 ``<subject>_<session>`` from the datalist, else by the image file name): skull strip by the
@@ -14,6 +15,12 @@ with nearest-neighbour resampling. Per subject ``<output>/<subject>/``: ``<subje
 skipped on a rerun). Subjects run in parallel with a progress bar; a failing subject is logged in
 ``<output>/preprocess_failures.csv`` and the batch goes on. ``<output>/datalist.json`` keeps the input's splits
 and points at the preprocessed files (``native_image`` keeps the original).
+
+``template``: the registration template that ``run inference`` (``preprocess`` auto|on) registers native scans to,
+``template_T2w.nii.gz`` + ``template_mask.nii.gz`` in ``--ckpt_dir``, from ``train.json``'s training split through
+its deterministic preprocessing -- what training writes beside ``model.pt`` (``QCReferenceWriter``); for weights
+trained before the template existed, and how the shipped ``models/`` template is made (it does not depend on the
+weights).
 """
 
 from __future__ import annotations
@@ -239,7 +246,34 @@ def build_parser() -> argparse.ArgumentParser:
     back.add_argument("--output", required=True, help="NIfTI to write on the native scan's grid (required)")
     back.add_argument("--nearest", action="store_true",
                       help="nearest-neighbour interpolation, for label maps (default: off, linear)")
+    tpl = sub.add_parser("template", help="write the registration template of native scans beside the weights",
+                         description="The mean training input on the network grid and its brain mask "
+                                     "(template_T2w.nii.gz, template_mask.nii.gz), from configs/train.json's "
+                                     "training split, as training writes them.")
+    tpl.add_argument("--ckpt_dir", required=True, help="folder of model.pt to write the template into (required)")
+    tpl.add_argument("--override", default="{}",
+                     help="JSON object of configs/train.json overrides, e.g. dataset_dir, fold, spatial_shape "
+                          "(default: %(default)s, the synthetic cohort's fold 0)")
     return ap
+
+
+def write_template(ckpt_dir: str, overrides: dict | None = None) -> list[Path]:
+    """``template_T2w.nii.gz`` and ``template_mask.nii.gz`` in ``ckpt_dir`` from train.json's training split
+    through ``validate#preprocessing`` (as ``QCReferenceWriter`` at the end of training)."""
+    from monai.bundle import ConfigParser  # noqa: PLC0415 (MONAI only for this command)
+    from monai.data import Dataset  # noqa: PLC0415
+
+    from scripts.runtime.qc import save_template  # noqa: PLC0415
+
+    root = Path(__file__).resolve().parents[2]
+    parser = ConfigParser()
+    parser.read_config(str(root / "configs" / "train.json"))
+    parser.update({"bundle_root": str(root), **(overrides or {}), "ckpt_dir": str(ckpt_dir),
+                   "device": "$torch.device('cpu')"})
+    dataset = Dataset(parser.get_parsed_content("train#data"), parser.get_parsed_content("validate#preprocessing"))
+    inputs = [dataset[i]["image"] for i in progress(range(len(dataset)), desc="template inputs", unit="scan")]
+    Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
+    return save_template(inputs, ckpt_dir)
 
 
 @report_input_errors
@@ -249,6 +283,14 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.command == "to-native":
         print(to_native(args.subject_dir, args.map, args.output, args.nearest))
+        return 0
+    if args.command == "template":
+        try:
+            overrides = json.loads(args.override)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--override is not a JSON object: {err}") from None
+        for path in write_template(args.ckpt_dir, overrides):
+            print(path)
         return 0
     options = {"bspline": args.bspline} if args.method == "sitk" else {"type_of_transform": args.transform}
     summary = run_batch(args.datalist, args.template, args.output, args.template_mask, args.method, options,

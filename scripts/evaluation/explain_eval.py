@@ -68,7 +68,10 @@ def load_model(config_file: str, overrides: dict, ckpt: str | None):
     """(config parser, trained network in eval mode, datalist path) of ``config_file`` with ``overrides``."""
     parser = ConfigParser()
     parser.read_config(config_file)
-    parser.update({"bundle_root": str(ROOT), **overrides})
+    # a checkpoint given by path brings its own folder: the registration template and QC reference beside it
+    # belong to those weights (preprocess=auto reads them), not the shipped models/
+    folder = {"ckpt_dir": str(Path(ckpt).parent)} if ckpt else {}
+    parser.update({"bundle_root": str(ROOT), **folder, **overrides})
     check_shape(parser.get_parsed_content("spatial_shape"), "spatial_shape")
     network = parser.get_parsed_content("network_def").eval()
     ckpt_path = ckpt or parser.get_parsed_content("ckpt_path")

@@ -159,7 +159,8 @@ class Measurer:
                  config: str | Path = BUNDLE_ROOT / "configs" / "inference.json"):
         parser = ConfigParser()
         parser.read_config(str(config))
-        parser.update({"bundle_root": str(BUNDLE_ROOT), **(overrides or {}), "device": "$torch.device('cpu')"})
+        parser.update({"bundle_root": str(BUNDLE_ROOT), "ckpt_dir": str(ckpt_dir), **(overrides or {}),
+                       "device": "$torch.device('cpu')"})
         self.preprocessing = parser.get_parsed_content("preprocessing")
         self.network = parser.get_parsed_content("network_def")
         self.ckpt = Path(ckpt_dir) / "model.pt"

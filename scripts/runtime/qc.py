@@ -197,6 +197,12 @@ class QCReference:
     fingerprint: str = ""
     subjects: int = 0
 
+    def fits(self, shape) -> bool:
+        """Whether a network input of (D, H, W) ``shape`` is on the grid this reference was written for."""
+        shape = [int(s) for s in shape]
+        return (tuple(s // SIMILARITY_REDUCTION for s in shape) == tuple(self.mean_image.shape)
+                and tuple(s // REDUCTION for s in shape) == tuple(self.region.shape))
+
     def registration_scores(self, volume: np.ndarray) -> dict:
         """``similarity`` and ``outside_brain`` of one (D, H, W) input: the measures that tell a registered,
         skull-stripped scan (the preprocessing's ``auto`` uses them before the intensity normalisation; both are
@@ -204,7 +210,7 @@ class QCReference:
         reduced = reduce(volume, SIMILARITY_REDUCTION)
         occupancy = reduce((volume != 0).astype(np.float32))
         if reduced.shape != self.mean_image.shape or occupancy.shape != self.region.shape:
-            raise ValueError(f"the QC reference (grid {self.region.shape} at {REDUCTION} mm) does not fit an input "
+            raise ValueError(f"the QC reference (grid {self.region.shape} at {REDUCTION} voxels) does not fit an input "
                              f"of shape {volume.shape}; retrain with this spatial_shape to create its reference")
         filled = float(occupancy.sum())
         return {"similarity": 1.0 - _ncc(reduced, self.mean_image),

@@ -70,6 +70,7 @@ class Template:
         from scripts.runtime.qc import QCReference  # noqa: PLC0415 (qc imports this module: no cycle at import)
 
         folder = Path(folder)
+        self.folder = folder
         self.reference = QCReference.load(folder)
         self.missing = [str(folder / n) for n in (TEMPLATE_IMAGE, TEMPLATE_MASK) if not (folder / n).is_file()]
         self.image = self.affine = self.mask = None
@@ -78,6 +79,23 @@ class Template:
             self.image = np.asarray(image.dataobj, dtype=np.float32)
             self.affine = np.asarray(image.affine, dtype=np.float64)
             self.mask = np.asarray(nib.load(str(folder / TEMPLATE_MASK)).dataobj) > 0
+
+    def check_grid(self, spatial_size: Sequence[int]) -> Template:
+        """Self, or a ValueError when the template or its QC reference was written for another network input size
+        (e.g. the shipped models/ with a reduced ``spatial_shape``): they belong to the weights beside them."""
+        wrong = {}
+        if self.image is not None and tuple(self.image.shape) != tuple(int(s) for s in spatial_size):
+            wrong[TEMPLATE_IMAGE] = list(self.image.shape)
+        if self.reference is not None and not self.reference.fits(spatial_size):
+            from scripts.runtime.qc import REDUCTION  # noqa: PLC0415 (qc imports this module)
+
+            wrong["the QC reference"] = [int(s) * REDUCTION for s in self.reference.region.shape]
+        if wrong:
+            found = ", ".join(f"{name} is for {shape}" for name, shape in wrong.items())
+            raise ValueError(f"the registration template in {self.folder} does not fit config key 'spatial_shape' "
+                             f"{list(spatial_size)} ({found}): point ckpt_dir (template_dir) at the folder of the "
+                             "weights trained with this spatial_shape, or set preprocess=off")
+        return self
 
     def require(self) -> Template:
         """Self, or a FileNotFoundError naming the missing template files and what to do."""
@@ -140,6 +158,8 @@ class CentredGridd(MapTransform, InvertibleTransform):
             self._template = Template(template_dir).require()  # fail at start, naming the missing files
         self.pixdim = [float(p) for p in pixdim]
         self.spatial_size = [int(s) for s in spatial_size]
+        if self._template is not None:
+            self._template.check_grid(self.spatial_size)
         if len(self.pixdim) != 3 or len(self.spatial_size) != 3:
             raise ValueError(f"CentredGridd: pixdim and spatial_size need 3 values, got {pixdim}, {spatial_size}")
         self.mask_nonzero = bool(mask_nonzero)
@@ -173,7 +193,7 @@ class CentredGridd(MapTransform, InvertibleTransform):
         if self.preprocess == "off":
             return None
         if self._template is None:
-            self._template = Template(self.template_dir)
+            self._template = Template(self.template_dir).check_grid(self.spatial_size)
         name = image.meta.get("filename_or_obj", "the scan")
         if self.preprocess == "auto":
             quick = self.resampler(image, dst_affine=centred, spatial_size=self.spatial_size)
