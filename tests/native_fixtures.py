@@ -1,17 +1,21 @@
 """Test data for the real-data path: synthetic subjects moved off the template by a known random affine into a
-native-like scan (with scalp around the brain), a template image, and fake dHCP release trees."""
+native-like scan (with scalp around the brain; ``scripts.data.native_like``), a template image, and fake dHCP
+release trees."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from scripts.data.native_like import random_affine, to_native
 from scripts.data.synthetic_anatomy import procedural_labels, template_affine
 from scripts.runtime.outputs import save_nifti
+
+__all__ = ["EXCLUDED", "KEPT", "SESSIONS", "dice", "fake_release", "native_datalist", "random_affine", "to_native",
+           "write_template"]
 
 T2 = {1: 2.0, 2: 1.1, 3: 1.4, 4: 0.6, 5: 2.1, 6: 1.2, 7: 1.0, 8: 0.9, 9: 1.1}
 
@@ -26,47 +30,6 @@ def write_template(folder: Path) -> tuple[Path, Path]:
     save_nifti(image, template_affine(), folder / "template_T2w.nii.gz")
     save_nifti(labels > 0, template_affine(), folder / "template_mask.nii.gz", dtype=np.uint8)
     return folder / "template_T2w.nii.gz", folder / "template_mask.nii.gz"
-
-
-def random_affine(rng: np.random.Generator, degrees=10.0, shift_mm=8.0, scale=0.05) -> np.ndarray:
-    """4x4 world-to-world matrix: rotations about the three axes, scaling and a translation."""
-    a, b, c = np.deg2rad(rng.uniform(-degrees, degrees, 3))
-    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
-    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
-    out = np.eye(4)
-    out[:3, :3] = rx @ ry @ rz @ np.diag(rng.uniform(1 - scale, 1 + scale, 3))
-    out[:3, 3] = rng.uniform(-shift_mm, shift_mm, 3)
-    return out
-
-
-def to_native(image_path: Path, labels_path: Path, out_dir: Path, move: np.ndarray, stem: str) -> dict:
-    """Resample a template-space subject into a native RAS grid of 0.9 mm voxels after moving it by ``move``
-    (world coordinates); adds a bright scalp shell around the brain. Returns the written files."""
-    img = nib.load(image_path)
-    data = img.get_fdata().astype(np.float32)
-    labels = np.asarray(nib.load(labels_path).dataobj).astype(np.uint8)
-    shape = (120, 150, 120)
-    spacing = 0.9
-    native_affine = np.diag([spacing, spacing, spacing, 1.0])
-    native_affine[:3, 3] = -(np.array(shape) - 1) / 2 * spacing
-    # native voxel -> world -> (inverse move) -> template world -> template voxel
-    vox = native_affine
-    m = np.linalg.inv(img.affine) @ np.linalg.inv(move) @ vox
-    grid = np.indices(shape, dtype=np.float32).reshape(3, -1)
-    coords = (m[:3, :3] @ grid + m[:3, 3:4]).reshape(3, *shape)
-    moved = ndimage.map_coordinates(data, coords, order=1, cval=0.0)
-    moved_labels = ndimage.map_coordinates(labels, coords, order=0, cval=0)
-    brain = moved_labels > 0
-    scalp = ndimage.binary_dilation(brain, iterations=6) & ~ndimage.binary_dilation(brain, iterations=3)
-    moved = np.where(scalp, 2600.0, moved).astype(np.float32)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"image": out_dir / f"{stem}_T2w.nii.gz", "mask": out_dir / f"{stem}_desc-brain_mask.nii.gz",
-             "tissue": out_dir / f"{stem}_desc-drawem9_dseg.nii.gz"}
-    save_nifti(moved, native_affine, files["image"])
-    save_nifti(brain, native_affine, files["mask"], dtype=np.uint8)
-    save_nifti(moved_labels, native_affine, files["tissue"], dtype=np.uint8)
-    return files
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -55,8 +55,8 @@ def check_preprocess(value) -> str:
 
 def missing_template(missing: Sequence[str]) -> str:
     return (f"native scans need the registration template {' and '.join(missing)}: it is written by training "
-            "beside model.pt; retrain, or set preprocess=off and register the scans first "
-            "(python -m scripts.data.preprocess run)")
+            "beside model.pt; write it (python -m scripts.data.preprocess template --ckpt_dir <folder of model.pt>), "
+            "or set preprocess=off and register the scans first (python -m scripts.data.preprocess run)")
 
 
 class Template:
