@@ -12,7 +12,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, run_bundle
+from conftest import ROOT, TINY, TINY_OVERRIDES, run_bundle
 from native_fixtures import dice, random_affine, to_native
 from scipy import ndimage
 
@@ -56,6 +56,20 @@ def test_training_writes_the_template(trained):
     assert template.shape == mask.shape == (64, 48, 48)
     brain = np.asarray(mask.dataobj) > 0
     assert brain.mean() > 0.5 and np.all(np.asarray(template.dataobj)[~brain] == 0)
+
+
+def test_template_command_writes_what_training_writes(tmp_path, cohort, trained):
+    """``python -m scripts.data.preprocess template`` (weights from before the template; the shipped models/)
+    gives the files training wrote beside its weights, voxel for voxel."""
+    from scripts.data.preprocess import main
+
+    ckpt_dir, _ = trained
+    overrides = json.dumps({**TINY_OVERRIDES, "dataset_dir": str(cohort)})
+    assert main(["template", "--ckpt_dir", str(tmp_path / "old"), "--override", overrides]) == 0
+    for name in (TEMPLATE_IMAGE, TEMPLATE_MASK):
+        written, trained_with = nib.load(tmp_path / "old" / name), nib.load(ckpt_dir / name)
+        np.testing.assert_array_equal(np.asarray(written.dataobj), np.asarray(trained_with.dataobj))
+        np.testing.assert_allclose(written.affine, trained_with.affine)
 
 
 def test_native_scan_is_registered_and_its_maps_come_back_on_its_grid(tmp_path, scans, trained):
