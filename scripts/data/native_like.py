@@ -30,15 +30,16 @@ def random_affine(rng: np.random.Generator, degrees=10.0, shift_mm=8.0, scale=0.
     return out
 
 
-def to_native(image_path: Path, labels_path: Path, out_dir: Path, move: np.ndarray, stem: str) -> dict:
-    """Resample a template-space subject into a native RAS grid of 0.9 mm voxels after moving it by ``move``
-    (world coordinates); adds a bright scalp shell around the brain. Writes ``<stem>_T2w.nii.gz``, its brain mask
+def to_native(image_path: Path, labels_path: Path, out_dir: Path, move: np.ndarray, stem: str,
+              spacing: float = 0.9) -> dict:
+    """Resample a template-space subject into a native RAS grid of ``spacing`` mm voxels (a 108 x 135 x 108 mm
+    field of view centred on the world origin) after moving it by ``move`` (world coordinates); adds a bright
+    scalp shell (3 mm thick at 0.9 mm) around the brain. Writes ``<stem>_T2w.nii.gz``, its brain mask
     and tissue labels into ``out_dir`` and returns their paths (keys image, mask, tissue)."""
     img = nib.load(image_path)
     data = img.get_fdata().astype(np.float32)
     labels = np.asarray(nib.load(labels_path).dataobj).astype(np.uint8)
-    shape = (120, 150, 120)
-    spacing = 0.9
+    shape = tuple(int(round(n * 0.9 / spacing)) for n in (120, 150, 120))
     native_affine = np.diag([spacing, spacing, spacing, 1.0])
     native_affine[:3, 3] = -(np.array(shape) - 1) / 2 * spacing
     # native voxel -> world -> (inverse move) -> template world -> template voxel
@@ -48,7 +49,8 @@ def to_native(image_path: Path, labels_path: Path, out_dir: Path, move: np.ndarr
     moved = ndimage.map_coordinates(data, coords, order=1, cval=0.0)
     moved_labels = ndimage.map_coordinates(labels, coords, order=0, cval=0)
     brain = moved_labels > 0
-    scalp = ndimage.binary_dilation(brain, iterations=6) & ~ndimage.binary_dilation(brain, iterations=3)
+    inner, outer = (int(round(mm / spacing)) for mm in (2.7, 5.4))
+    scalp = ndimage.binary_dilation(brain, iterations=outer) & ~ndimage.binary_dilation(brain, iterations=inner)
     moved = np.where(scalp, SCALP_VALUE, moved).astype(np.float32)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

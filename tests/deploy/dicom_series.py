@@ -19,29 +19,33 @@ def rotation_x(degrees: float) -> np.ndarray:
     return np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
 
 
-def expected_affine(tilt_degrees: float = 0.0, origin=(-50.0, -60.0, -40.0)) -> np.ndarray:
+def expected_affine(tilt_degrees: float = 0.0, origin=(-50.0, -60.0, -40.0), spacing=None) -> np.ndarray:
     """The RAS affine of the series ``write_series`` writes, built from the geometry it chose (not from the
-    files): LPS columns row_cosine * column spacing, column_cosine * row spacing, normal * slice spacing."""
+    files): LPS columns row_cosine * column spacing, column_cosine * row spacing, normal * slice spacing
+    (``spacing``: row, column, slice; default ROW_SPACING, COLUMN_SPACING, SLICE_SPACING)."""
+    row_spacing, column_spacing, slice_spacing = spacing or (ROW_SPACING, COLUMN_SPACING, SLICE_SPACING)
     rot = rotation_x(tilt_degrees)
     row_cosine, column_cosine = rot @ [1.0, 0, 0], rot @ [0, 1.0, 0]
     lps = np.eye(4)
-    lps[:3, 0] = row_cosine * COLUMN_SPACING
-    lps[:3, 1] = column_cosine * ROW_SPACING
-    lps[:3, 2] = np.cross(row_cosine, column_cosine) * SLICE_SPACING
+    lps[:3, 0] = row_cosine * column_spacing
+    lps[:3, 1] = column_cosine * row_spacing
+    lps[:3, 2] = np.cross(row_cosine, column_cosine) * slice_spacing
     lps[:3, 3] = origin
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
 def write_series(volume: np.ndarray, folder: Path, tilt_degrees: float = 0.0, modality: str = "MR",
                  description: str = "T2w TSE axial", seed: int = 0, study_uid: str | None = None,
-                 origin=(-50.0, -60.0, -40.0)) -> dict:
+                 origin=(-50.0, -60.0, -40.0), spacing=None) -> dict:
     """Write the ``[column, row, slice]`` ``volume`` (rounded to uint16) as one single-frame MR (or ``modality``)
-    file per slice into ``folder``, files named in shuffled order. Returns the UIDs and the affine."""
+    file per slice into ``folder``, files named in shuffled order, with ``spacing`` (row, column, slice in mm;
+    default ROW_SPACING, COLUMN_SPACING, SLICE_SPACING). Returns the UIDs and the affine."""
     folder.mkdir(parents=True, exist_ok=True)
-    affine = expected_affine(tilt_degrees, origin)
+    row_spacing, column_spacing, slice_spacing = spacing or (ROW_SPACING, COLUMN_SPACING, SLICE_SPACING)
+    affine = expected_affine(tilt_degrees, origin, spacing)
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
-    row_cosine = lps[:3, 0] / COLUMN_SPACING
-    column_cosine = lps[:3, 1] / ROW_SPACING
+    row_cosine = lps[:3, 0] / column_spacing
+    column_cosine = lps[:3, 1] / row_spacing
     pixels = np.clip(np.rint(volume), 0, 65535).astype(np.uint16)
     study_uid = study_uid or generate_uid()
     series_uid, frame_uid = generate_uid(), generate_uid()
@@ -69,8 +73,8 @@ def write_series(volume: np.ndarray, folder: Path, tilt_degrees: float = 0.0, mo
         ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"] if modality == "MR" else ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.ImagePositionPatient = [f"{v:.6f}" for v in lps[:3, 3] + k * lps[:3, 2]]
         ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*row_cosine, *column_cosine)]
-        ds.PixelSpacing = [ROW_SPACING, COLUMN_SPACING]
-        ds.SliceThickness = SLICE_SPACING
+        ds.PixelSpacing = [row_spacing, column_spacing]
+        ds.SliceThickness = slice_spacing
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.Rows, ds.Columns = rows, columns
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0

@@ -14,7 +14,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, app_preset
+from conftest import ROOT, TINY, app_preset, run_bundle
+
+from scripts.data.native_like import random_affine, to_native
+from scripts.runtime.transforms import TEMPLATE_IMAGE, TEMPLATE_MASK
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +67,44 @@ def test_app_equals_run_inference(tmp_path, model_ts, reference):
         assert orig.get_data_dtype() == np.float32
         assert np.abs(orig.get_fdata()).sum() > 0
     assert not list(out.rglob(".*"))  # no temporaries left
+
+
+def test_native_scan_is_registered_beside_model_ts(tmp_path, model_ts, cohort, trained):
+    """A native scan (scalp, rotated, 0.9 mm) given to the app whose model.ts has the training template beside it
+    (as models/ holds both): the decision of ``run inference`` on the same file, maps on the scan's own grid."""
+    ckpt_dir, _ = trained
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in (TEMPLATE_IMAGE, TEMPLATE_MASK, "qc_reference.json", "qc_mean_image.nii.gz", "qc_brain_region.nii.gz"):
+        shutil.copy(ckpt_dir / name, models)
+    shutil.copy(model_ts, models / "model.ts")
+    item = json.loads((cohort / "datalist.json").read_text())["test"][1]
+    subject = item["subject"]
+    files = to_native(cohort / item["image"], cohort / item["tissue"], tmp_path / "work",
+                      random_affine(np.random.default_rng(7)), subject)
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    scan = inputs / f"{subject}.nii.gz"
+    shutil.copy(files["image"], scan)
+    ref = tmp_path / "reference"
+    run_bundle("inference", "configs/inference.json", "--dataset_dir", str(inputs), "--ckpt_dir", str(ckpt_dir),
+               "--output_dir", str(ref), "--lrp_presets", json.dumps([app_preset()]), *TINY)
+    row = next(csv.DictReader((ref / "predictions.csv").open()))
+    assert row["qc_pass"] == "true", row
+
+    out = tmp_path / "output"
+    proc = _run_app("-i", str(inputs), "-o", str(out), "-m", str(models / "model.ts"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.loads((out / subject / f"{subject}_probabilities.json").read_text())
+    assert result["probabilities"]["preterm"] == pytest.approx(float(row["prob_preterm"]), abs=1e-5)
+    native = nib.load(scan)
+    for what in (f"relevance_{app_preset()}_orig", "evidence_orig"):
+        written = nib.load(out / subject / f"{subject}_{what}.nii.gz")
+        assert written.shape == native.shape, what
+        np.testing.assert_allclose(written.affine, native.affine, atol=1e-5)
+    reference_map = nib.load(ref / subject / f"{subject}_relevance_{app_preset()}_orig.nii.gz").get_fdata()
+    app_map = nib.load(out / subject / f"{subject}_relevance_{app_preset()}_orig.nii.gz").get_fdata()
+    np.testing.assert_allclose(app_map, reference_map, rtol=1e-4, atol=1e-6 * np.abs(reference_map).max())
 
 
 def test_missing_model_names_the_command(tmp_path):

@@ -7,12 +7,16 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import ROOT, TINY_OVERRIDES, app_preset
+from conftest import ROOT, TINY, TINY_OVERRIDES, app_preset, run_bundle
+from scipy import ndimage
+
+from scripts.data.native_like import random_affine, to_native
 
 APP_DIR = ROOT / "scripts" / "label_app"
 # compact JSON: the monailabel launcher (a shell script) splits arguments at spaces
@@ -64,6 +68,37 @@ def test_in_process_tasks(app, reference):
         assert result["params"]["probabilities"]["preterm"] == pytest.approx(
             float(rows[subject]["prob_preterm"]), abs=1e-5)
         os.remove(result["file"])
+
+
+def test_native_scan_gets_its_evidence_on_its_own_grid(app, cohort, trained, tmp_path):
+    """A native scan (scalp, rotated, 0.9 mm) sent to the evidence task, as 3D Slicer sends the volume it opened:
+    registered to the template per request (``preprocess`` auto), the decision is ``run inference``'s on the same
+    file, and the bands come back on the scan's own grid, on its brain (issue 25, item 1)."""
+    item = json.loads((cohort / "datalist.json").read_text())["test"][0]
+    subject = item["subject"]
+    files = to_native(cohort / item["image"], cohort / item["tissue"], tmp_path / "work",
+                      random_affine(np.random.default_rng(5)), subject)
+    scans = tmp_path / "native"
+    scans.mkdir()
+    scan = scans / f"{subject}.nii.gz"
+    shutil.copy(files["image"], scan)
+    out = tmp_path / "out"
+    run_bundle("inference", "configs/inference.json", "--dataset_dir", str(scans), "--ckpt_dir", str(trained[0]),
+               "--output_dir", str(out), "--lrp_presets", json.dumps([app_preset()]), *TINY)
+    row = _predictions(out)[subject]
+    assert row["qc_pass"] == "true", row  # QC judged the registered input
+
+    result = app.infer({"model": "preterm_evidence", "image": str(scan), "device": "cpu"})
+    params = result["params"]
+    assert params["probabilities"]["preterm"] == pytest.approx(float(row["prob_preterm"]), abs=1e-5)
+    assert params["qc"]["pass"] is True
+    labels, native = nib.load(result["file"]), nib.load(scan)
+    assert labels.shape == native.shape
+    np.testing.assert_allclose(labels.affine, native.affine, atol=1e-4)
+    filled = np.asarray(labels.dataobj) > 0
+    brain = ndimage.binary_dilation(np.asarray(nib.load(files["mask"]).dataobj) > 0, iterations=3)
+    assert filled.sum() > 1000 and (filled & brain).sum() / filled.sum() > 0.95  # on the brain, not the scalp
+    os.remove(result["file"])
 
 
 def test_missing_weights_names_the_command(tmp_path):
