@@ -155,3 +155,24 @@ def test_shipped_weights_reproduce_the_documented_metrics(tmp_path):
     for key in ("accuracy", "auc", "tpr", "tnr", "balanced_accuracy"):
         assert round(measured[f"test_{key}"], 4) == eval_metrics[f"synthetic_test_{key}"], key
         assert round(measured[f"test_{key}"], 3) == round(card[key], 3), key
+
+
+def test_shipped_export_is_the_shipped_weights_with_todays_configs():
+    """models/model.ts (the Deploy app's model; the SDK reads its preprocessing from the config inside it) holds
+    the weights of models/model.pt and the configs of this checkout: an export left behind by a config change
+    ran the Deploy app with an old preprocessing (no native-scan registration)."""
+    import torch
+
+    extra = {"inference.json": "", "metadata.json": ""}
+    scripted = torch.jit.load(str(ROOT / "models" / "model.ts"), map_location="cpu", _extra_files=extra)
+    assert json.loads(extra["inference.json"]) == read_json(ROOT / "configs" / "inference.json"), (
+        "models/model.ts carries another configs/inference.json: re-export it (README, MONAI Deploy)")
+    metadata, ours = json.loads(extra["metadata.json"]), read_json(ROOT / "configs" / "metadata.json")
+    ours.pop("optional_packages_version", None)  # ckpt_export leaves MONAI's deprecated key out of the export
+    metadata.pop("optional_packages_version", None)
+    assert metadata == ours
+    weights = torch.load(ROOT / "models" / "model.pt", map_location="cpu", weights_only=True)
+    exported = scripted.state_dict()
+    assert set(exported) == set(weights)
+    for name, value in weights.items():
+        assert torch.equal(exported[name], value), name
