@@ -27,6 +27,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -81,11 +82,12 @@ def load_model(config_file: str, overrides: dict, ckpt: str | None):
     return parser, network, datalist
 
 
-def load_subjects(datalist: str, split: str, parser, need_maps: bool = True) -> list[dict]:
-    """The labelled subjects of ``split``, checked: images readable and of the network's shape, and with
-    ``need_maps`` the synthetic cohort's tissue and phenotype maps."""
+def load_subjects(datalist: str, split: str, parser, need_maps: bool = True, fold: int = -1) -> list[dict]:
+    """The labelled subjects of ``split`` (``fold``: the cross-validation fold of the ``validation`` split), checked:
+    images readable and of the network's shape, and with ``need_maps`` the synthetic cohort's tissue and phenotype
+    maps."""
     spatial = check_shape(parser.get_parsed_content("spatial_shape"), "spatial_shape")
-    items = load_split(datalist, split, -1)  # labels checked there: 0 term, 1 preterm
+    items = load_split(datalist, split, fold)  # labels checked there: 0 term, 1 preterm
     if not items:
         raise ValueError(f"datalist {datalist}: split {split!r} has no subject to explain")
     validate_items(items, keys=("image",), spatial_shape=spatial, pixdim=parser.get_parsed_content("pixdim"))
@@ -100,16 +102,17 @@ def load_subjects(datalist: str, split: str, parser, need_maps: bool = True) -> 
     return items
 
 
-def select_subjects(items: list[dict], count: int) -> list[dict]:
-    """Up to ``count`` subjects (0: all), preterm and term in turn, each class in datalist order."""
-    groups = [[it for it in items if int(it["label"]) == label] for label in (1, 0)]
+def select_subjects(items: list[dict], count: int, first: int = 1) -> list[dict]:
+    """Up to ``count`` subjects (0: all), preterm and term in turn (``first=0``: term first), each class in datalist
+    order."""
+    groups = [[it for it in items if int(it["label"]) == label] for label in (first, 1 - first)]
     chosen = []
     for i in range(max(len(g) for g in groups)):
         chosen += [g[i] for g in groups if i < len(g)]
     return chosen[:count] if count > 0 else chosen
 
 
-def _transform(parser):
+def subject_transform(parser):
     """The image through the config's ``preprocessing``, the tissue and phenotype maps through its
     ``label_preprocessing`` (nearest neighbour): both declared in ``configs/inference.json``."""
     image = parser.get_parsed_content("preprocessing")
@@ -117,11 +120,52 @@ def _transform(parser):
     return lambda item: {**image({"image": item["image"]}), **labels({k: item[k] for k in ("tissue", "phenotype")})}
 
 
+# -- region perturbation (shared with scripts.evaluation.composite_search) -----------------------------------------
+def score_function(network, target) -> Callable[[torch.Tensor], float]:
+    """The score that region perturbation tracks: the logit of class ``target``, or for a pair ``(c, c')`` of
+    classes the logit difference ``logit[c] - logit[c']`` (the score of a contrastive map)."""
+    pos, neg = (int(target[0]), int(target[1])) if isinstance(target, (tuple, list)) else (int(target), None)
+
+    def score(v: torch.Tensor) -> float:
+        with torch.no_grad():
+            logits = network(v)[0]
+        return float(logits[pos] if neg is None else logits[pos] - logits[neg])
+
+    return score
+
+
+def perturbation_setup(x: torch.Tensor, brain: np.ndarray, patches, steps: int, fraction: float) -> dict:
+    """{patch: (the brain's blocks of ``patch``^3 voxels, blocks replaced per step, replacement volume = ``x`` blurred
+    inside the brain with sigma = patch / 2)} of one input."""
+    perturb = {}
+    for patch in patches:
+        candidates = brain_patches(brain, patch)
+        perturb[patch] = (candidates, per_step(len(candidates), steps, fraction), blurred_within(x, brain, patch / 2))
+    return perturb
+
+
+def region_perturbation(relevance: np.ndarray, score: Callable[[torch.Tensor], float], x: torch.Tensor,
+                        perturb: dict, steps: int, intact: float) -> tuple[dict, dict]:
+    """({abpc_<patch>, morf_<patch>, lerf_<patch>}, {patch: (MoRF curve, LeRF curve)}) of one map: the blocks of
+    ``perturb`` (:func:`perturbation_setup`) replaced most relevant first and least relevant first, ``score``
+    recorded after each step (``intact``: its value on ``x``)."""
+    measures, curves = {}, {}
+    for patch, (candidates, count, baseline) in perturb.items():
+        morf_order, lerf_order = perturbation_orders(relevance, candidates, patch)
+        morf = perturbation_curve(score, x, morf_order, patch, steps, count, baseline, intact)
+        lerf = perturbation_curve(score, x, lerf_order, patch, steps, count, baseline, intact)
+        curves[patch] = (morf, lerf)
+        measures[f"abpc_{patch}"] = abpc(morf, lerf)
+        measures[f"morf_{patch}"] = aopc(morf)  # mean drop, most relevant first
+        measures[f"lerf_{patch}"] = aopc(lerf)  # mean drop, least relevant first
+    return measures, curves
+
+
 # -- the evaluation -------------------------------------------------------------------------------------------------
 def evaluate(args) -> tuple[list[dict], dict, dict, dict]:
     torch.manual_seed(0)
     parser, network, datalist = load_model(args.config_file, args.override, args.ckpt)
-    transform = _transform(parser)
+    transform = subject_transform(parser)
     items = select_subjects(load_subjects(datalist, args.split, parser), args.subjects)
     methods = [m for m in METHODS if m in args.methods]
     settings = {"smoothgrad_samples": args.smoothgrad_samples, "occlusion_mask": args.occlusion_mask}
@@ -137,30 +181,19 @@ def evaluate(args) -> tuple[list[dict], dict, dict, dict]:
         brain = tissue > 0
         regions = {"csf": np.isin(tissue, (1, 5)), "phenotype": data["phenotype"][0].numpy() > 0.5}
 
-        def score(v, target=label):
-            with torch.no_grad():
-                return float(network(v)[0, target])
-
+        score = score_function(network, label)
         intact = score(x)
-        perturb = {}
-        for patch in args.patches:
-            candidates = brain_patches(brain, patch)
-            perturb[patch] = (candidates, per_step(len(candidates), args.steps, args.fraction),
-                              blurred_within(x, brain, patch / 2))
+        perturb = perturbation_setup(x, brain, args.patches, args.steps, args.fraction)
         for method in methods:
             explain_one = functools.partial(compute_map, method, network, x, label, settings)
             (relevance, conservation), seconds, peak = measure_call(explain_one)
             row = {"subject": item["subject"], "label": CLASS_NAMES[label], "birth_age": item.get("birth_age", ""),
                    "method": method, "seconds": seconds, "peak_mb": peak / 2**20 if peak >= 0 else float("nan"),
                    "conservation_error": abs(1 - conservation) if conservation is not None else float("nan")}
-            for patch, (candidates, count, baseline) in perturb.items():
-                morf_order, lerf_order = perturbation_orders(relevance, candidates, patch)
-                morf = perturbation_curve(score, x, morf_order, patch, args.steps, count, baseline, intact)
-                lerf = perturbation_curve(score, x, lerf_order, patch, args.steps, count, baseline, intact)
+            measures, pairs = region_perturbation(relevance, score, x, perturb, args.steps, intact)
+            row.update(measures)
+            for patch, (morf, lerf) in pairs.items():
                 curves.setdefault((method, patch), []).append((morf - morf[0], lerf - lerf[0]))
-                row[f"abpc_{patch}"] = abpc(morf, lerf)
-                row[f"morf_{patch}"] = aopc(morf)  # mean drop, most relevant first
-                row[f"lerf_{patch}"] = aopc(lerf)  # mean drop, least relevant first
             for name, region in regions.items():
                 preterm = label == 1
                 row[f"mass_{name}"] = mass_accuracy(relevance, region) if preterm else float("nan")

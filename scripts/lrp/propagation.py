@@ -261,7 +261,7 @@ class Trace:
             steps = steps[:last] + [_Step("linear", op.name, op.module, x=steps[last].x, op=diff_op)] + steps[last + 1:]
             start = logits[:, pos] - logits[:, neg]
             none = torch.full((batch,), -1, dtype=torch.long, device=logits.device)
-            return start.unsqueeze(1).clone(), none, start, steps, True
+            return start.unsqueeze(1).clone(), none, start, steps, (pos, neg)
         if target is None or target == "pred":
             classes = logits.argmax(dim=1)
         elif isinstance(target, torch.Tensor):
@@ -275,7 +275,7 @@ class Trace:
             raise ValueError(f"target class out of range for {logits.shape[1]} outputs: {classes.tolist()}")
         start = logits.gather(1, classes[:, None]).squeeze(1)
         relevance = torch.zeros_like(logits).scatter_(1, classes[:, None], start[:, None])
-        return relevance, classes, start, steps, False
+        return relevance, classes, start, steps, None
 
     def relevance(self, composite="a2b1", target="pred") -> Explanation:
         """Relevance of ``target`` for every input voxel under ``composite`` (a preset name, (alpha, beta) or a
@@ -285,7 +285,7 @@ class Trace:
             raise RuntimeError("this trace was made for a single map (consume=True) and has been used; trace again")
         self._consumed = self.consume
         with torch.no_grad():
-            relevance, classes, start, steps, is_diff = self._start(target, self.steps)
+            relevance, classes, start, steps, pair = self._start(target, self.steps)
             linear_idx = [k for k, s in enumerate(steps) if s.kind == "linear"]
             position = {k: p for p, k in enumerate(linear_idx)}
             for k in range(len(steps) - 1, -1, -1):
@@ -296,11 +296,12 @@ class Trace:
                     relevance = relevance.reshape(step.input_shape)
                 elif step.kind == "linear":
                     rule = comp.rule_for(position[k], len(linear_idx), step.op)
-                    modified = is_diff and k == linear_idx[-1]
+                    # a logit difference's output layer is its own layer, one per (class, class) pair
+                    modified = pair if k == linear_idx[-1] else None
                     key = (k, modified) + rule.cache_key()
                     stats = self._stats.get(key)
                     sign, silent = {}, {}
-                    if getattr(rule, "uses_output_sign", False) and not modified:
+                    if getattr(rule, "uses_output_sign", False) and modified is None:
                         silent = {"silent": self._silent_nonpositive(k, comp, position, len(linear_idx), steps)}
                         if stats is None:
                             sign = {"positive": self._positive(k)}
