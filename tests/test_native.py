@@ -144,3 +144,27 @@ def test_registration_is_the_same_on_every_run(scans, trained):
     first, second = (affine_to_template(template.get_fdata(), template.affine, mask.get_fdata(), scan.get_fdata(),
                                         scan.affine) for _ in range(2))
     np.testing.assert_array_equal(first, second)
+
+
+def test_a_scan_registration_cannot_rescue_is_refused_by_qc_and_the_batch_goes_on(tmp_path, scans, trained):
+    """Something that is no neonatal head (a small bright cube in an empty 0.9 mm volume) is registered as well as
+    it can be; QC on the registered input names it, ``refuse`` writes nothing for it, and the native scan beside
+    it is predicted (exit status 3: not every input got a prediction)."""
+    root, masks = scans
+    ckpt_dir, _ = trained
+    good = next(iter(masks))
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    shutil.copy(root / "native" / f"{good}.nii.gz", inputs)
+    affine = np.diag([0.9, 0.9, 0.9, 1.0])
+    affine[:3, 3] = -50.0
+    volume = np.zeros((120, 120, 120), np.float32)
+    volume[10:14, 10:14, 10:14] = 500.0
+    nib.save(nib.Nifti1Image(volume, affine), inputs / "sub-cube.nii.gz")
+    out = tmp_path / "out"
+    proc = _infer(inputs, out, ckpt_dir, "--qc", "refuse", check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert set(_rows(out / "predictions.csv")) == {good}
+    skipped = _rows(out / "skipped.csv")
+    assert set(skipped) == {"sub-cube"} and skipped["sub-cube"]["reason"].startswith("input QC failed")
+    assert not (out / "sub-cube").exists() and (out / good).is_dir()
