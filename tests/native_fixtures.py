@@ -5,6 +5,7 @@ release trees."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,8 @@ from scripts.data.native_like import random_affine, to_native
 from scripts.data.synthetic_anatomy import procedural_labels, template_affine
 from scripts.runtime.outputs import save_nifti
 
-__all__ = ["EXCLUDED", "KEPT", "SESSIONS", "dice", "fake_release", "native_datalist", "random_affine", "to_native",
-           "write_template"]
+__all__ = ["EXCLUDED", "KEPT", "SESSIONS", "dice", "fake_release", "native_datalist", "native_input", "random_affine",
+           "to_native", "write_template"]
 
 T2 = {1: 2.0, 2: 1.1, 3: 1.4, 4: 0.6, 5: 2.1, 6: 1.2, 7: 1.0, 8: 0.9, 9: 1.1}
 
@@ -30,6 +31,18 @@ def write_template(folder: Path) -> tuple[Path, Path]:
     save_nifti(image, template_affine(), folder / "template_T2w.nii.gz")
     save_nifti(labels > 0, template_affine(), folder / "template_mask.nii.gz", dtype=np.uint8)
     return folder / "template_T2w.nii.gz", folder / "template_mask.nii.gz"
+
+
+def native_input(cohort: Path, item: dict, root: Path, rng: np.random.Generator) -> tuple[Path, dict]:
+    """A datalist ``item`` of the synthetic ``cohort`` as a native scan moved by ``random_affine(rng)``: the input
+    a user gives, ``root/native/<subject>.nii.gz``, and the files :func:`to_native` wrote under ``root/work``
+    (image, brain mask, tissue)."""
+    subject = item["subject"]
+    files = to_native(cohort / item["image"], cohort / item["tissue"], root / "work", random_affine(rng), subject)
+    (root / "native").mkdir(parents=True, exist_ok=True)
+    scan = root / "native" / f"{subject}.nii.gz"
+    shutil.copy(files["image"], scan)
+    return scan, files
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import ROOT, TINY, TINY_OVERRIDES, run_bundle
-from native_fixtures import dice, random_affine, to_native
+from native_fixtures import dice, native_input
 from scipy import ndimage
 
 from scripts.runtime.transforms import TEMPLATE_IMAGE, TEMPLATE_MASK
@@ -34,9 +34,7 @@ def scans(tmp_path_factory, cohort):
     masks = {}
     for item in items:
         subject = item["subject"]
-        files = to_native(cohort / item["image"], cohort / item["tissue"], root / "work", random_affine(rng), subject)
-        (root / "native").mkdir(exist_ok=True)
-        shutil.copy(files["image"], root / "native" / f"{subject}.nii.gz")
+        _, files = native_input(cohort, item, root, rng)
         masks[subject] = files["mask"]
         (root / "atlas").mkdir(exist_ok=True)
         shutil.copy(cohort / item["image"], root / "atlas" / f"{subject}.nii.gz")

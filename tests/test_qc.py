@@ -34,9 +34,8 @@ def _rows(path: Path) -> dict[str, dict]:
 def _network(ckpt_dir: Path):
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "inference.json"))
-    parser.update(
-        {"bundle_root": str(ROOT), **TINY_OVERRIDES, "ckpt_dir": str(ckpt_dir), "device": "$torch.device('cpu')"}
-    )
+    parser.update({"bundle_root": str(ROOT), **TINY_OVERRIDES, "ckpt_dir": str(ckpt_dir),
+                   "device": "$torch.device('cpu')"})
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(ckpt_dir / "model.pt", weights_only=True))
     return network.eval(), parser.get_parsed_content("preprocessing")
@@ -69,35 +68,16 @@ def test_training_writes_a_reference_that_round_trips(trained, tmp_path):
     content["thresholds"]["similarity"] = 0.0
     (tmp_path / REFERENCE).write_text(json.dumps(content))
     assert QCReference.load(tmp_path).verdict({**dict.fromkeys(MEASURES, 0.0), "similarity": 0.01}) == (
-        False,
-        ["similarity"],
-    )
+        False, ["similarity"])
 
 
 def test_flag_passes_the_test_split_and_flags_every_corruption(tmp_path, variants, trained):
     folder, records = variants
     ckpt_dir, _ = trained
     out = tmp_path / "out"
-    proc = run_bundle(
-        "inference",
-        "configs/inference.json",
-        "--dataset_dir",
-        str(folder),
-        "--ckpt_dir",
-        str(ckpt_dir),
-        "--output_dir",
-        str(out),
-        "--lrp_presets",
-        "['a2b1']",
-        "--skip_bad",
-        "true",
-        "--save_input",
-        "false",
-        "--preprocess",
-        "off",
-        *TINY,
-        check=False,
-    )
+    proc = run_bundle("inference", "configs/inference.json", "--dataset_dir", str(folder), "--ckpt_dir",
+                      str(ckpt_dir), "--output_dir", str(out), "--lrp_presets", "['a2b1']", "--skip_bad", "true",
+                      "--save_input", "false", "--preprocess", "off", *TINY, check=False)
     predictions, skipped = _rows(out / "predictions.csv"), _rows(out / "skipped.csv")
     assert proc.returncode == (3 if skipped else 0), proc.stderr[-3000:]  # skip_bad: 3 when an input was skipped
     relevance = _rows(out / "relevance.csv")
@@ -146,24 +126,9 @@ def test_refuse_writes_nothing_for_a_flagged_subject_and_goes_on(tmp_path, varia
     for record in chosen:
         shutil.copy(record["image"], inputs)
     out = tmp_path / "out"
-    proc = run_bundle(
-        "inference",
-        "configs/inference.json",
-        "--dataset_dir",
-        str(inputs),
-        "--ckpt_dir",
-        str(ckpt_dir),
-        "--output_dir",
-        str(out),
-        "--lrp_presets",
-        "['a2b1']",
-        "--qc",
-        "refuse",
-        "--preprocess",
-        "off",
-        *TINY,
-        check=False,
-    )
+    proc = run_bundle("inference", "configs/inference.json", "--dataset_dir", str(inputs), "--ckpt_dir",
+                      str(ckpt_dir), "--output_dir", str(out), "--lrp_presets", "['a2b1']", "--qc", "refuse",
+                      "--preprocess", "off", *TINY, check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]  # the run goes on; its status says some were refused
     predictions, skipped = _rows(out / "predictions.csv"), _rows(out / "skipped.csv")
     good = {r["subject"] for r in chosen if r["corruption"] == "none"}
@@ -180,44 +145,19 @@ def test_weights_without_a_reference_run_with_qc_off(tmp_path, cohort, trained):
     old.mkdir()
     shutil.copy(ckpt_dir / "model.pt", old)
     out = tmp_path / "out"
-    proc = run_bundle(
-        "inference",
-        "configs/inference.json",
-        "--dataset_dir",
-        str(cohort),
-        "--ckpt_dir",
-        str(old),
-        "--output_dir",
-        str(out),
-        "--lrp_presets",
-        "['a2b1']",
-        *TINY,
-    )
+    proc = run_bundle("inference", "configs/inference.json", "--dataset_dir", str(cohort), "--ckpt_dir", str(old),
+                      "--output_dir", str(out), "--lrp_presets", "['a2b1']", *TINY)
     notices = [line for line in (proc.stdout + proc.stderr).splitlines() if "no QC reference" in line]
     assert len(notices) == 1 and "input QC is off" in notices[0]
     assert all(r["qc_pass"] == "" for r in _rows(out / "predictions.csv").values())
 
 
 def test_bad_policy_names_the_key(tmp_path, cohort, trained):
-    proc = run_bundle(
-        "inference",
-        "configs/inference.json",
-        "--dataset_dir",
-        str(cohort),
-        "--ckpt_dir",
-        str(trained[0]),
-        "--output_dir",
-        str(tmp_path),
-        "--qc",
-        "maybe",
-        *TINY,
-        check=False,
-    )
+    proc = run_bundle("inference", "configs/inference.json", "--dataset_dir", str(cohort), "--ckpt_dir",
+                      str(trained[0]), "--output_dir", str(tmp_path), "--qc", "maybe", *TINY, check=False)
     assert proc.returncode == 1
-    assert (
-        proc.stderr.strip().splitlines()[-2] == "error: config key 'qc' must be one of ['flag', 'refuse', 'off'], "
-        "got 'maybe'"
-    )
+    assert proc.stderr.strip().splitlines()[-2] == "error: config key 'qc' must be one of ['flag', 'refuse', 'off'], " \
+                                                   "got 'maybe'"
 
 
 def test_advice_says_what_to_do_for_each_measure():
@@ -226,12 +166,8 @@ def test_advice_says_what_to_do_for_each_measure():
     scan = "/data/new scans/sub-1_T2w.nii.gz"
     for measure in ("similarity", "outside_brain", "missing_brain"):
         text = advice([measure], scan)
-        assert (
-            text.startswith("What to do: ")
-            and "`python -m scripts.data.preprocess run --datalist native.json "
-            "--template TEMPLATE_T2w.nii.gz --template-mask TEMPLATE_mask.nii.gz --output prep`"
-            in text
-        ), text
+        assert text.startswith("What to do: ") and "`python -m scripts.data.preprocess run --datalist native.json " \
+            "--template TEMPLATE_T2w.nii.gz --template-mask TEMPLATE_mask.nii.gz --output prep`" in text, text
         assert '`{"test": [{"image": "/data/new scans/sub-1_T2w.nii.gz", "mask": "BRAIN_MASK.nii.gz"}]}`' in text
         assert "`python -m monai.bundle run inference --config_file configs/inference.json --dataset_dir prep`" in text
     everything = advice(list(MEASURES))
@@ -255,24 +191,9 @@ def test_a_native_scan_is_refused_with_the_preprocessing_that_makes_it_pass(tmp_
     scan = scans / Path(native[0]["image"]).name
     shutil.copy(native[0]["image"], scan)
     out = tmp_path / "out"
-    proc = run_bundle(
-        "inference",
-        "configs/inference.json",
-        "--dataset_dir",
-        str(scans),
-        "--ckpt_dir",
-        str(ckpt_dir),
-        "--output_dir",
-        str(out),
-        "--lrp_presets",
-        "['a2b1']",
-        "--qc",
-        "refuse",
-        "--preprocess",
-        "off",
-        *tiny_args(report=True),
-        check=False,
-    )
+    proc = run_bundle("inference", "configs/inference.json", "--dataset_dir", str(scans), "--ckpt_dir", str(ckpt_dir),
+                      "--output_dir", str(out), "--lrp_presets", "['a2b1']", "--qc", "refuse", "--preprocess", "off",
+                      *tiny_args(report=True), check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]  # refused: no prediction
     log = proc.stdout + proc.stderr
     (row,) = _rows(out / "skipped.csv").values()
@@ -285,36 +206,15 @@ def test_a_native_scan_is_refused_with_the_preprocessing_that_makes_it_pass(tmp_
     datalist, preprocess, predict = re.findall(r"`([^`]*)`", reason.split("What to do: ", 1)[1])
     assert json.loads(datalist) == {"test": [{"image": str(scan), "mask": "BRAIN_MASK.nii.gz"}]}
     (tmp_path / "native.json").write_text(datalist.replace("BRAIN_MASK.nii.gz", native[0]["mask"]))
-    fill = {
-        "python": sys.executable,
-        "native.json": str(tmp_path / "native.json"),
-        "prep": str(tmp_path / "prep"),
-        "TEMPLATE_T2w.nii.gz": str(template),
-        "TEMPLATE_mask.nii.gz": str(template_mask),
-    }
-    done = subprocess.run(
-        [fill.get(t, t) for t in shlex.split(preprocess)], cwd=ROOT, capture_output=True, text=True, timeout=900
-    )
+    fill = {"python": sys.executable, "native.json": str(tmp_path / "native.json"), "prep": str(tmp_path / "prep"),
+            "TEMPLATE_T2w.nii.gz": str(template), "TEMPLATE_mask.nii.gz": str(template_mask)}
+    done = subprocess.run([fill.get(t, t) for t in shlex.split(preprocess)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     again = tmp_path / "again"
-    done = subprocess.run(
-        [fill.get(t, t) for t in shlex.split(predict)]
-        + [
-            "--ckpt_dir",
-            str(ckpt_dir),
-            "--output_dir",
-            str(again),
-            "--lrp_presets",
-            "['a2b1']",
-            "--qc",
-            "refuse",
-            *TINY,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = subprocess.run([fill.get(t, t) for t in shlex.split(predict)] + [
+        "--ckpt_dir", str(ckpt_dir), "--output_dir", str(again), "--lrp_presets", "['a2b1']", "--qc", "refuse", *TINY],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (passed,) = _rows(again / "predictions.csv").values()
     assert passed["qc_pass"] == "true" and passed["qc_advice"] == "" and not _rows(again / "skipped.csv"), passed

@@ -15,8 +15,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import ROOT, TINY, app_preset, run_bundle
+from native_fixtures import native_input
 
-from scripts.data.native_like import random_affine, to_native
 from scripts.runtime.transforms import TEMPLATE_IMAGE, TEMPLATE_MASK
 
 
@@ -80,12 +80,8 @@ def test_native_scan_is_registered_beside_model_ts(tmp_path, model_ts, cohort, t
     shutil.copy(model_ts, models / "model.ts")
     item = json.loads((cohort / "datalist.json").read_text())["test"][1]
     subject = item["subject"]
-    files = to_native(cohort / item["image"], cohort / item["tissue"], tmp_path / "work",
-                      random_affine(np.random.default_rng(7)), subject)
-    inputs = tmp_path / "input"
-    inputs.mkdir()
-    scan = inputs / f"{subject}.nii.gz"
-    shutil.copy(files["image"], scan)
+    scan, _ = native_input(cohort, item, tmp_path, np.random.default_rng(7))
+    inputs = scan.parent
     ref = tmp_path / "reference"
     run_bundle("inference", "configs/inference.json", "--dataset_dir", str(inputs), "--ckpt_dir", str(ckpt_dir),
                "--output_dir", str(ref), "--lrp_presets", json.dumps([app_preset()]), *TINY)

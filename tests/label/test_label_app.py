@@ -7,16 +7,14 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 from conftest import ROOT, TINY, TINY_OVERRIDES, app_preset, run_bundle
+from native_fixtures import native_input
 from scipy import ndimage
-
-from scripts.data.native_like import random_affine, to_native
 
 APP_DIR = ROOT / "scripts" / "label_app"
 # compact JSON: the monailabel launcher (a shell script) splits arguments at spaces
@@ -76,12 +74,8 @@ def test_native_scan_gets_its_evidence_on_its_own_grid(app, cohort, trained, tmp
     file, and the bands come back on the scan's own grid, on its brain (issue 25, item 1)."""
     item = json.loads((cohort / "datalist.json").read_text())["test"][0]
     subject = item["subject"]
-    files = to_native(cohort / item["image"], cohort / item["tissue"], tmp_path / "work",
-                      random_affine(np.random.default_rng(5)), subject)
-    scans = tmp_path / "native"
-    scans.mkdir()
-    scan = scans / f"{subject}.nii.gz"
-    shutil.copy(files["image"], scan)
+    scan, files = native_input(cohort, item, tmp_path, np.random.default_rng(5))
+    scans = scan.parent
     out = tmp_path / "out"
     run_bundle("inference", "configs/inference.json", "--dataset_dir", str(scans), "--ckpt_dir", str(trained[0]),
                "--output_dir", str(out), "--lrp_presets", json.dumps([app_preset()]), *TINY)
