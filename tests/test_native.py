@@ -166,3 +166,18 @@ def test_a_scan_registration_cannot_rescue_is_refused_by_qc_and_the_batch_goes_o
     skipped = _rows(out / "skipped.csv")
     assert set(skipped) == {"sub-cube"} and skipped["sub-cube"]["reason"].startswith("input QC failed")
     assert not (out / "sub-cube").exists() and (out / good).is_dir()
+
+
+def test_grid_checks_name_the_problem_before_touching_the_template():
+    """A wrong number of sizes is reported as such (not as a template mismatch); the QC reference refuses an input of
+    another grid with the same rule as Template.check_grid (QCReference.fits)."""
+    from scripts.runtime.transforms import CentredGridd, Template
+
+    shipped = ROOT / "models"
+    with pytest.raises(ValueError, match="need 3 values"):
+        CentredGridd("image", pixdim=[1.0, 1.0, 1.0], spatial_size=[128, 96], preprocess="on", template_dir=shipped)
+    reference = Template(shipped).require().reference
+    assert reference.fits([128, 96, 96]) and not reference.fits([64, 48, 48])
+    with pytest.raises(ValueError, match=r"does not fit an input of shape \(64, 48, 48\)"):
+        reference.registration_scores(np.zeros((64, 48, 48), np.float32))
+    assert set(reference.registration_scores(np.ones((128, 96, 96), np.float32))) == {"similarity", "outside_brain"}

@@ -207,11 +207,11 @@ class QCReference:
         """``similarity`` and ``outside_brain`` of one (D, H, W) input: the measures that tell a registered,
         skull-stripped scan (the preprocessing's ``auto`` uses them before the intensity normalisation; both are
         unchanged by a linear intensity change)."""
-        reduced = reduce(volume, SIMILARITY_REDUCTION)
-        occupancy = reduce((volume != 0).astype(np.float32))
-        if reduced.shape != self.mean_image.shape or occupancy.shape != self.region.shape:
+        if not self.fits(volume.shape):
             raise ValueError(f"the QC reference (grid {self.region.shape} at {REDUCTION} voxels) does not fit an input "
                              f"of shape {volume.shape}; retrain with this spatial_shape to create its reference")
+        reduced = reduce(volume, SIMILARITY_REDUCTION)
+        occupancy = reduce((volume != 0).astype(np.float32))
         filled = float(occupancy.sum())
         return {"similarity": 1.0 - _ncc(reduced, self.mean_image),
                 "outside_brain": float((occupancy * ~self.region).sum() / filled) if filled else 1.0}

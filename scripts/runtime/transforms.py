@@ -158,10 +158,10 @@ class CentredGridd(MapTransform, InvertibleTransform):
             self._template = Template(template_dir).require()  # fail at start, naming the missing files
         self.pixdim = [float(p) for p in pixdim]
         self.spatial_size = [int(s) for s in spatial_size]
-        if self._template is not None:
-            self._template.check_grid(self.spatial_size)
         if len(self.pixdim) != 3 or len(self.spatial_size) != 3:
             raise ValueError(f"CentredGridd: pixdim and spatial_size need 3 values, got {pixdim}, {spatial_size}")
+        if self._template is not None:
+            self._template.check_grid(self.spatial_size)
         self.mask_nonzero = bool(mask_nonzero)
         self.resampler = SpatialResample(mode=mode, padding_mode="zeros", dtype=torch.float64)
         self.mask_resampler = SpatialResample(mode="nearest", padding_mode="zeros", dtype=torch.float32)
