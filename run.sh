@@ -7,7 +7,7 @@
 #                         chromium where missing (the run report's browser test; it skips where that is impossible)
 #                         and dcmtk + dicom3tools (the Deploy app's DICOM conformance checks, same rule)
 #                         and slurmctld, slurmd, slurm-client, munge (tests/test_slurm.py's one-node SLURM cluster,
-#                         same rule)
+#                         same rule) and orthanc, orthanc-dicomweb, iproute2 (tests/label/test_dicomweb.py, same rule)
 #   bash run.sh setup   - only the environment
 #   bash run.sh freeze  - rewrites constraints.txt from .venv (after a deliberate upgrade)
 # The main environment is installed with constraints.txt: the exact versions the tests ran with.
@@ -70,10 +70,14 @@ have() {
 # - dcmtk (dsrdump) and dicom3tools (dciodvfy) for the Deploy app's DICOM tests (tests/deploy/test_deploy_dicom.py)
 # - slurmctld, slurmd, slurm-client and munge for the one-node SLURM cluster of tests/slurm_cluster.py (it starts and
 #   stops its own daemons with a config in a temporary folder; nothing is configured system-wide)
+# - orthanc + orthanc-dicomweb (a DICOMweb server for the Label app's test, started and stopped by the test in a
+#   network namespace of its own; nothing is configured system-wide) and iproute2 (ip, for that namespace's loopback)
 ensure_system_tools() {
     [ -n "${CHROMIUM:-}" ] || have chromium || have chromium-browser || apt_install "the run report in a browser" chromium
     have dciodvfy dsrdump || apt_install "the DICOM outputs" dcmtk dicom3tools
     have slurmctld slurmd sbatch srun munged || apt_install "SLURM" --no-install-recommends slurmctld slurmd slurm-client munge
+    { have Orthanc ip && [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; } \
+        || apt_install "MONAI Label on a DICOMweb server" --no-install-recommends orthanc orthanc-dicomweb iproute2
 }
 
 case "${1:-}" in

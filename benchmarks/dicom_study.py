@@ -6,7 +6,7 @@ under 30 s on 2 cores for a 0.8 mm scan). Runs in the Deploy environment:
 (``.nox/deploy`` is made by ``bash run.sh test``, or ``.venv/bin/nox -s deploy``.) A subject of the built-in
 synthetic cohort (``data/synthetic``, generated first if missing) is made into a native-like scan at ``--spacing``
 mm (``scripts.data.native_like``: moved off the template, scalp-like shell) and written as a DICOM MR series (one
-file per slice, ``tests/deploy/dicom_series.py``). Timed, each the median of ``--repeats`` runs in fresh
+file per slice, ``tests/dicom_series.py``). Timed, each the median of ``--repeats`` runs in fresh
 processes: the app on the DICOM study (``python scripts/deploy_app -i <series> -o <out> -m models/model.ts``:
 SDK loader and series selection, the volume, registration to the template beside model.ts, inference + LRP, NIfTI
 + JSON + DICOM SEG + SR writers), the app on the same scan as one NIfTI (no DICOM reading or writing), and the
@@ -29,14 +29,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "deploy"))
+sys.path.insert(0, str(ROOT / "tests"))
 
-from dicom_series import write_series  # noqa: E402
+from dicom_series import write_nifti_as_series  # noqa: E402
 
 from scripts.data.native_like import random_affine, to_native  # noqa: E402
 from scripts.runtime.datalist import ensure_datalist  # noqa: E402
@@ -100,14 +99,8 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         files = to_native(base / item["image"], base / item["tissue"], tmp / "native",
                           random_affine(np.random.default_rng(args.seed)), args.subject, spacing=args.spacing)
-        nifti = nib.load(files["image"])
-        # write_series declares LPS geometry with row cosine +x, column cosine +y: the volume flipped in i and j
-        # is the same anatomy in the same world as the RAS NIfTI
-        volume = np.asarray(nifti.dataobj, dtype=np.float32)[::-1, ::-1, :]
-        corner = nifti.affine @ [volume.shape[0] - 1, volume.shape[1] - 1, 0, 1]  # RAS of DICOM voxel (0, 0, 0)
         study = tmp / "dicom"
-        write_series(volume, study / "series", spacing=(args.spacing,) * 3,
-                     origin=(-corner[0], -corner[1], corner[2]))
+        shape = write_nifti_as_series(files["image"], study / "series")["shape"]
         nifti_in = tmp / "nifti"
         nifti_in.mkdir()
         shutil.copy(files["image"], nifti_in / f"{args.subject}.nii.gz")
@@ -119,8 +112,8 @@ def main(argv=None) -> int:
         on_s, off_s = registration_seconds(files["image"], model.parent, args.repeats)
         outputs = sorted(p.name for p in (tmp / "out_dicom").rglob("*") if p.is_file())
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"# {args.subject} as a {volume.shape[0]}x{volume.shape[1]}x{volume.shape[2]} series at {args.spacing} mm "
-          f"({volume.shape[2]} files), {model}; {platform.machine()}, {os.cpu_count()} cores, load {load:.2f}, "
+    print(f"# {args.subject} as a {shape[0]}x{shape[1]}x{shape[2]} series at {args.spacing} mm "
+          f"({shape[2]} files), {model}; {platform.machine()}, {os.cpu_count()} cores, load {load:.2f}, "
           f"median of {args.repeats}")
     print(f"# decision {result.get('prediction')}, p(term) {result['probabilities']['term']:.3f}; "
           f"outputs: {', '.join(outputs)}")

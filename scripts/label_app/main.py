@@ -12,6 +12,13 @@ The app's labels (``/info``) are the evidence task's seven static segment names,
 creates exactly the segments a result fills and its auto-run rule finds the evidence task. Nothing is downloaded:
 weights come from ``<bundle>/models``.
 
+``--studies`` may also be a DICOMweb server (e.g. Orthanc's ``http://<host>:8042/dicom-web``): MONAI Label's
+DICOMweb datastore lists its MR series (``{"Modality": "MR"}``; MONAI Label's own default is CT; set
+``MONAI_LABEL_DICOMWEB_SEARCH_FILTER`` to narrow it, e.g. ``{"Modality": "MR", "SeriesDescription": "*T2*"}``),
+fetches and converts a series when a task runs on it (the task then registers the native scan per request), and
+stores a label saved with tag ``final`` back as a DICOM SEG, written by dcmqi's ``itkimage2segimage`` (installed by
+requirements-label.txt; MONAI Label would otherwise download dcmqi from GitHub at start).
+
 ``--conf`` options:
     bundle            the bundle folder (default: this repository)
     bundle_overrides  JSON object of ``configs/inference.json`` overrides, e.g. ``{"device": "cpu"}``
@@ -29,12 +36,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 
+import numpy as np
 from fastapi import HTTPException
+from monai.transforms import LoadImage
 from monailabel.config import settings
+from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 
 logger = logging.getLogger(__name__)
@@ -69,6 +81,55 @@ class CheckedDatastore(LocalDatastore):
                 raise HTTPException(status_code=422,
                                     detail=f"upload refused: {str(err).replace(image_filename, name)}") from err
         return super().add_image(image_id, image_filename, image_info)
+
+
+class SegNamesDICOMWebDatastore(DICOMWebDatastore):
+    """MONAI Label's DICOMweb datastore with the DICOM SEG's segment names right. MONAI Label 0.8.5's
+    ``nifti_to_dicom_seg`` pairs the i-th label value present in the file with the i-th ``label_info`` entry, but
+    3D Slicer's plugin sends one entry per segment (``{"name", "idx"}``), empty ones included -- and an evidence
+    labelmap always has empty segments (the other class's bands): every name after the first empty one went to the
+    wrong segment. Here ``label_info`` keeps only the entries whose value is present, in value order."""
+
+    def save_label(self, image_id, label_filename, label_tag, label_info, label_id=""):
+        entries = label_info.get("label_info") if isinstance(label_info, dict) else None
+        if entries and label_tag == DefaultLabelTag.FINAL:
+            present = _label_values(label_filename)
+            numbered = sorted(((int(entry.get("idx", i + 1)), entry) for i, entry in enumerate(entries)),
+                              key=lambda pair: pair[0])
+            label_info = {**label_info, "label_info": [entry for idx, entry in numbered if idx in present]}
+        return super().save_label(image_id, label_filename, label_tag, label_info, label_id)
+
+
+def _label_values(path: str) -> set[int]:
+    """The non-zero values of a label file as MONAI Label's datastore reads it (raw uint8 ``.bin`` or an image)."""
+    if path.endswith(".bin"):
+        data = np.fromfile(path, dtype=np.uint8)
+    else:
+        data = np.asarray(LoadImage(image_only=True)(path))
+    return {int(v) for v in np.unique(data) if v != 0}
+
+
+DICOMWEB_SEARCH_FILTER = {"Modality": "MR"}
+MONAI_LABEL_DEFAULT_FILTER = {"Modality": "CT"}  # monailabel.config.Settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER
+SEG_WRITER = "itkimage2segimage"  # dcmqi's converter, which MONAI Label's DICOMweb datastore runs from PATH
+
+
+def _prepare_dicomweb() -> None:
+    """Before MONAI Label's DICOMweb datastore starts: search MR series unless the user chose a filter (MONAI
+    Label's default finds CT only), and find dcmqi's ``itkimage2segimage`` beside this Python (a pip-installed
+    dcmqi in a venv that is not activated) or fail with the install command, instead of MONAI Label's download
+    from GitHub."""
+    # start_server exports every setting to the environment, so a user's choice shows only as a value other than
+    # MONAI Label's default
+    if settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER == MONAI_LABEL_DEFAULT_FILTER:
+        settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER = dict(DICOMWEB_SEARCH_FILTER)
+    if shutil.which(SEG_WRITER) is None:
+        here = os.path.dirname(sys.executable)
+        if not os.path.isfile(os.path.join(here, SEG_WRITER)):
+            raise FileNotFoundError(f"{SEG_WRITER} (dcmqi) not found on PATH nor in {here}: a DICOMweb --studies "
+                                    f"needs it to store labels as DICOM SEG; install it with: "
+                                    f"{sys.executable} -m pip install dcmqi")
+        os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
 
 
 class PretermLabelApp(MONAILabelApp):
@@ -111,7 +172,13 @@ class PretermLabelApp(MONAILabelApp):
 
     def init_datastore(self):
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+            _prepare_dicomweb()
+            datastore = super().init_datastore()
+            if isinstance(datastore, DICOMWebDatastore):
+                # MONAI Label builds the datastore inside MONAILabelApp._init_dicomweb_datastore: same object and
+                # state, one method changed (SegNamesDICOMWebDatastore)
+                datastore.__class__ = SegNamesDICOMWebDatastore
+            return datastore
         return CheckedDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
                                 auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                                 read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY, check=self._check_upload)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: dicom_series
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dicom_series import SLICE_SPACING, write_series  # noqa: E402

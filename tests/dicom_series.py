@@ -1,5 +1,6 @@
 """A synthetic scan written as a DICOM MR series with pydicom: one file per slice, in shuffled file order, with
-a chosen orientation and non-square pixels (tests of the Deploy app's DICOM input and output)."""
+a chosen orientation and non-square pixels (tests of the Deploy app's DICOM input and output, the Label app's
+DICOMweb datastore, benchmarks/dicom_study.py). Works with pydicom 2 (Label environment) and 3 (Deploy)."""
 
 from __future__ import annotations
 
@@ -85,8 +86,36 @@ def write_series(volume: np.ndarray, folder: Path, tilt_degrees: float = 0.0, mo
             ds.KVP, ds.AcquisitionNumber = 120, 1
             ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
         ds.PixelData = np.ascontiguousarray(pixels[:, :, k].T).tobytes()  # (rows, columns)
-        ds.save_as(folder / f"IM{names[k]:04d}.dcm", enforce_file_format=True)
+        _save(ds, folder / f"IM{names[k]:04d}.dcm")
     return {"study": study_uid, "series": series_uid, "frame_of_reference": frame_uid, "affine": affine}
+
+
+def _save(ds: FileDataset, path: Path) -> None:
+    """Save as a DICOM file with its meta header (pydicom 3: ``enforce_file_format``; pydicom 2: the same as
+    ``write_like_original=False``)."""
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        ds.save_as(path, enforce_file_format=True)
+    else:
+        ds.save_as(path, write_like_original=False)
+
+
+def write_nifti_as_series(nifti_path: Path, folder: Path, **kwargs) -> dict:
+    """The scan of an axis-aligned RAS NIfTI (diagonal positive affine, as ``scripts.data.native_like.to_native``
+    writes) as an axial series with the same geometry: ``write_series`` declares LPS with row cosine +x and column
+    cosine +y, so the volume flipped in i and j is the same anatomy in the same world. Returns ``write_series``'s
+    dict plus ``shape``."""
+    import nibabel as nib  # noqa: PLC0415
+
+    nifti = nib.load(str(nifti_path))
+    affine = np.asarray(nifti.affine, dtype=np.float64)
+    spacing = np.diag(affine)[:3]
+    if not np.allclose(affine[:3, :3], np.diag(spacing)) or (spacing <= 0).any():
+        raise ValueError(f"{nifti_path}: not an axis-aligned RAS grid (affine {affine.tolist()})")
+    volume = np.asarray(nifti.dataobj, dtype=np.float32)[::-1, ::-1, :]
+    corner = affine @ [volume.shape[0] - 1, volume.shape[1] - 1, 0, 1]  # RAS of DICOM voxel (0, 0, 0)
+    info = write_series(volume, folder, spacing=(spacing[1], spacing[0], spacing[2]),
+                        origin=(-corner[0], -corner[1], corner[2]), **kwargs)
+    return {**info, "shape": volume.shape}
 
 
 def read_series(folder: Path) -> list:
