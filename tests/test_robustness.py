@@ -140,3 +140,23 @@ def test_training_caches_the_resampling_before_the_random_transforms():
     first_random = steps.index("RandFlipd")
     assert steps[:first_random] == ["LoadImaged", "EnsureChannelFirstd", "Orientationd", "CentredGridd", "EnsureTyped",
                                     "NormalizeIntensityd"]
+
+
+@pytest.mark.parametrize("voxel", [0.7, 0.8, 1.2])
+def test_the_brain_edge_is_not_darkened_by_the_resampling(tmp_path, voxel):
+    """Normalised interpolation in CentredGridd (mask_nonzero): a skull-stripped brain of one intensity keeps that
+    intensity up to its edge on the network grid. Plain bilinear interpolation mixes the zeros around the brain
+    into its outer voxels, a darker edge that a network reading the outer CSF takes for less CSF."""
+    shape = np.round(np.array([150, 110, 110]) / voxel).astype(int)
+    centre = (shape - 1) / 2.0
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1) * voxel
+    inside = (((grid - centre * voxel) / np.array([50.0, 40.0, 38.0])) ** 2).sum(-1) <= 1.0
+    data = np.where(inside, 700.0, 0.0).astype(np.float32)
+    path = save_nifti(data, np.diag([voxel, voxel, voxel, 1.0]), tmp_path / "brain.nii.gz")
+    spatial = Compose(_preprocessing("train.json", "spatial_transforms"))
+    moved = spatial({"image": str(path)})["image"][0].numpy()
+    brain = moved[moved != 0]
+    assert brain.size > 100_000
+    np.testing.assert_allclose(brain, 700.0, rtol=1e-4)
+    plain = _old_preprocessing(normalise=False)({"image": str(path)})["image"][0].numpy()
+    assert plain[plain != 0].min() < 0.9 * 700.0  # what the edge looked like before

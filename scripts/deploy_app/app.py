@@ -71,9 +71,16 @@ class PretermDeployApp(Application):
 
 
 def model_file(path) -> Path:
-    """``-m`` names model.ts itself or the folder holding it."""
+    """``-m`` names model.ts itself or the folder holding it, or (in a MAP) the models root where ``holoscan package
+    --models <folder>`` puts each model in a folder of its own, ``/opt/holoscan/models/<folder name>/model.ts``: the
+    one model folder there holding model.ts (with the template and QC reference staged beside it)."""
     path = Path(path)
-    return path / "model.ts" if path.is_dir() else path
+    if not path.is_dir():
+        return path
+    if (path / "model.ts").is_file():
+        return path / "model.ts"
+    found = sorted(p for p in path.glob("*/model.ts") if p.is_file())
+    return found[0] if len(found) == 1 else path / "model.ts"
 
 
 def _model_argument(argv: list[str]) -> str:

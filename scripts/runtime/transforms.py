@@ -44,6 +44,7 @@ PREPROCESS = ("auto", "on", "off")
 TEMPLATE_IMAGE = "template_T2w.nii.gz"
 TEMPLATE_MASK = "template_mask.nii.gz"
 REGISTERED = "registered_to_template"  # meta key of a network input: the scan was registered (native scan)
+EDGE_SHARE = 0.05  # normalised interpolation at the brain edge: smallest brain share an output voxel is divided by
 
 
 def check_preprocess(value) -> str:
@@ -143,7 +144,8 @@ class CentredGridd(MapTransform, InvertibleTransform):
     """Resample ``keys`` onto the network grid centred on each image's field of view (``centred_grid_affine``),
     invertibly (MONAI ``SpatialResample``). ``mask_nonzero``: the image's non-zero region (the skull-stripped brain)
     is resampled by nearest neighbour and the image set to zero outside it, so that interpolation adds no dim rim
-    around the brain; use it for intensity images, not for label maps."""
+    around the brain, and inside it the interpolation is normalised (divided by the interpolated brain share), so
+    that the zeros around the brain do not darken its edge; use it for intensity images, not for label maps."""
 
     def __init__(self, keys: KeysCollection, pixdim: Sequence[float], spatial_size: Sequence[int],
                  mode: str = "bilinear", mask_nonzero: bool = False, preprocess: str = "off",
@@ -180,7 +182,12 @@ class CentredGridd(MapTransform, InvertibleTransform):
             if self.mask_nonzero:
                 brain = MetaTensor((image.as_tensor() != 0).float(), affine=image.affine)
                 mask = self.mask_resampler(brain, dst_affine=dst, spatial_size=self.spatial_size).as_tensor()
-                out = out * mask.to(out.device, out.dtype)  # keeps out's meta and applied operations
+                # normalised interpolation: each output voxel is the interpolation of the brain voxels only (divided
+                # by their interpolated share), so the brain's edge is not darkened by the zeros around it
+                share = self.resampler(MetaTensor(brain.as_tensor().clone(), affine=image.affine), dst_affine=dst,
+                                       spatial_size=self.spatial_size).as_tensor().to(out.device, out.dtype)
+                mask = mask.to(out.device, out.dtype)
+                out = out * mask / torch.where(mask > 0, share.clamp_min(EDGE_SHARE), torch.ones_like(share))
             if template is not None:  # skull stripping by the template's brain mask
                 # (the input keeps its affine in the scan's world: maps saved with it overlay the native scan)
                 out = out * torch.as_tensor(self._template.mask[None], device=out.device).to(out.dtype)

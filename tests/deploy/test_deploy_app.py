@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -31,9 +32,24 @@ def model_ts(tmp_path_factory, trained) -> Path:
     return out
 
 
-def _run_app(*args: str, cwd=ROOT):
+def _run_app(*args: str, cwd=ROOT, env=None):
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "deploy_app"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
+
+
+def _as_packaged(staged: Path, image_root: Path) -> Path:
+    """Where ``holoscan package --models <staged>`` puts the models in the MAP, laid out by holoscan-cli's own
+    code (``Models.build`` names them, ``BuilderBase._copy_model_files`` copies them) under ``image_root``
+    instead of the image's /opt/holoscan: the models root, the app's HOLOSCAN_MODEL_PATH."""
+    from types import SimpleNamespace
+
+    from holoscan_cli.packager.container_builder import BuilderBase
+    from holoscan_cli.packager.models import Models
+
+    models = Models().build(staged)
+    BuilderBase._copy_model_files(SimpleNamespace(_build_parameters=SimpleNamespace(models=models),
+                                                       _temp_dir=str(image_root)))
+    return image_root / "models"
 
 
 def test_app_equals_run_inference(tmp_path, model_ts, reference):
@@ -70,11 +86,13 @@ def test_app_equals_run_inference(tmp_path, model_ts, reference):
 
 
 def test_native_scan_is_registered_beside_model_ts(tmp_path, model_ts, cohort, trained):
-    """A native scan (scalp, rotated, 0.9 mm) given to the app whose model.ts has the training template beside it
-    (as models/ holds both): the decision of ``run inference`` on the same file, maps on the scan's own grid."""
+    """A native scan (scalp, rotated, 0.9 mm) given to the app whose model.ts has the training template and QC
+    reference beside it, staged and packaged as docs/README.md's MAP commands do (the app finds the model through
+    HOLOSCAN_MODEL_PATH, as in the MAP): the decision of ``run inference`` on the same file, maps on the scan's own
+    grid."""
     ckpt_dir, _ = trained
-    models = tmp_path / "models"
-    models.mkdir()
+    models = tmp_path / "map" / "model"
+    models.mkdir(parents=True)
     for name in (TEMPLATE_IMAGE, TEMPLATE_MASK, "qc_reference.json", "qc_mean_image.nii.gz", "qc_brain_region.nii.gz"):
         shutil.copy(ckpt_dir / name, models)
     shutil.copy(model_ts, models / "model.ts")
@@ -89,8 +107,13 @@ def test_native_scan_is_registered_beside_model_ts(tmp_path, model_ts, cohort, t
     assert row["qc_pass"] == "true", row
 
     out = tmp_path / "output"
-    proc = _run_app("-i", str(inputs), "-o", str(out), "-m", str(models / "model.ts"))
+    packaged = _as_packaged(models, tmp_path / "opt_holoscan")
+    assert (packaged / "model" / "model.ts").is_file() and not (packaged / "model.ts").exists()
+    env = {**os.environ, "HOLOSCAN_MODEL_PATH": str(packaged)}
+    proc = _run_app("-i", str(inputs), "-o", str(out), env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    log = proc.stdout + proc.stderr
+    assert "registering it" in log and "used as it is" not in log  # the template was found in the packaged layout
     result = json.loads((out / subject / f"{subject}_probabilities.json").read_text())
     assert result["probabilities"]["preterm"] == pytest.approx(float(row["prob_preterm"]), abs=1e-5)
     native = nib.load(scan)
