@@ -94,9 +94,11 @@ class SegNamesDICOMWebDatastore(DICOMWebDatastore):
         entries = label_info.get("label_info") if isinstance(label_info, dict) else None
         if entries and label_tag == DefaultLabelTag.FINAL:
             present = _label_values(label_filename)
-            numbered = sorted(((int(entry.get("idx", i + 1)), entry) for i, entry in enumerate(entries)),
-                              key=lambda pair: pair[0])
-            label_info = {**label_info, "label_info": [entry for idx, entry in numbered if idx in present]}
+            # one entry per present value, in value order; ``idx`` is taken for the label value (as the plugin's
+            # entries for this app's segments are numbered), a value without an entry gets a neutral name
+            by_value = {int(entry.get("idx", i + 1)): entry for i, entry in enumerate(entries)}
+            label_info = {**label_info, "label_info": [by_value.get(v, {"name": f"segment {v}"})
+                                                       for v in sorted(present)]}
         return super().save_label(image_id, label_filename, label_tag, label_info, label_id)
 
 
@@ -172,7 +174,8 @@ class PretermLabelApp(MONAILabelApp):
 
     def init_datastore(self):
         if self.studies.startswith(("http://", "https://")):
-            _prepare_dicomweb()
+            if settings.MONAI_LABEL_DATASTORE.lower() not in ("xnat", "dsa"):  # MONAI Label's DICOMweb datastore
+                _prepare_dicomweb()
             datastore = super().init_datastore()
             if isinstance(datastore, DICOMWebDatastore):
                 # MONAI Label builds the datastore inside MONAILabelApp._init_dicomweb_datastore: same object and
