@@ -160,3 +160,55 @@ def test_the_brain_edge_is_not_darkened_by_the_resampling(tmp_path, voxel):
     np.testing.assert_allclose(brain, 700.0, rtol=1e-4)
     plain = _old_preprocessing(normalise=False)({"image": str(path)})["image"][0].numpy()
     assert plain[plain != 0].min() < 0.9 * 700.0  # what the edge looked like before
+
+
+@pytest.mark.parametrize("seed", [0, 2, 4, 6])  # erosions 0.60, 0.97; dilations 0.55, 0.82
+def test_mask_jitter_moves_only_the_brain_edge(seed):
+    """RandMaskJitterd (the augmentation of docs/experiments/augment_mask_jitter.json): an erosion removes only
+    voxels of the brain's inner edge, a dilation adds only voxels of its outer edge, each with the mean of its brain
+    neighbours; every other voxel keeps its value, and the same seed gives the same image."""
+    from scipy import ndimage  # noqa: PLC0415
+
+    from scripts.runtime.transforms import RandMaskJitterd  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    data = np.zeros((24, 20, 22), np.float32)
+    data[4:20, 5:16, 3:19] = rng.uniform(1.0, 2.0, (16, 11, 16))
+    image = torch.as_tensor(data[None])
+    jitter = RandMaskJitterd("image", prob=1.0, max_fraction=1.0)
+    out = jitter.set_random_state(seed)({"image": image})["image"][0].numpy()
+    again = RandMaskJitterd("image", prob=1.0, max_fraction=1.0).set_random_state(seed)({"image": image})["image"]
+    np.testing.assert_array_equal(again[0].numpy(), out)
+    brain, moved = data != 0, out != 0
+    changed = brain != moved
+    faces = ndimage.generate_binary_structure(3, 1)
+    edge = (ndimage.binary_dilation(brain, faces) & ~brain) if jitter._dilate else \
+        (brain & ~ndimage.binary_erosion(brain, faces))
+    n, fraction = edge.sum(), jitter._fraction  # each edge voxel flips with probability `fraction`
+    assert abs(changed.sum() - n * fraction) <= 5 * np.sqrt(n * fraction * (1 - fraction)) + 1
+    if jitter._dilate:
+        assert not (brain & ~moved).any()
+        assert (changed <= edge).all()
+        sums = ndimage.convolve(data, np.ones((3, 3, 3)), mode="constant")
+        counts = ndimage.convolve(brain.astype(float), np.ones((3, 3, 3)), mode="constant")
+        np.testing.assert_allclose(out[changed], (sums / np.maximum(counts, 1))[changed], rtol=1e-5)
+    else:
+        assert not (moved & ~brain).any()
+        assert (changed <= edge).all()
+    np.testing.assert_array_equal(out[moved & brain], data[moved & brain])
+    assert RandMaskJitterd("image", prob=0.0)({"image": image})["image"] is image
+
+
+@pytest.mark.parametrize("overlay", sorted(p.name for p in (ROOT / "docs" / "experiments").glob("*.json")
+                                           if not p.name.endswith("_inference.json")))
+def test_the_recorded_experiments_still_parse(overlay):
+    """docs/README.md's augmentation experiments are commands on train.json + an overlay: each overlay still builds
+    the training preprocessing, its random steps after the cached ones."""
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / "train.json"), str(ROOT / "docs" / "experiments" / overlay)])
+    parser.update({"bundle_root": str(ROOT), "device": "$torch.device('cpu')"})
+    steps = [type(t).__name__ for t in parser.get_parsed_content("train#preprocessing").transforms]
+    assert steps[:5] == ["LoadImaged", "EnsureChannelFirstd", "Orientationd", "CentredGridd", "EnsureTyped"]
+    first_random = steps.index("RandFlipd")
+    assert steps[first_random - 1] == "NormalizeIntensityd"
+    assert not any(step.startswith("Rand") for step in steps[:first_random])

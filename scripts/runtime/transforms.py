@@ -21,6 +21,9 @@
                    measures that tell an unregistered or unstripped scan, scripts/runtime/qc.py); ``off`` never.
                    Because the step stays one ``SpatialResample``, MONAI's ``Invertd`` sends relevance and evidence
                    maps back onto the native scan's grid (``save_original_space``, the Label app's evidence).
+``RandMaskJitterd`` a training augmentation (an experiment, docs/experiments/augment_mask_jitter.json): moves the
+                   skull-stripped brain's edge by up to one voxel in random places, as the nearest-neighbour brain
+                   mask of a scan on another grid does.
 """
 
 from __future__ import annotations
@@ -34,10 +37,10 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import InvertibleTransform, MapTransform, SpatialResample
+from monai.transforms import InvertibleTransform, MapTransform, RandomizableTransform, SpatialResample
 
-__all__ = ["PREPROCESS", "REGISTERED", "TEMPLATE_IMAGE", "TEMPLATE_MASK", "CentredGridd", "Template",
-           "centred_grid_affine", "check_preprocess"]
+__all__ = ["PREPROCESS", "REGISTERED", "TEMPLATE_IMAGE", "TEMPLATE_MASK", "CentredGridd", "RandMaskJitterd",
+           "Template", "centred_grid_affine", "check_preprocess"]
 
 logger = logging.getLogger(__name__)
 PREPROCESS = ("auto", "on", "off")
@@ -232,3 +235,69 @@ class CentredGridd(MapTransform, InvertibleTransform):
         for key in self.key_iterator(d):
             d[key] = self.resampler.inverse(d[key])
         return d
+
+
+class RandMaskJitterd(RandomizableTransform, MapTransform):
+    """Randomly move the edge of a skull-stripped image's brain (its non-zero region) by one voxel, in places: with
+    probability ``prob`` the image is eroded or dilated (either, equally likely); each voxel of the inner edge (brain
+    voxels with a background face neighbour) or of the outer edge (background voxels with a brain face neighbour)
+    flips with a probability drawn from ``[0, max_fraction]``. Eroded voxels become 0; dilated ones take the mean of
+    their brain neighbours (3x3x3), the same normalised extrapolation as ``CentredGridd``'s edge. This is what
+    re-drawing the brain mask by nearest neighbour on another grid does to a scan, which the clean training scans
+    (all on the template grid) never show. Run it before ``NormalizeIntensityd(nonzero=True)``: it changes which
+    voxels are brain."""
+
+    def __init__(self, keys: KeysCollection, prob: float = 0.3, max_fraction: float = 0.5,
+                 allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        if not 0.0 < float(max_fraction) <= 1.0:
+            raise ValueError(f"RandMaskJitterd: max_fraction must be in (0, 1], got {max_fraction!r}")
+        self.max_fraction = float(max_fraction)
+        self._dilate = False
+        self._fraction = 0.0
+
+    def randomize(self, data=None) -> None:
+        super().randomize(None)
+        if self._do_transform:
+            self._dilate = bool(self.R.rand() < 0.5)
+            self._fraction = float(self.R.uniform(0.0, self.max_fraction))
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            d[key] = self._jitter(d[key])
+        return d
+
+    def _jitter(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+        if x.ndim != 4:
+            raise ValueError(f"RandMaskJitterd: expects a channel-first 3D image, got shape {tuple(x.shape)}")
+        brain = (x != 0).any(dim=0, keepdim=True).to(torch.float32)[None]  # (1, 1, D, H, W)
+        faces = torch.zeros((1, 1, 3, 3, 3), dtype=torch.float32, device=x.device)
+        faces[0, 0, 1, 1, :] = faces[0, 0, 1, :, 1] = faces[0, 0, :, 1, 1] = 1.0
+        faces[0, 0, 1, 1, 1] = 0.0
+        brain_faces = torch.nn.functional.conv3d(brain, faces, padding=1)
+        if self._dilate:
+            edge = (brain == 0) & (brain_faces > 0)
+        else:
+            edge = (brain == 1) & (brain_faces < 6)
+        # the random draw is made with numpy's RandomState (MONAI's set_determinism / set_random_state seed it)
+        draw = torch.as_tensor(self.R.random_sample(tuple(edge.shape[2:])) < self._fraction, device=x.device)
+        flip = (edge & draw[None, None])[0]  # (1, D, H, W)
+        out = x.clone()
+        if self._dilate:
+            box = torch.ones((1, 1, 3, 3, 3), dtype=torch.float32, device=x.device)
+            share = torch.nn.functional.conv3d(brain, box, padding=1)[0]
+            for c in range(x.shape[0]):
+                total = torch.nn.functional.conv3d((x[c] * brain[0, 0]).to(torch.float32)[None, None], box, padding=1)
+                fill = (total[0] / share.clamp_min(1.0)).to(x.dtype)
+                out[c][flip[0]] = fill[0][flip[0]]
+        else:
+            out[:, flip[0]] = 0
+        if isinstance(image, MetaTensor):
+            return MetaTensor(out, meta=image.meta, applied_operations=image.applied_operations)
+        return out
