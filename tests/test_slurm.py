@@ -17,6 +17,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -158,14 +159,33 @@ def test_cancelled_task_resumes_and_the_final_stage_survives_cancel_and_kill(slu
     print(f"cancel, resubmit, cancel and kill in the final stage, resubmit: {time.monotonic() - start:.0f} s")
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+TRAINER_DONE = "SupervisedTrainer - INFO - Engine run finished"
+
+
+def _aborted_after_training(log: str, ranks: int) -> bool:
+    """The known teardown abort (docs/scale.md, "Known issue"): every rank finished training, then one aborted in
+    the C++ teardown of torch.distributed, and srun ended the job."""
+    return TEARDOWN_ABORT in log and log.count(TRAINER_DONE) == ranks and \
+        log.index(TEARDOWN_ABORT) > log.rindex(TRAINER_DONE)
+
+
 def test_ddp_training_through_srun_equals_torchrun(slurm, cohort, ddp_trained, tmp_path):
     start = time.monotonic()
-    env = dict(slurm.env, PYTHON=sys.executable, MASTER_PORT=str(free_port()))
-    proc = slurm.run("sbatch", "--export=ALL", "--wait", "--parsable", "--nodes=1", "--ntasks=2", "--cpus-per-task=1",
-                     "--mem=2G", "--time=00:30:00", f"--output={tmp_path / 'ddp-%j.log'}", "docs/slurm_train.sh",
-                     *ddp_training_args(cohort, tmp_path), env=env, cwd=ROOT, timeout=900, check=False)
-    job = proc.stdout.strip().split(";")[0]
-    log = (tmp_path / f"ddp-{job}.log").read_text(errors="replace")
+    for attempt in (1, 2):
+        env = dict(slurm.env, PYTHON=sys.executable, MASTER_PORT=str(free_port()))
+        proc = slurm.run("sbatch", "--export=ALL", "--wait", "--parsable", "--nodes=1", "--ntasks=2",
+                         "--cpus-per-task=1", "--mem=2G", "--time=00:30:00", f"--output={tmp_path / 'ddp-%j.log'}",
+                         "docs/slurm_train.sh", *ddp_training_args(cohort, tmp_path), env=env, cwd=ROOT, timeout=900,
+                         check=False)
+        job = proc.stdout.strip().split(";")[0]
+        log = (tmp_path / f"ddp-{job}.log").read_text(errors="replace")
+        if proc.returncode == 0 or attempt == 2 or not _aborted_after_training(log, ranks=2):
+            break
+        # once, and only for this exact failure after all training was done: resubmitted (it trains again from
+        # scratch, resume being off), and said in pytest's warnings summary; any other failure, or a second abort, fails
+        warnings.warn(f"job {job}: a rank aborted in torch.distributed's teardown after training (known issue, "
+                      "docs/scale.md): resubmitted once", stacklevel=1)
     assert proc.returncode == 0, proc.stderr + log[-6000:]
     seconds = time.monotonic() - start
     assert slurm.job_state(job) == "COMPLETED" and "Epoch[2] Complete" in log
