@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY_OVERRIDES, read_json
 from monai.bundle import ConfigParser
+from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -197,6 +198,11 @@ def test_mask_jitter_moves_only_the_brain_edge(seed):
         assert (changed <= edge).all()
     np.testing.assert_array_equal(out[moved & brain], data[moved & brain])
     assert RandMaskJitterd("image", prob=0.0)({"image": image})["image"] is image
+    meta = MetaTensor(image, affine=torch.diag(torch.tensor([0.5, 0.5, 2.0, 1.0], dtype=torch.float64)))
+    jittered = RandMaskJitterd("image", prob=1.0, max_fraction=1.0).set_random_state(seed)({"image": meta})["image"]
+    assert isinstance(jittered, MetaTensor)
+    np.testing.assert_array_equal(jittered.as_tensor()[0].numpy(), out)
+    assert torch.equal(jittered.affine, meta.affine)
 
 
 @pytest.mark.parametrize("overlay", sorted(p.name for p in (ROOT / "docs" / "experiments").glob("*.json")

@@ -241,11 +241,12 @@ class RandMaskJitterd(RandomizableTransform, MapTransform):
     """Randomly move the edge of a skull-stripped image's brain (its non-zero region) by one voxel, in places: with
     probability ``prob`` the image is eroded or dilated (either, equally likely); each voxel of the inner edge (brain
     voxels with a background face neighbour) or of the outer edge (background voxels with a brain face neighbour)
-    flips with a probability drawn from ``[0, max_fraction]``. Eroded voxels become 0; dilated ones take the mean of
-    their brain neighbours (3x3x3), the same normalised extrapolation as ``CentredGridd``'s edge. This is what
-    re-drawing the brain mask by nearest neighbour on another grid does to a scan, which the clean training scans
-    (all on the template grid) never show. Run it before ``NormalizeIntensityd(nonzero=True)``: it changes which
-    voxels are brain."""
+    flips with a probability drawn from ``[0, max_fraction]`` (outside the volume counts as background). Eroded
+    voxels become 0; dilated ones take the mean of their brain neighbours (3x3x3 box), the idea of ``CentredGridd``'s
+    normalised edge. This is what re-drawing the brain mask by nearest neighbour on another grid does to a scan,
+    which the clean training scans (all on the template grid) never show. It works on raw or z-scored float images
+    (the background must be exactly 0); follow it with ``NormalizeIntensityd(nonzero=True)``, as it changes which
+    voxels are brain. Each key gets its own draw: use it on intensity images, not on a mask that must stay paired."""
 
     def __init__(self, keys: KeysCollection, prob: float = 0.3, max_fraction: float = 0.5,
                  allow_missing_keys: bool = False) -> None:
