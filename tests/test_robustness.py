@@ -33,9 +33,10 @@ GRIDS = {"0.7 mm": (0.7, 0.7, 0.7), "0.8 mm": (0.8, 0.8, 0.8), "1.2 mm": (1.2, 1
          "0.8x0.8x2 mm": (0.8, 0.8, 2.0)}
 
 
-def _preprocessing(config: str = "inference.json", key: str = "preprocessing", **overrides):
+def _preprocessing(config: str = "inference.json", key: str = "preprocessing", overlays: tuple = (), **overrides):
+    """``key`` of ``configs/<config>`` (with ``overlays``, further config files read on top of it), parsed."""
     parser = ConfigParser()
-    parser.read_config(str(ROOT / "configs" / config))
+    parser.read_config([str(ROOT / "configs" / config), *map(str, overlays)])
     parser.update({"bundle_root": str(ROOT), "device": "$torch.device('cpu')", **overrides})
     return parser.get_parsed_content(key)
 
@@ -210,10 +211,9 @@ def test_mask_jitter_moves_only_the_brain_edge(seed):
 def test_the_recorded_experiments_still_parse(overlay):
     """docs/README.md's augmentation experiments are commands on train.json + an overlay: each overlay still builds
     the training preprocessing, its random steps after the cached ones."""
-    parser = ConfigParser()
-    parser.read_config([str(ROOT / "configs" / "train.json"), str(ROOT / "docs" / "experiments" / overlay)])
-    parser.update({"bundle_root": str(ROOT), "device": "$torch.device('cpu')"})
-    steps = [type(t).__name__ for t in parser.get_parsed_content("train#preprocessing").transforms]
+    overlay_file = ROOT / "docs" / "experiments" / overlay
+    preprocessing = _preprocessing("train.json", "train#preprocessing", overlays=(overlay_file,))
+    steps = [type(t).__name__ for t in preprocessing.transforms]
     assert steps[:5] == ["LoadImaged", "EnsureChannelFirstd", "Orientationd", "CentredGridd", "EnsureTyped"]
     first_random = steps.index("RandFlipd")
     assert steps[first_random - 1] == "NormalizeIntensityd"
