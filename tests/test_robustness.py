@@ -19,6 +19,7 @@ from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
+    GaussianSmoothd,
     LoadImaged,
     NormalizeIntensityd,
     Orientationd,
@@ -28,6 +29,7 @@ from monai.transforms import (
 
 from scripts.evaluation import robustness
 from scripts.runtime.outputs import save_nifti
+from scripts.runtime.transforms import MaskedGaussianSmoothd, RandAcquiredGridd
 
 GRIDS = {"0.7 mm": (0.7, 0.7, 0.7), "0.8 mm": (0.8, 0.8, 0.8), "1.2 mm": (1.2, 1.2, 1.2),
          "0.8x0.8x2 mm": (0.8, 0.8, 2.0)}
@@ -206,6 +208,70 @@ def test_mask_jitter_moves_only_the_brain_edge(seed):
     assert torch.equal(jittered.affine, meta.affine)
 
 
+@pytest.mark.parametrize("grid", list(GRIDS))
+def test_acquired_grid_augmentation_is_the_scan_acquired_on_that_grid(scan, tmp_path, grid):
+    """RandAcquiredGridd gives the network the same input (before the z-score) as the same scan acquired on that grid,
+    written as a NIfTI by the robustness command and read back through the training's own spatial steps."""
+    spatial = Compose(_preprocessing("train.json", "spatial_transforms"))
+    reference = spatial({"image": scan})["image"]
+    image = nib.load(scan)
+    data, affine = robustness.resample_scan(np.asarray(image.dataobj, dtype=np.float32), image.affine, GRIDS[grid])
+    expected = spatial({"image": str(save_nifti(data, affine, tmp_path / "acquired.nii.gz"))})["image"]
+    inplane, slices = GRIDS[grid][0], GRIDS[grid][2]  # R-L = A-P here; S-I is the array's last axis in ALS
+    augment = RandAcquiredGridd("image", pixdim=(1.0, 1.0, 1.0), spatial_size=reference.shape[1:], prob=1.0,
+                                iso_range=(inplane, inplane), thick_prob=float(slices != inplane),
+                                inplane_range=(inplane, inplane), thick_range=(slices, slices), thick_axes=(2,))
+    out = augment.set_random_state(0)({"image": reference})["image"]
+    assert augment._spacing == (inplane, inplane, slices)
+    assert isinstance(out, MetaTensor) and out.shape == reference.shape
+    assert torch.equal(out.affine, reference.affine)  # back on the network grid
+    scale = float(reference.abs().max())
+    np.testing.assert_allclose(out.as_tensor().numpy(), expected.as_tensor().numpy(), atol=1e-4 * scale)
+    assert not torch.equal(out.as_tensor(), reference.as_tensor())
+
+
+def test_acquired_grid_augmentation_draws_reproducibly_within_its_ranges(scan):
+    reference = Compose(_preprocessing("train.json", "spatial_transforms"))({"image": scan})["image"]
+    assert RandAcquiredGridd("image", (1.0, 1.0, 1.0), reference.shape[1:], prob=0.0)({"image": reference})[
+        "image"] is reference
+    draws = []
+    for seed in range(12):
+        augment = RandAcquiredGridd("image", (1.0, 1.0, 1.0), reference.shape[1:], prob=1.0).set_random_state(seed)
+        augment.randomize()
+        draws.append(augment._spacing)
+        again = RandAcquiredGridd("image", (1.0, 1.0, 1.0), reference.shape[1:], prob=1.0).set_random_state(seed)
+        again.randomize()
+        assert again._spacing == augment._spacing
+    thick = [d for d in draws if max(d) >= 1.5]
+    iso = [d for d in draws if max(d) < 1.5]
+    assert thick and iso, draws
+    assert all(len(set(d)) == 1 and 0.6 <= d[0] <= 1.4 for d in iso)
+    assert all(sorted(d)[0] == sorted(d)[1] and 0.6 <= sorted(d)[0] <= 1.1 and max(d) <= 3.0 for d in thick)
+    assert len({int(np.argmax(d)) for d in thick}) > 1  # slices along more than one axis
+    with pytest.raises(ValueError, match="thick_range"):
+        RandAcquiredGridd("image", (1.0, 1.0, 1.0), (8, 8, 8), thick_range=(3.0, 1.5))
+
+
+def test_masked_smoothing_keeps_the_brain_edge_and_the_background():
+    """MaskedGaussianSmoothd (docs/experiments/harmonise_masked.json): a brain of one intensity keeps it up to its
+    edge (plain Gaussian smoothing darkens the edge with the zeros around it), the background stays 0, and inside
+    a two-intensity brain the step between them is smoothed."""
+    image = torch.zeros((1, 24, 20, 20))
+    image[:, 4:20, 4:16, 4:16] = 5.0
+    meta = MetaTensor(image.clone(), affine=torch.diag(torch.tensor([0.8, 0.8, 2.0, 1.0], dtype=torch.float64)))
+    out = MaskedGaussianSmoothd("image", sigma=1.0)({"image": meta})["image"]
+    assert isinstance(out, MetaTensor) and torch.equal(out.affine, meta.affine)
+    brain = image != 0
+    np.testing.assert_allclose(out.as_tensor()[brain].numpy(), 5.0, rtol=1e-5)
+    assert torch.count_nonzero(out.as_tensor()[~brain]) == 0
+    plain = GaussianSmoothd("image", sigma=1.0)({"image": image.clone()})["image"]
+    assert float(plain[brain].min()) < 3.0  # the plain smoothing's darkened edge, for contrast
+    image[:, 12:20, 4:16, 4:16] = 9.0
+    out = MaskedGaussianSmoothd("image", sigma=1.0)({"image": image})["image"]
+    assert 5.0 < float(out[0, 11, 10, 10]) < 9.0 and 5.0 < float(out[0, 12, 10, 10]) < 9.0
+    assert torch.count_nonzero(out[~brain]) == 0
+
+
 @pytest.mark.parametrize("overlay", sorted(p.name for p in (ROOT / "docs" / "experiments").glob("*.json")
                                            if not p.name.endswith("_inference.json")))
 def test_the_recorded_experiments_still_parse(overlay):
@@ -216,5 +282,5 @@ def test_the_recorded_experiments_still_parse(overlay):
     steps = [type(t).__name__ for t in preprocessing.transforms]
     assert steps[:5] == ["LoadImaged", "EnsureChannelFirstd", "Orientationd", "CentredGridd", "EnsureTyped"]
     first_random = steps.index("RandFlipd")
-    assert steps[first_random - 1] == "NormalizeIntensityd"
     assert not any(step.startswith("Rand") for step in steps[:first_random])
+    assert "NormalizeIntensityd" in steps  # cached before the random steps, or redone after them

@@ -43,6 +43,7 @@ from scripts.evaluation.tables import markdown_table
 from scripts.runtime.datalist import ensure_datalist, load_split
 from scripts.runtime.errors import report_input_errors
 from scripts.runtime.outputs import atomic_write_text, save_nifti, subject_name, write_csv
+from scripts.runtime.transforms import acquire_on_grid
 
 __all__ = ["GOAL", "PERTURBATIONS", "RESAMPLING", "Measurer", "centroid", "evaluate", "perturb", "resample_scan",
            "summary"]
@@ -94,21 +95,10 @@ def resample_scan(data: np.ndarray, affine: np.ndarray, spacing_ras, axcodes: st
     old = nib.affines.voxel_sizes(affine)
     world_axis = np.abs(affine[:3, :3]).argmax(axis=0)  # the world axis (R, A, S) each array axis runs along
     new = np.asarray([float(spacing_ras[w]) for w in world_axis])
-    shape = np.asarray(data.shape)
-    new_shape = np.maximum(np.rint(shape * old / new).astype(int), 1)
-    zoom = new / old  # input voxels per output voxel
-    centre = (shape - 1) / 2.0
-    offset = centre - zoom * (new_shape - 1) / 2.0  # same centre: output voxel j <- input voxel zoom * j + offset
-    sigma = np.sqrt(np.maximum(new ** 2 - old ** 2, 0.0)) / (2.0 * np.sqrt(2.0 * np.log(2.0))) / old
-    smooth = ndimage.gaussian_filter(data.astype(np.float32), sigma=sigma, mode="constant") if sigma.any() else data
-    matrix = np.diag(zoom)
-    image = ndimage.affine_transform(smooth, matrix, offset, output_shape=tuple(new_shape), order=1, mode="constant")
-    mask = ndimage.affine_transform((data > 0).astype(np.float32), matrix, offset, output_shape=tuple(new_shape),
-                                    order=1, mode="constant") > 0.5
+    image, zoom, offset = acquire_on_grid(data, old, new, strip=strip)
     new_affine = affine.copy()
     new_affine[:3, :3] = affine[:3, :3] * zoom
     new_affine[:3, 3] = affine[:3, :3] @ offset + affine[:3, 3]
-    image = np.where(mask, np.maximum(image, 0.0), 0.0) if strip else image
     out = nib.Nifti1Image(image.astype(np.float32), new_affine)
     transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(new_affine),
                                                 nib.orientations.axcodes2ornt(tuple(axcodes)))

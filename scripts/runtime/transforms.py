@@ -24,6 +24,12 @@
 ``RandMaskJitterd`` a training augmentation (an experiment, docs/experiments/augment_mask_jitter.json): moves the
                    skull-stripped brain's edge by up to one voxel in random places, as the nearest-neighbour brain
                    mask of a scan on another grid does.
+``RandAcquiredGridd`` a training augmentation (an experiment, docs/experiments/augment_acquired_grid.json): the
+                   scan as acquired on a random other grid (``acquire_on_grid``: isotropic, or thick slices along
+                   a random axis; low-passed, linearly interpolated, skull-stripped on that grid) and read back
+                   onto the network grid by ``CentredGridd``, exactly as the deployed preprocessing reads it.
+``MaskedGaussianSmoothd`` Gaussian smoothing inside the brain only (normalised convolution): an experiment
+                   (docs/experiments/harmonise_masked.json), a fixed low-pass that scans of any resolution share.
 """
 
 from __future__ import annotations
@@ -37,10 +43,12 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import InvertibleTransform, MapTransform, RandomizableTransform, SpatialResample
+from monai.transforms import GaussianSmooth, InvertibleTransform, MapTransform, RandomizableTransform, SpatialResample
+from scipy import ndimage
 
-__all__ = ["PREPROCESS", "REGISTERED", "TEMPLATE_IMAGE", "TEMPLATE_MASK", "CentredGridd", "RandMaskJitterd",
-           "Template", "centred_grid_affine", "check_preprocess"]
+__all__ = ["PREPROCESS", "REGISTERED", "TEMPLATE_IMAGE", "TEMPLATE_MASK", "CentredGridd", "MaskedGaussianSmoothd",
+           "RandAcquiredGridd", "RandMaskJitterd", "Template", "acquire_on_grid", "centred_grid_affine",
+           "check_preprocess"]
 
 logger = logging.getLogger(__name__)
 PREPROCESS = ("auto", "on", "off")
@@ -302,3 +310,116 @@ class RandMaskJitterd(RandomizableTransform, MapTransform):
         if isinstance(image, MetaTensor):
             return MetaTensor(out, meta=image.meta, applied_operations=image.applied_operations)
         return out
+
+
+def acquire_on_grid(data: np.ndarray, spacing: Sequence[float], new_spacing: Sequence[float], strip: bool = True):
+    """The scan ``data`` (voxels of ``spacing`` mm) as acquired with voxels of ``new_spacing`` mm (both per array
+    axis): the same field of view (voxel corners to voxel corners) and centre. Downsampled axes are low-passed first
+    (Gaussian with the FWHM of the lost resolution, sqrt(new^2 - old^2)), the image is linearly interpolated and
+    skull-stripped again with the linearly resampled brain mask (non-zero voxels, > 0.5), as a pipeline that
+    skull-strips on the scan's own grid would; ``strip=False`` keeps the interpolated image as it is (the brain's
+    edge blurred into a dim partial-volume rim). Returns (array, zoom, offset): output voxel j lies at input voxel
+    ``zoom * j + offset`` (the new affine is ``affine[:3, :3] * zoom`` and ``affine[:3, :3] @ offset + t``)."""
+    old = np.asarray(spacing, dtype=float)
+    new = np.asarray(new_spacing, dtype=float)
+    shape = np.asarray(data.shape)
+    new_shape = np.maximum(np.rint(shape * old / new).astype(int), 1)
+    zoom = new / old  # input voxels per output voxel
+    centre = (shape - 1) / 2.0
+    offset = centre - zoom * (new_shape - 1) / 2.0  # same centre: output voxel j <- input voxel zoom * j + offset
+    sigma = np.sqrt(np.maximum(new ** 2 - old ** 2, 0.0)) / (2.0 * np.sqrt(2.0 * np.log(2.0))) / old
+    data = np.asarray(data, dtype=np.float32)
+    smooth = ndimage.gaussian_filter(data, sigma=sigma, mode="constant") if sigma.any() else data
+    matrix = np.diag(zoom)
+    image = ndimage.affine_transform(smooth, matrix, offset, output_shape=tuple(new_shape), order=1, mode="constant")
+    if strip:
+        mask = ndimage.affine_transform((data != 0).astype(np.float32), matrix, offset, output_shape=tuple(new_shape),
+                                        order=1, mode="constant") > 0.5
+        image = np.where(mask, image, 0.0)
+    return image.astype(np.float32), zoom, offset
+
+
+class RandAcquiredGridd(RandomizableTransform, MapTransform):
+    """With probability ``prob``, the image as acquired on another grid and read back onto the network grid:
+    ``acquire_on_grid`` to voxels drawn per scan -- isotropic ``iso_range`` mm, or (with probability
+    ``thick_prob``) ``inplane_range`` mm in-plane with ``thick_range`` mm slices along one of ``thick_axes`` (array
+    axes after ``Orientationd``, drawn at random) -- then
+    ``CentredGridd(pixdim, spatial_size, mask_nonzero=True)``, the deployed preprocessing's step. The image must be a
+    MetaTensor with its affine (after ``CentredGridd``), skull-stripped (background exactly 0) and in raw intensities,
+    before ``NormalizeIntensityd(nonzero=True)``: interpolation mixes the background into the brain's edge as it does
+    for a scan. The draw uses the transform's RandomState (MONAI's set_determinism / set_random_state seed it)."""
+
+    def __init__(self, keys: KeysCollection, pixdim: Sequence[float], spatial_size: Sequence[int], prob: float = 0.5,
+                 iso_range: Sequence[float] = (0.6, 1.4), thick_prob: float = 0.5,
+                 inplane_range: Sequence[float] = (0.6, 1.1), thick_range: Sequence[float] = (1.5, 3.0),
+                 thick_axes: Sequence[int] = (0, 1, 2), allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        for name, value in (("iso_range", iso_range), ("inplane_range", inplane_range), ("thick_range", thick_range)):
+            if len(value) != 2 or not 0.0 < float(value[0]) <= float(value[1]):
+                raise ValueError(f"RandAcquiredGridd: {name} must be (low, high) in mm with 0 < low <= high, "
+                                 f"got {value!r}")
+        if not 0.0 <= float(thick_prob) <= 1.0:
+            raise ValueError(f"RandAcquiredGridd: thick_prob must be in [0, 1], got {thick_prob!r}")
+        self.iso_range, self.inplane_range, self.thick_range = (tuple(float(v) for v in r)
+                                                                for r in (iso_range, inplane_range, thick_range))
+        self.thick_prob = float(thick_prob)
+        self.thick_axes = tuple(int(a) for a in thick_axes)
+        if not self.thick_axes or any(a not in (0, 1, 2) for a in self.thick_axes):
+            raise ValueError(f"RandAcquiredGridd: thick_axes must name array axes 0, 1 or 2, got {thick_axes!r}")
+        self.grid = CentredGridd("image", pixdim, spatial_size, mode="bilinear", mask_nonzero=True)
+        self._spacing = (1.0, 1.0, 1.0)
+
+    def randomize(self, data=None) -> None:
+        super().randomize(None)
+        if not self._do_transform:
+            return
+        if self.R.rand() < self.thick_prob:
+            spacing = [self.R.uniform(*self.inplane_range)] * 3
+            spacing[self.thick_axes[self.R.randint(len(self.thick_axes))]] = self.R.uniform(*self.thick_range)
+        else:
+            spacing = [self.R.uniform(*self.iso_range)] * 3
+        self._spacing = tuple(float(s) for s in spacing)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            image = d[key]
+            if not isinstance(image, MetaTensor) or image.ndim != 4 or image.shape[0] != 1:
+                raise ValueError(f"RandAcquiredGridd: '{key}' must be a one-channel 3D MetaTensor with its affine")
+            affine = image.affine.detach().cpu().numpy().astype(np.float64)
+            spacing = np.linalg.norm(affine[:3, :3], axis=0)
+            array, zoom, offset = acquire_on_grid(image.as_tensor()[0].detach().cpu().numpy(), spacing, self._spacing)
+            acquired = affine.copy()
+            acquired[:3, :3] = affine[:3, :3] * zoom
+            acquired[:3, 3] = affine[:3, :3] @ offset + affine[:3, 3]
+            scan = MetaTensor(torch.as_tensor(array[None]), affine=torch.as_tensor(acquired))
+            out = self.grid({"image": scan})["image"]
+            d[key] = MetaTensor(out.as_tensor().to(device=image.device, dtype=image.dtype), meta=image.meta)
+        return d
+
+
+class MaskedGaussianSmoothd(MapTransform):
+    """Gaussian smoothing (``sigma`` in voxels) of a skull-stripped image inside its brain (the non-zero voxels)
+    only: normalised convolution, ``G(x) / G(brain)`` on the brain and 0 outside it, so that the zeros around the
+    brain do not darken its edge (MONAI ``GaussianSmoothd`` would) and a brain of one intensity keeps it."""
+
+    def __init__(self, keys: KeysCollection, sigma: float | Sequence[float] = 1.0, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.smooth = GaussianSmooth(sigma=sigma)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            x = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+            brain = (x != 0).to(x.dtype)
+            share = torch.as_tensor(self.smooth(brain))
+            out = torch.as_tensor(self.smooth(x)) * brain / torch.where(brain > 0, share.clamp_min(EDGE_SHARE),
+                                                                         torch.ones_like(share))
+            d[key] = MetaTensor(out, meta=image.meta, applied_operations=image.applied_operations) \
+                if isinstance(image, MetaTensor) else out
+        return d
