@@ -1,4 +1,4 @@
-"""Consistency training (scripts/runtime/consistency.py, docs/experiments/consistency_acquired.json): a real MONAI
+"""Consistency training (scripts/runtime/consistency.py, the default of configs/train.json): a real MONAI
 trainer, data loader and post-processing on paired batches."""
 
 from __future__ import annotations
@@ -66,13 +66,22 @@ def test_the_trainer_runs_monai_post_processing_and_metrics_on_both_views():
         assert means[2:] == pytest.approx([m * 0.5 for m in means[:2]])  # the second half is the view
 
 
-def test_the_recorded_overlay_uses_the_consistency_trainer_and_loss():
+def test_the_default_training_is_the_recorded_consistency_experiment():
+    """train.json adopted docs/experiments/consistency_acquired.json: the overlay changes nothing any more, and the
+    default trainer and loss are the consistency ones."""
     from monai.bundle import ConfigParser  # noqa: PLC0415
 
-    parser = ConfigParser()
-    parser.read_config([str(ROOT / "configs" / "train.json"), str(ROOT / "docs/experiments/consistency_acquired.json")])
-    trainer = parser.get("train#trainer")
+    def parsed(*overlays):
+        parser = ConfigParser()
+        parser.read_config([str(ROOT / "configs" / "train.json"), *[str(ROOT / o) for o in overlays]])
+        return parser
+
+    default, overlaid = parsed(), parsed("docs/experiments/consistency_acquired.json")
+    for key in ("train#random_transforms", "train#preprocessing#transforms", "train#trainer#_target_"):
+        assert default.get(key) == overlaid.get(key), key
+    trainer = default.get("train#trainer")
     assert trainer["_target_"] == "$@runtime.consistency.ConsistencyTrainer"
     assert trainer["loss_function"].startswith("$@runtime.consistency.ConsistencyLoss(@loss")
-    steps = [step["_target_"] for step in parser.get("train#random_transforms")]
+    steps = [step["_target_"] for step in default.get("train#random_transforms")]
     assert steps.index("CopyItemsd") < steps.index("$@runtime.transforms.RandAcquiredGridd")
+    assert default.get("validate#best_saver#key_metric_greater_or_equal") is True

@@ -140,10 +140,13 @@ def test_label_maps_follow_the_image_grid(cohort):
 
 
 def test_training_caches_the_resampling_before_the_random_transforms():
+    """The cached part ends with the scan on the network grid and its copy (the consistency view); the view is
+    acquired on another grid before both are z-scored, so that the z-score sees what inference would see."""
     steps = [type(t).__name__ for t in _preprocessing("train.json", "train#preprocessing").transforms]
     first_random = steps.index("RandFlipd")
     assert steps[:first_random] == ["LoadImaged", "EnsureChannelFirstd", "Orientationd", "CentredGridd", "EnsureTyped",
-                                    "NormalizeIntensityd"]
+                                    "CopyItemsd"]
+    assert steps.index("RandAcquiredGridd") < steps.index("NormalizeIntensityd") < steps.index("RandScaleIntensityd")
 
 
 @pytest.mark.parametrize("voxel", [0.7, 0.8, 1.2])
@@ -276,8 +279,13 @@ def test_masked_smoothing_keeps_the_brain_edge_and_the_background():
                                            if not p.name.endswith("_inference.json")))
 def test_the_recorded_experiments_still_parse(overlay):
     """docs/README.md's augmentation experiments are commands on train.json + an overlay: each overlay still builds
-    the training preprocessing, its random steps after the cached ones."""
+    the training preprocessing, its random steps after the cached ones, and names the trainer, loss and checkpoint
+    rule it was measured with, so that it reproduces on a later train.json (consistency training became the default
+    after most of them)."""
     overlay_file = ROOT / "docs" / "experiments" / overlay
+    keys = set(json.loads(overlay_file.read_text()))
+    assert {"train#preprocessing#transforms", "train#trainer#_target_", "train#trainer#loss_function",
+            "validate#best_saver#key_metric_greater_or_equal"} <= keys
     preprocessing = _preprocessing("train.json", "train#preprocessing", overlays=(overlay_file,))
     steps = [type(t).__name__ for t in preprocessing.transforms]
     assert steps[:5] == ["LoadImaged", "EnsureChannelFirstd", "Orientationd", "CentredGridd", "EnsureTyped"]

@@ -92,13 +92,9 @@ def resample_scan(data: np.ndarray, affine: np.ndarray, spacing_ras, axcodes: st
     edge blurred into a dim partial-volume rim, as MONAI ``Spacing`` or any resampling after skull-stripping writes
     it). Returns (array, affine)."""
     affine = np.asarray(affine, dtype=float)
-    old = nib.affines.voxel_sizes(affine)
     world_axis = np.abs(affine[:3, :3]).argmax(axis=0)  # the world axis (R, A, S) each array axis runs along
     new = np.asarray([float(spacing_ras[w]) for w in world_axis])
-    image, zoom, offset = acquire_on_grid(data, old, new, strip=strip)
-    new_affine = affine.copy()
-    new_affine[:3, :3] = affine[:3, :3] * zoom
-    new_affine[:3, 3] = affine[:3, :3] @ offset + affine[:3, 3]
+    image, new_affine = acquire_on_grid(data, affine, new, strip=strip)
     out = nib.Nifti1Image(image.astype(np.float32), new_affine)
     transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(new_affine),
                                                 nib.orientations.axcodes2ornt(tuple(axcodes)))

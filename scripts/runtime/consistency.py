@@ -9,7 +9,9 @@ AugMix's consistency term (Hendrycks et al., ICLR 2020), here on the logit margi
 ``ConsistencyLoss`` the base loss (class-weighted cross-entropy) on both halves plus ``weight`` x the mean squared
                     difference of the two halves' logit margins (logit 1 - logit 0).
 
-An experiment (docs/experiments/consistency_acquired.json); the validation and inference paths are unchanged.
+The default training of configs/train.json since 2026-12-06 (the experiment it came from:
+docs/experiments/consistency_acquired.json, measured in docs/README.md); the validation and inference paths are
+unchanged.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def paired_batch(batch: Mapping, view_key: str = "view", image_key: str = Common
         if key == view_key:
             continue
         if key == image_key:
-            out[key] = torch.cat([image, view])
+            out[key] = torch.cat([image, view.to(image.device)])  # `fast`: ToDeviced moved only the image
         elif isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == n:
             out[key] = torch.cat([value, value])
         elif isinstance(value, (list, tuple)) and len(value) == n:

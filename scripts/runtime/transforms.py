@@ -312,15 +312,15 @@ class RandMaskJitterd(RandomizableTransform, MapTransform):
         return out
 
 
-def acquire_on_grid(data: np.ndarray, spacing: Sequence[float], new_spacing: Sequence[float], strip: bool = True):
-    """The scan ``data`` (voxels of ``spacing`` mm) as acquired with voxels of ``new_spacing`` mm (both per array
+def acquire_on_grid(data: np.ndarray, affine: np.ndarray, new_spacing: Sequence[float], strip: bool = True):
+    """The scan ``data`` with its voxel-to-world ``affine`` as acquired with voxels of ``new_spacing`` mm (per array
     axis): the same field of view (voxel corners to voxel corners) and centre. Downsampled axes are low-passed first
     (Gaussian with the FWHM of the lost resolution, sqrt(new^2 - old^2)), the image is linearly interpolated and
     skull-stripped again with the linearly resampled brain mask (non-zero voxels, > 0.5), as a pipeline that
     skull-strips on the scan's own grid would; ``strip=False`` keeps the interpolated image as it is (the brain's
-    edge blurred into a dim partial-volume rim). Returns (array, zoom, offset): output voxel j lies at input voxel
-    ``zoom * j + offset`` (the new affine is ``affine[:3, :3] * zoom`` and ``affine[:3, :3] @ offset + t``)."""
-    old = np.asarray(spacing, dtype=float)
+    edge blurred into a dim partial-volume rim). Returns (array, affine of the new grid)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    old = np.linalg.norm(affine[:3, :3], axis=0)
     new = np.asarray(new_spacing, dtype=float)
     shape = np.asarray(data.shape)
     new_shape = np.maximum(np.rint(shape * old / new).astype(int), 1)
@@ -336,7 +336,10 @@ def acquire_on_grid(data: np.ndarray, spacing: Sequence[float], new_spacing: Seq
         mask = ndimage.affine_transform((data != 0).astype(np.float32), matrix, offset, output_shape=tuple(new_shape),
                                         order=1, mode="constant") > 0.5
         image = np.where(mask, image, 0.0)
-    return image.astype(np.float32), zoom, offset
+    acquired = affine.copy()  # output voxel j lies at input voxel zoom * j + offset
+    acquired[:3, :3] = affine[:3, :3] * zoom
+    acquired[:3, 3] = affine[:3, :3] @ offset + affine[:3, 3]
+    return image.astype(np.float32), acquired
 
 
 class RandAcquiredGridd(RandomizableTransform, MapTransform):
@@ -391,11 +394,7 @@ class RandAcquiredGridd(RandomizableTransform, MapTransform):
             if not isinstance(image, MetaTensor) or image.ndim != 4 or image.shape[0] != 1:
                 raise ValueError(f"RandAcquiredGridd: '{key}' must be a one-channel 3D MetaTensor with its affine")
             affine = image.affine.detach().cpu().numpy().astype(np.float64)
-            spacing = np.linalg.norm(affine[:3, :3], axis=0)
-            array, zoom, offset = acquire_on_grid(image.as_tensor()[0].detach().cpu().numpy(), spacing, self._spacing)
-            acquired = affine.copy()
-            acquired[:3, :3] = affine[:3, :3] * zoom
-            acquired[:3, 3] = affine[:3, :3] @ offset + affine[:3, 3]
+            array, acquired = acquire_on_grid(image.as_tensor()[0].detach().cpu().numpy(), affine, self._spacing)
             scan = MetaTensor(torch.as_tensor(array[None]), affine=torch.as_tensor(acquired))
             out = self.grid({"image": scan})["image"]
             d[key] = MetaTensor(out.as_tensor().to(device=image.device, dtype=image.dtype), meta=image.meta)
