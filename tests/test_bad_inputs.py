@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import TINY, run_bundle
 
-from scripts.runtime.checks import check_positive_int, class_weights, validate_items
+from scripts.runtime.checks import check_choice, check_positive_int, class_weights, validate_items
 from scripts.runtime.datalist import ensure_datalist, load_split
 
 
@@ -95,6 +95,8 @@ def test_datalist_errors_name_file_and_key(tmp_path, cohort):
         class_weights([{"label": 0}, {"label": 0}])
     with pytest.raises(ValueError, match="config key 'num_epochs'"):
         check_positive_int("3", "num_epochs")
+    with pytest.raises(ValueError, match="config key 'checkpoint' must be one of 'last', 'best', got 'lats'"):
+        check_choice("lats", "checkpoint", ("last", "best"))
     with pytest.raises(FileNotFoundError, match="config key 'datalist': .*absent.json does not exist"):
         ensure_datalist(str(tmp_path / "absent.json"), str(cohort))
 

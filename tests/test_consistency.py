@@ -84,4 +84,4 @@ def test_the_default_training_is_the_recorded_consistency_experiment():
     assert trainer["loss_function"].startswith("$@runtime.consistency.ConsistencyLoss(@loss")
     steps = [step["_target_"] for step in default.get("train#random_transforms")]
     assert steps.index("CopyItemsd") < steps.index("$@runtime.transforms.RandAcquiredGridd")
-    assert default.get("validate#best_saver#key_metric_greater_or_equal") is True
+    assert default.get("checkpoint") == "last"

@@ -276,6 +276,7 @@ def test_training_killed_midway_resumes_from_the_last_epoch(tmp_path, cohort):
     before = torch.load(models / "resume.pt", weights_only=True)
     killed_at = before["trainer"]["epoch"]
     assert 2 <= killed_at < 6
+    assert not (models / "model.pt").exists()  # checkpoint: last -- written when training completes, not before
     proc = subprocess.run(cmd + ["--resume", "true"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
@@ -288,11 +289,48 @@ def test_training_killed_midway_resumes_from_the_last_epoch(tmp_path, cohort):
     assert int(next(iter(after["optimizer"]["state"].values()))["step"]) == 6 * per_epoch
     assert after["lr_scheduler"]["last_epoch"] == 6 * per_epoch
     assert after["best"]["metric"] >= before["best"]["metric"]
+    model = torch.load(models / "model.pt", weights_only=True)  # the last epoch's network
+    assert model.keys() == after["network"].keys()
+    assert all(torch.equal(model[k], after["network"][k]) for k in model)
     _complete(models)
 
     # run again with resume: everything is done, nothing is trained
     proc = subprocess.run(cmd + ["--resume", "true"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and "training had already finished all 6 epochs" in proc.stdout + proc.stderr
+
+
+def test_final_checkpoint_only_when_training_completes(tmp_path):
+    """``checkpoint: last``'s saver (train.json) on a real Ignite engine: a run that raises keeps the model.pt it had
+    (MONAI's own CheckpointSaver would save the interrupted network there); a run that completes replaces it."""
+    from ignite.engine import Engine
+
+    from scripts.runtime.handlers import AtomicCheckpointSaver
+
+    network = torch.nn.Linear(2, 1)
+    previous = {k: v + 1 for k, v in network.state_dict().items()}
+    torch.save(previous, tmp_path / "model.pt")
+
+    def step(engine, batch):
+        with torch.no_grad():
+            network.weight.add_(1.0)
+        if engine.fail and engine.state.iteration == 2:
+            raise RuntimeError("disk full")
+
+    for fail in (True, False):
+        engine = Engine(step)
+        engine.fail = fail
+        AtomicCheckpointSaver(str(tmp_path), {"model": network}, save_final=True,
+                              final_filename="model.pt").attach(engine)
+        if fail:
+            with pytest.raises(RuntimeError, match="disk full"):
+                engine.run([0, 1, 2], max_epochs=1)
+            kept = torch.load(tmp_path / "model.pt", weights_only=True)
+            assert all(torch.equal(kept[k], previous[k]) for k in previous)
+        else:
+            engine.run([0, 1, 2], max_epochs=1)
+            saved = torch.load(tmp_path / "model.pt", weights_only=True)
+            assert all(torch.equal(saved[k], v) for k, v in network.state_dict().items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
 
 class _Payload:

@@ -285,7 +285,8 @@ def test_the_recorded_experiments_still_parse(overlay):
     overlay_file = ROOT / "docs" / "experiments" / overlay
     keys = set(json.loads(overlay_file.read_text()))
     assert {"train#preprocessing#transforms", "train#trainer#_target_", "train#trainer#loss_function",
-            "validate#best_saver#key_metric_greater_or_equal"} <= keys
+            "checkpoint", "validate#best_saver#key_metric_greater_or_equal"} <= keys
+    assert json.loads(overlay_file.read_text())["checkpoint"] == "best"  # measured before `last` became the default
     preprocessing = _preprocessing("train.json", "train#preprocessing", overlays=(overlay_file,))
     steps = [type(t).__name__ for t in preprocessing.transforms]
     assert steps[:5] == ["LoadImaged", "EnsureChannelFirstd", "Orientationd", "CentredGridd", "EnsureTyped"]

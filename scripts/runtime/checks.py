@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 import numpy as np
 
 from scripts.runtime.outputs import SKIPPED_COLUMNS, read_volume, write_csv
 
-__all__ = ["EXPORT_COMMAND", "TRAIN_COMMAND", "check_bool", "check_image", "check_positive_int", "check_shape",
-           "check_volume", "class_weights", "require_file", "validate_items"]
+__all__ = ["EXPORT_COMMAND", "TRAIN_COMMAND", "check_bool", "check_choice", "check_image", "check_positive_int",
+           "check_shape", "check_volume", "class_weights", "require_file", "validate_items"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,13 @@ def check_positive_int(value, key: str) -> int:
     if isinstance(value, bool) or not integral or value < 1:
         raise ValueError(f"config key '{key}' must be a positive integer, got {value!r}")
     return int(value)
+
+
+def check_choice(value, key: str, choices: Sequence[str]) -> str:
+    """Validate a config value that must be one of ``choices`` (config key ``key``)."""
+    if value not in choices:
+        raise ValueError(f"config key '{key}' must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
 
 
 def require_file(path: str, how: str) -> str:

@@ -222,13 +222,18 @@ class _AtomicSave(BaseSaveHandler):
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
-    """``monai.handlers.CheckpointSaver`` (same arguments) whose files are written atomically."""
+    """``monai.handlers.CheckpointSaver`` (same arguments) whose files are written atomically, by rank 0 only. With
+    ``save_final`` (``checkpoint: last`` in train.json) the final model is written only when training completes: a
+    run that fails keeps the ``model.pt`` it had, where MONAI would save the interrupted network as the final model."""
 
     def __init__(self, save_dir: str, save_dict: dict, **kwargs) -> None:
         super().__init__(save_dir, save_dict, **kwargs)
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:
                 checkpoint.save_handler = _AtomicSave(save_dir, getattr(checkpoint.save_handler, "filename", None))
+
+    def exception_raised(self, engine: Engine, e: Exception) -> None:
+        raise e
 
 
 class AtomicMetricsSaver(MetricsSaver):
@@ -253,16 +258,18 @@ class ResumableTraining:
     """Resumable training. After every epoch (and after that epoch's validation) it writes ``<ckpt_dir>/resume.pt``
     atomically: network, optimizer and LR-scheduler state, the trainer's epoch/iteration, and the best validation
     metric so far with its epoch. With ``resume=True`` it restores all of that before the first epoch, so a killed
-    run continues where it stopped and ``model.pt`` is only replaced by a model better than the best one before the
-    kill. Everything is loaded with torch's weights-only loader. The random state of the data augmentation is not
-    restored, so a resumed run is not bit-identical to an uninterrupted one.
+    run continues where it stopped; ``model.pt`` is then written when training completes (``checkpoint: last``) or
+    only replaced by a model better than the best one before the kill (``checkpoint: best``). Everything is loaded
+    with torch's weights-only loader. The random state of the data augmentation is not restored, so a resumed run is
+    not bit-identical to an uninterrupted one.
 
     Args:
         ckpt_dir: folder of ``resume.pt`` (and of the models).
         network / optimizer / lr_scheduler: the objects whose state is saved and restored.
         resume: restore from ``resume.pt`` when it exists (otherwise start afresh and overwrite it).
         evaluator: the validation evaluator, whose best metric and epoch are saved and restored.
-        key_metric_saver: the validation ``CheckpointSaver`` of the best model; told the best metric so far.
+        key_metric_saver: the validation ``CheckpointSaver`` of the best model; told the best metric so far when it
+            saves one.
         key_metric_filename: that saver's file name.
         filename: name of the resume checkpoint.
     """
@@ -328,7 +335,8 @@ class ResumableTraining:
         if best is not None and self.evaluator is not None:
             self.evaluator.state.best_metric = best["metric"]
             self.evaluator.state.best_metric_epoch = best["epoch"]
-            if self.key_metric_saver is not None and best["epoch"] > 0:
+            # the best-model saver is told the best so far (not with ``checkpoint: last``: it saves nothing then)
+            if getattr(self.key_metric_saver, "_key_metric_checkpoint", None) is not None and best["epoch"] > 0:
                 self.key_metric_saver.load_state_dict({"_saved": [(best["metric"], self.key_metric_filename)]})
         logger.info("resumed from %s: epoch %d of %d done (best validation metric %s at epoch %s)", self.path,
                     engine.state.epoch, max_epochs, best and best["metric"], best and best["epoch"])
