@@ -29,8 +29,8 @@ def build(dataset_dir: str, subjects: int, epochs: int):
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "train.json"))
     parser.update({
-        "bundle_root": str(ROOT), "dataset_dir": dataset_dir, "generate_synthetic": True, "synthetic_subjects": subjects,
-        "fold": -1,
+        "bundle_root": str(ROOT), "dataset_dir": dataset_dir, "generate_synthetic": True,
+        "synthetic_subjects": subjects, "fold": -1,
         "num_epochs": epochs, "output_dir": str(Path(dataset_dir) / "out"),
         "ckpt_dir": str(Path(dataset_dir) / "models"),
     })
