@@ -299,6 +299,27 @@ def test_training_killed_midway_resumes_from_the_last_epoch(tmp_path, cohort):
     assert proc.returncode == 0 and "training had already finished all 6 epochs" in proc.stdout + proc.stderr
 
 
+def test_checkpoint_best_saves_at_validation_not_at_the_end(tmp_path, cohort):
+    """``--checkpoint best``: model.pt comes from the validation saver, so it is there after the first validated
+    epoch of a run that is then killed (with the default ``last`` it is not: the test above)."""
+    models = tmp_path / "models"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
+           "--dataset_dir", str(cohort), "--ckpt_dir", str(models), "--output_dir", str(tmp_path / "out"),
+           "--num_epochs", "6", "--checkpoint", "best", *TINY]
+
+    def one_epoch_saved():
+        try:
+            return torch.load(models / "resume.pt", weights_only=True)["trainer"]["epoch"] >= 1
+        except (FileNotFoundError, RuntimeError, EOFError, KeyError):
+            return False
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _kill_when(proc, one_epoch_saved)
+    _complete(models)
+    assert torch.load(models / "resume.pt", weights_only=True)["trainer"]["epoch"] < 6
+    assert (models / "model.pt").is_file()
+
+
 def test_final_checkpoint_only_when_training_completes(tmp_path):
     """``checkpoint: last``'s saver (train.json) on a real Ignite engine: a run that raises keeps the model.pt it had
     (MONAI's own CheckpointSaver would save the interrupted network there); a run that completes replaces it."""

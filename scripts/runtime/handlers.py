@@ -268,8 +268,8 @@ class ResumableTraining:
         network / optimizer / lr_scheduler: the objects whose state is saved and restored.
         resume: restore from ``resume.pt`` when it exists (otherwise start afresh and overwrite it).
         evaluator: the validation evaluator, whose best metric and epoch are saved and restored.
-        key_metric_saver: the validation ``CheckpointSaver`` of the best model; told the best metric so far when it
-            saves one.
+        key_metric_saver: the validation ``CheckpointSaver`` of the best model (None when none is kept: train.json's
+            ``checkpoint: last``); told the best metric so far.
         key_metric_filename: that saver's file name.
         filename: name of the resume checkpoint.
     """
@@ -335,8 +335,7 @@ class ResumableTraining:
         if best is not None and self.evaluator is not None:
             self.evaluator.state.best_metric = best["metric"]
             self.evaluator.state.best_metric_epoch = best["epoch"]
-            # the best-model saver is told the best so far (not with ``checkpoint: last``: it saves nothing then)
-            if getattr(self.key_metric_saver, "_key_metric_checkpoint", None) is not None and best["epoch"] > 0:
+            if self.key_metric_saver is not None and best["epoch"] > 0:
                 self.key_metric_saver.load_state_dict({"_saved": [(best["metric"], self.key_metric_filename)]})
         logger.info("resumed from %s: epoch %d of %d done (best validation metric %s at epoch %s)", self.path,
                     engine.state.epoch, max_epochs, best and best["metric"], best and best["epoch"])
