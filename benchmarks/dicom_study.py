@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from dicom_series import write_nifti_as_series  # noqa: E402
 
 from scripts.data.native_like import random_affine, to_native  # noqa: E402
+from scripts.data.synthetic import generate_cohort  # noqa: E402
 from scripts.runtime.datalist import ensure_datalist  # noqa: E402
 
 
@@ -89,7 +90,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="runs per measurement, median (default: %(default)s)")
     args = ap.parse_args(argv)
     model = Path(args.model)
-    datalist = ensure_datalist(None, str(ROOT / "data" / "synthetic"), synthetic_dir=str(ROOT / "data" / "synthetic"))
+    synthetic = str(ROOT / "data" / "synthetic")
+    datalist = ensure_datalist(None, synthetic, synthetic_dir=synthetic, generator=generate_cohort)
     items = {it["subject"]: it for part in json.loads(Path(datalist).read_text()).values() if isinstance(part, list)
              for it in part}
     if args.subject not in items:

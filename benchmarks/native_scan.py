@@ -10,7 +10,7 @@ its own, a scalp-like shell) and read back through ``configs/inference.json``'s 
 ``off`` (used as it is), and the template-space original with ``auto`` (the registration check only). For each:
 p(term), the input-QC verdict (failed measures), and the median time of the preprocessing (load, registration
 check and registration, resampling), the forward pass and one relevance map of the recommended preset. These are
-the README's "Native scans" numbers.
+the numbers of (docs/data.md, native scans).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scripts.data.native_like import random_affine, to_native  # noqa: E402
+from scripts.data.synthetic import generate_cohort  # noqa: E402
 from scripts.evaluation.robustness import Measurer  # noqa: E402
 from scripts.lrp import LRP  # noqa: E402
 from scripts.runtime.datalist import ensure_datalist  # noqa: E402
@@ -59,7 +60,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    datalist = ensure_datalist(None, str(ROOT / "data" / "synthetic"), synthetic_dir=str(ROOT / "data" / "synthetic"))
+    synthetic = str(ROOT / "data" / "synthetic")
+    datalist = ensure_datalist(None, synthetic, synthetic_dir=synthetic, generator=generate_cohort)
     data = json.loads(Path(datalist).read_text())
     items = {it["subject"]: it for it in data["training"] + data["test"]}
     if args.subject not in items:

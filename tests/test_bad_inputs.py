@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import TINY, run_bundle
 
+from scripts.data.synthetic import generate_cohort
 from scripts.runtime.checks import check_choice, check_positive_int, class_weights, validate_items
 from scripts.runtime.datalist import ensure_datalist, load_split
 
@@ -123,15 +124,21 @@ def test_named_data_location_that_does_not_exist_creates_nothing(tmp_path):
 
 
 def test_synthetic_cohort_only_where_asked(tmp_path):
-    """The default folder (synthetic_dir) and an explicit generate=True get the cohort; generate=False never."""
+    """The default folder (synthetic_dir) and an explicit generate=True get the cohort from the generator the caller
+    passes (the configs' ``synthetic_cohort`` item); generate=False never; no generator is an error naming the keys."""
     default = tmp_path / "synthetic"
-    assert ensure_datalist(None, str(default), synthetic_subjects=4, synthetic_dir=str(default)) == \
-        str(default / "datalist.json")
+    with pytest.raises(ValueError, match=r"'dataset_dir': .*synthetic does not exist and generate_synthetic=auto "
+                                         r"asks .*generator=scripts\.data\.synthetic\.generate_cohort"):
+        ensure_datalist(None, str(default), synthetic_subjects=4, synthetic_dir=str(default))
+    assert not default.exists()
+    assert ensure_datalist(None, str(default), synthetic_subjects=4, synthetic_dir=str(default),
+                           generator=generate_cohort) == str(default / "datalist.json")
     with pytest.raises(FileNotFoundError, match="config key 'dataset_dir'"):
         ensure_datalist(None, str(tmp_path / "other"), synthetic_subjects=4, generate=False,
                         synthetic_dir=str(tmp_path / "other"))
     named = tmp_path / "named"
-    assert ensure_datalist(None, str(named), synthetic_subjects=4, generate="true") == str(named / "datalist.json")
+    assert ensure_datalist(None, str(named), synthetic_subjects=4, generate="true",
+                           generator=generate_cohort) == str(named / "datalist.json")
     assert len(list((named / "images").glob("*.nii.gz"))) == 4
 
 

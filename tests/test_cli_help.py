@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ["scripts.data.dhcp_datalist", "scripts.data.preprocess", "scripts.evaluation.study",
          "scripts.evaluation.explain_eval", "scripts.evaluation.sanity", "scripts.evaluation.qc_eval",
-         "scripts.evaluation.composite_search"]
+         "scripts.evaluation.composite_search", "scripts.evaluation.robustness"]
 
 
 def _parsers(parser: argparse.ArgumentParser, words: tuple[str, ...] = ()):
@@ -75,3 +75,16 @@ def test_study_help_says_where_outputs_go_and_how_long_it_takes(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "eval/study/results/" in text and "eval/study/" in text
     assert "9-10 hours on 2 CPU cores" in text and "--reduced --jobs 2 takes about 16 min" in text
+
+
+@pytest.mark.parametrize("tool", [t for t in TOOLS if t.startswith("scripts.evaluation.")])
+@pytest.mark.parametrize("value", ["[1, 2]", "{fold: 0}"])
+def test_override_must_be_a_json_object(tool, value, capsys):
+    """The evaluation commands share one ``--override`` (scripts/evaluation/cli.py): what is not a JSON object is a
+    usage error naming the option and the value, before anything runs."""
+    module = importlib.import_module(tool)
+    with pytest.raises(SystemExit) as done:
+        module.build_parser().parse_args(["--override", value])
+    assert done.value.code == 2
+    text = capsys.readouterr().err
+    assert "--override" in text and value in text

@@ -166,7 +166,7 @@ def test_shipped_export_is_the_shipped_weights_with_todays_configs():
     extra = {"inference.json": "", "metadata.json": ""}
     scripted = torch.jit.load(str(ROOT / "models" / "model.ts"), map_location="cpu", _extra_files=extra)
     assert json.loads(extra["inference.json"]) == read_json(ROOT / "configs" / "inference.json"), (
-        "models/model.ts carries another configs/inference.json: re-export it (README, MONAI Deploy)")
+        "models/model.ts carries another configs/inference.json: re-export it (docs/README.md, MONAI Bundle Commands)")
     metadata, ours = json.loads(extra["metadata.json"]), read_json(ROOT / "configs" / "metadata.json")
     ours.pop("optional_packages_version", None)  # ckpt_export leaves MONAI's deprecated key out of the export
     metadata.pop("optional_packages_version", None)

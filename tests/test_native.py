@@ -16,7 +16,7 @@ from conftest import ROOT, TINY, TINY_OVERRIDES, run_bundle
 from native_fixtures import dice, native_input
 from scipy import ndimage
 
-from scripts.runtime.transforms import TEMPLATE_IMAGE, TEMPLATE_MASK
+from scripts.runtime.reference import TEMPLATE_IMAGE, TEMPLATE_MASK
 
 
 def _rows(path) -> dict[str, dict]:
@@ -133,7 +133,7 @@ def test_preprocess_on_without_template_and_bad_value_are_one_line_errors(tmp_pa
 def test_registration_is_the_same_on_every_run(scans, trained):
     """Seeded metric sampling (not SimpleITK's wall-clock seed 0) and one thread: identical transforms, so that
     a native scan's relevance maps are identical on reruns."""
-    from scripts.data.registration import affine_to_template
+    from scripts.runtime.registration import affine_to_template
 
     root, masks = scans
     ckpt_dir, _ = trained
@@ -171,7 +171,8 @@ def test_a_scan_registration_cannot_rescue_is_refused_by_qc_and_the_batch_goes_o
 def test_grid_checks_name_the_problem_before_touching_the_template():
     """A wrong number of sizes is reported as such (not as a template mismatch); the QC reference refuses an input of
     another grid with the same rule as Template.check_grid (QCReference.fits)."""
-    from scripts.runtime.transforms import CentredGridd, Template
+    from scripts.runtime.reference import Template
+    from scripts.runtime.transforms import CentredGridd
 
     shipped = ROOT / "models"
     with pytest.raises(ValueError, match="need 3 values"):

@@ -24,7 +24,8 @@ from native_fixtures import native_datalist, write_template
 from scripts.evaluation.qc_eval import CORRUPTIONS, write_variants
 from scripts.runtime.datalist import load_split
 from scripts.runtime.outputs import report_index, report_page
-from scripts.runtime.qc import MEASURES, REFERENCE, QCReference, advice, evaluate_input, fingerprint
+from scripts.runtime.qc import advice, evaluate_input
+from scripts.runtime.reference import MEASURES, REFERENCE, QCReference, fingerprint
 
 
 def _rows(path: Path) -> dict[str, dict]:

@@ -1,6 +1,6 @@
 """The README's commands run as written on a fresh clone, in order.
 
-Marker: a fenced ```bash block of README.md or docs/*.md whose line just above the fence is exactly
+Marker: a fenced ```bash block of README.md or docs/**/*.md whose line just above the fence is exactly
 
     <!-- test: cheap -->
 
@@ -13,12 +13,12 @@ hold them) copied into a temporary folder, so there is no ``data/``, ``eval/`` o
 setup`` creates), and ``.venv/bin`` comes first on ``PATH`` (an activated environment), so blocks written with
 ``python`` or with ``.venv/bin/python`` both work.
 
-Order: the files are read in order (README.md, then docs/README.md, then the other docs/*.md) and their blocks top
-to bottom. A block that is not run (``bash`` or ``python``) is checked instead: every file or folder it names by a
-path inside the repository (``configs/``, ``data/``, ``docs/``, ``eval/``, ``models/``, ``scripts/``,
-``benchmarks/``, ``tests/``) must exist at that point, unless the path is what the command writes (after ``-o``,
-``--output``, ``--output_dir``, ``--work_dir``, ``--filepath`` or ``>``): an example that reads ``data/...``
-needs an earlier cheap block that writes it. Comments (``# ...``) are not read.
+Order: the files are read in order (README.md first, then docs/README.md, then the other docs/**/*.md by path) and
+their blocks top to bottom. A block that is not run (``bash`` or ``python``) is checked instead: every file or
+folder it names by a path inside the repository (``configs/``, ``data/``, ``docs/``, ``eval/``, ``models/``,
+``scripts/``, ``benchmarks/``, ``tests/``) must exist at that point, unless the path is what the command writes
+(after ``-o``, ``--output``, ``--output_dir``, ``--work_dir``, ``--filepath`` or ``>``): an example that reads
+``data/...`` needs an earlier cheap block that writes it. Comments (``# ...``) are not read.
 """
 
 from __future__ import annotations
@@ -79,8 +79,9 @@ def fresh_clone(dest: Path) -> Path:
 
 
 def documents() -> list[Path]:
-    return [ROOT / "README.md", ROOT / "docs" / "README.md",
-            *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "README.md")]
+    """README.md, the model card (docs/README.md), then every other Markdown file under docs/, sorted by path."""
+    card = ROOT / "docs" / "README.md"
+    return [ROOT / "README.md", card, *sorted(p for p in (ROOT / "docs").rglob("*.md") if p != card)]
 
 
 def test_marker_is_found():

@@ -24,7 +24,7 @@ from conftest import run_bundle, tiny_args
 
 from scripts.evaluation.qc_eval import CORRUPTIONS
 from scripts.runtime.outputs import input_path, relevance_path, report_image, report_index, report_page, write_csv
-from scripts.runtime.qc import MEASURES, REFERENCE
+from scripts.runtime.reference import MEASURES, REFERENCE
 from scripts.runtime.report import build_report, copy_report
 from scripts.runtime.visual import brain_mask, symmetric_limit
 

@@ -278,7 +278,7 @@ def test_masked_smoothing_keeps_the_brain_edge_and_the_background():
 @pytest.mark.parametrize("overlay", sorted(p.name for p in (ROOT / "docs" / "experiments").glob("*.json")
                                            if not p.name.endswith("_inference.json")))
 def test_the_recorded_experiments_still_parse(overlay):
-    """docs/README.md's augmentation experiments are commands on train.json + an overlay: each overlay still builds
+    """docs/experiments/README.md's experiments are commands on train.json + an overlay: each overlay still builds
     the training preprocessing, its random steps after the cached ones, and names the trainer, loss and checkpoint
     rule it was measured with, so that it reproduces on a later train.json (consistency training became the default
     after most of them)."""

@@ -164,8 +164,8 @@ TRAINER_DONE = "SupervisedTrainer - INFO - Engine run finished"
 
 
 def _aborted_after_training(log: str, ranks: int) -> bool:
-    """The known teardown abort (docs/scale.md, "Known issue"): every rank finished training, then one aborted in
-    the C++ teardown of torch.distributed, and srun ended the job."""
+    """The known teardown abort (docs/scale.md, DDP training: docs/slurm_train.sh): every rank finished training,
+    then one aborted in the C++ teardown of torch.distributed, and srun ended the job."""
     return TEARDOWN_ABORT in log and log.count(TRAINER_DONE) == ranks and \
         log.index(TEARDOWN_ABORT) > log.rindex(TRAINER_DONE) and \
         re.search(r"srun: error: .*: task \d+: Aborted", log) is not None

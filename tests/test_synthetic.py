@@ -7,20 +7,8 @@ import pytest
 
 from scripts.data.splits import assign_splits, stratified_folds
 from scripts.data.synthetic import draw_phenotype, generate_cohort, generate_subject
-from scripts.data.synthetic_anatomy import (
-    BRAINSTEM,
-    CEREBELLUM,
-    CGM,
-    CSF,
-    DGM,
-    DRAWEM9,
-    SHAPE,
-    VENTRICLES,
-    WM,
-    builtin_template,
-    procedural_labels,
-    template_affine,
-)
+from scripts.data.synthetic_anatomy import SHAPE, builtin_template, procedural_labels, template_affine
+from scripts.runtime.tissues import BRAINSTEM, CEREBELLUM, CGM, CSF, DGM, DRAWEM9, VENTRICLES, WM
 
 
 def _subject(seed, preterm_fraction):

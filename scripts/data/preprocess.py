@@ -33,10 +33,13 @@ import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+import numpy as np
+
+from scripts.data.registration import get_backend, write_image
+from scripts.runtime.checks import check_image
 from scripts.runtime.errors import report_input_errors
 from scripts.runtime.outputs import atomic_write_text, remove_stale_temporaries, subject_name, write_csv
 from scripts.runtime.progress import progress
-from scripts.data.registration import get_backend, write_image
 
 __all__ = ["make_reference", "output_name", "preprocess_subject", "run_batch", "to_native"]
 
@@ -47,8 +50,7 @@ SHAPE_ALS = (128, 96, 96)  # anterior-posterior, left-right, superior-inferior (
 def make_reference(template: str, template_mask: str | None, out_dir: Path, shape_als=SHAPE_ALS) -> tuple[Path, Path]:
     """Template (skull-stripped by its mask, or by its non-zero voxels) resampled at 1 mm and cropped/padded to
     ``shape_als`` around the brain's bounding-box centre: the fixed image of every registration."""
-    import numpy as np
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # noqa: PLC0415 (only where a scan is registered)
 
     if not Path(template).is_file():
         raise FileNotFoundError(f"template {template} not found (e.g. the dHCP 40-week T2w template; see docs)")
@@ -88,9 +90,8 @@ def output_name(item: dict) -> str:
 
 def preprocess_subject(item: dict, reference: str, output: str, method: str, options: dict) -> dict:
     """Preprocess one subject; returns its record (also written to ``<subject>_preprocess.json``)."""
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # noqa: PLC0415 (only where a scan is registered)
 
-    from scripts.runtime.checks import check_image
 
     subject = output_name(item)
     folder = Path(output) / subject
@@ -131,7 +132,7 @@ def preprocess_subject(item: dict, reference: str, output: str, method: str, opt
 
 def _job(args):
     item, reference, output, method, options, threads = args
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # noqa: PLC0415 (only where a scan is registered)
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     try:
@@ -263,7 +264,7 @@ def write_template(ckpt_dir: str, overrides: dict | None = None) -> list[Path]:
     from monai.bundle import ConfigParser  # noqa: PLC0415 (MONAI only for this command)
     from monai.data import Dataset  # noqa: PLC0415
 
-    from scripts.runtime.qc import save_template  # noqa: PLC0415
+    from scripts.runtime.reference import save_template  # noqa: PLC0415
 
     root = Path(__file__).resolve().parents[2]
     parser = ConfigParser()

@@ -1,7 +1,8 @@
 """Registration of a skull-stripped native T2w scan to the template grid, and back.
 
-Two backends with one interface: ``SimpleITKRegistration`` (rigid -> affine, optionally + B-spline free-form
-deformation as in the seed paper; installed with the bundle) and ``AntsRegistration`` (antspyx: affine + SyN;
+Two backends with one interface: ``SimpleITKRegistration`` (rigid -> affine, the registration the inference's
+preprocessing runs, ``scripts/runtime/registration.py``, optionally + B-spline free-form deformation as in the
+seed paper; installed with the bundle) and ``AntsRegistration`` (antspyx: affine + SyN;
 optional extra ``pip install antspyx``). Each writes its transforms into the subject folder and returns their
 file names; ``to_template`` resamples any native image (linear or nearest) onto the template grid and
 ``to_native`` sends a template-space map (e.g. a relevance map) onto the native scan's grid.
@@ -9,73 +10,19 @@ file names; ``to_template`` resamples any native image (linear or nearest) onto 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from scripts.runtime.outputs import atomic_target_for
+from scripts.runtime.registration import affine_registration, registration_method, simpleitk
 
-__all__ = ["BACKENDS", "AntsRegistration", "SimpleITKRegistration", "affine_to_template", "from_array", "get_backend",
-           "write_image"]
-
-
-def _sitk():
-    import SimpleITK as sitk
-
-    return sitk
+__all__ = ["BACKENDS", "AntsRegistration", "SimpleITKRegistration", "get_backend", "write_image"]
 
 
 def write_image(image, path: Path) -> None:
     """Write a SimpleITK image through a temporary file and an atomic rename."""
     with atomic_target_for(path) as tmp:
-        _sitk().WriteImage(image, str(tmp))
-
-
-def from_array(array, affine):
-    """A SimpleITK image of a (x, y, z) array with a 4x4 voxel-to-world ``affine`` (any world convention: the
-    images registered together must share it). The affine's columns must be orthogonal."""
-    import numpy as np
-
-    sitk = _sitk()
-    affine = np.asarray(affine, dtype=np.float64)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(array, dtype=np.float32).transpose(2, 1, 0)))
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    image.SetSpacing([float(v) for v in spacing])
-    image.SetDirection([float(v) for v in (affine[:3, :3] / spacing).ravel()])
-    image.SetOrigin([float(v) for v in affine[:3, 3]])
-    return image
-
-
-def affine_to_template(template, template_affine, template_mask, scan, scan_affine, margin_mm: float = 4.0,
-                       iterations: int = 100, seed: int = 1):
-    """The 4x4 matrix that maps template world points onto the scan's world points, by SimpleITK registration
-    (Mattes mutual information). Arrays are (x, y, z) with 4x4 affines in one world convention (MONAI's RAS
-    here); a fixed ``seed`` samples the same metric points on every run (not 0: SimpleITK's seed 0 is
-    ``sitkWallClock``, other points each run). Two stages, so that a scan with scalp
-    and neck registers too: rigid (moments-initialised, the metric over the template's brain: no scaling, so the
-    scalp cannot pull the brain outwards), then, from it, affine on the scan stripped by the template's brain
-    mapped onto it and dilated by ``margin_mm``, with the metric over that dilated brain."""
-    import numpy as np
-
-    sitk = _sitk()
-    fixed = from_array(template, template_affine)
-    brain = sitk.Cast(from_array(np.asarray(template_mask) > 0, template_affine) > 0, sitk.sitkUInt8)
-    dilated = sitk.BinaryDilate(brain, [max(1, int(round(margin_mm / s))) for s in brain.GetSpacing()])
-    moving = from_array(scan, scan_affine)
-    method = SimpleITKRegistration(iterations=iterations, seed=seed)
-    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # the metric's sums in one order: the same result each run
-    try:
-        first = method.affine(fixed, moving, brain, rigid_only=True)
-        on_scan = sitk.Resample(dilated, moving, first.GetInverse(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-        stripped = sitk.Mask(moving, on_scan)
-        transform = method.affine(fixed, stripped, dilated, initial=first)
-    finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    matrix = np.array(transform.GetMatrix(), dtype=np.float64).reshape(3, 3)
-    centre = np.array(transform.GetCenter(), dtype=np.float64)
-    out = np.eye(4)
-    out[:3, :3] = matrix
-    out[:3, 3] = np.array(transform.GetTranslation()) + centre - matrix @ centre
-    return out
+        simpleitk().WriteImage(image, str(tmp))
 
 
 class SimpleITKRegistration:
@@ -91,58 +38,13 @@ class SimpleITKRegistration:
         self.bspline, self.mesh, self.iterations, self.seed = bspline, mesh, iterations, seed
         self.bspline_iterations = bspline_iterations
 
-    def _method(self, sitk, shrink=(4, 2, 1), sampling: float = 0.05):
-        r = sitk.ImageRegistrationMethod()
-        r.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-        r.SetMetricSamplingStrategy(r.RANDOM)
-        r.SetMetricSamplingPercentage(sampling, self.seed)
-        r.SetInterpolator(sitk.sitkLinear)
-        r.SetShrinkFactorsPerLevel(list(shrink))
-        r.SetSmoothingSigmasPerLevel([{4: 2.0, 2: 1.0, 1: 0.0}[f] for f in shrink])
-        r.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-        return r
-
     def affine(self, fixed, moving, fixed_mask=None, initial=None, rigid_only: bool = False):
-        """Rigid (moments-initialised) then affine registration of two SimpleITK images; returns the
-        ``sitk.AffineTransform`` mapping fixed points to moving points. ``fixed_mask`` limits the metric to a
-        region of the fixed image (the template's brain); ``initial`` (an ``AffineTransform``) replaces the
-        rigid stage; ``rigid_only`` stops after the rigid stage."""
-        sitk = _sitk()
-        # the fraction of all voxels sampled; a mask keeps only its share of them (a third for a brain), and
-        # 5 % of the whole image left the rigid stage short of converging on rotated scans
-        sampling = 0.05 if fixed_mask is None else 0.25
-        if initial is None:
-            rigid = sitk.CenteredTransformInitializer(fixed, moving, sitk.VersorRigid3DTransform(),
-                                                      sitk.CenteredTransformInitializerFilter.MOMENTS)
-            r = self._method(sitk, shrink=(4, 2), sampling=sampling)
-            if fixed_mask is not None:
-                r.SetMetricFixedMask(fixed_mask)
-            r.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4,
-                                                       numberOfIterations=self.iterations,
-                                                       gradientMagnitudeTolerance=1e-8)
-            r.SetOptimizerScalesFromPhysicalShift()
-            r.SetInitialTransform(rigid, inPlace=True)
-            r.Execute(fixed, moving)
-        else:
-            rigid = initial
-        affine = sitk.AffineTransform(3)
-        affine.SetMatrix(rigid.GetMatrix())
-        affine.SetTranslation(rigid.GetTranslation())
-        affine.SetCenter(rigid.GetCenter())
-        if rigid_only:
-            return affine
-        r = self._method(sitk, sampling=sampling)
-        if fixed_mask is not None:
-            r.SetMetricFixedMask(fixed_mask)
-        r.SetOptimizerAsRegularStepGradientDescent(learningRate=0.5, minStep=1e-5, numberOfIterations=self.iterations,
-                                                   gradientMagnitudeTolerance=1e-8)
-        r.SetOptimizerScalesFromPhysicalShift()
-        r.SetInitialTransform(affine, inPlace=True)
-        r.Execute(fixed, moving)
-        return affine
+        """Rigid -> affine (``scripts.runtime.registration.affine_registration``) with this backend's iterations
+        and seed; returns the ``sitk.AffineTransform`` mapping fixed points to moving points."""
+        return affine_registration(fixed, moving, fixed_mask, initial, rigid_only, self.iterations, self.seed)
 
     def register(self, fixed_path: str, moving_path: str, folder: Path, stem: str) -> dict:
-        sitk = _sitk()
+        sitk = simpleitk()
         fixed = sitk.ReadImage(str(fixed_path), sitk.sitkFloat32)
         moving = sitk.ReadImage(str(moving_path), sitk.sitkFloat32)
         affine = self.affine(fixed, moving)
@@ -150,7 +52,7 @@ class SimpleITKRegistration:
         sitk.WriteTransform(affine, str(folder / files["affine"]))
         if self.bspline:
             bspline = sitk.BSplineTransformInitializer(fixed, [self.mesh] * 3)
-            r = self._method(sitk, shrink=(4, 2))  # the FFD refines the affine; full resolution adds little
+            r = registration_method(self.seed, shrink=(4, 2))  # the FFD refines the affine: full resolution adds little
             r.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=self.bspline_iterations)
             r.SetMovingInitialTransform(affine)
             r.SetInitialTransform(bspline, inPlace=True)
@@ -160,7 +62,7 @@ class SimpleITKRegistration:
         return files
 
     def _forward(self, folder: Path, files: dict):
-        sitk = _sitk()
+        sitk = simpleitk()
         composite = sitk.CompositeTransform(sitk.ReadTransform(str(folder / files["affine"])))
         if "bspline" in files:
             composite.AddTransform(sitk.ReadTransform(str(folder / files["bspline"])))  # applied first
@@ -168,7 +70,7 @@ class SimpleITKRegistration:
 
     def to_template(self, image_path: str, reference_path: str, out: Path, folder: Path, files: dict,
                     nearest: bool = False) -> None:
-        sitk = _sitk()
+        sitk = simpleitk()
         image = sitk.ReadImage(str(image_path))
         reference = sitk.ReadImage(str(reference_path))
         interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
@@ -177,7 +79,7 @@ class SimpleITKRegistration:
 
     def to_native(self, map_path: str, native_path: str, out: Path, folder: Path, files: dict,
                   nearest: bool = False) -> None:
-        sitk = _sitk()
+        sitk = simpleitk()
         image = sitk.ReadImage(str(map_path), sitk.sitkFloat32)
         native = sitk.ReadImage(str(native_path))
         affine = sitk.ReadTransform(str(folder / files["affine"]))
@@ -198,14 +100,13 @@ class AntsRegistration:
     name = "ants"
 
     def __init__(self, type_of_transform: str = "SyN", seed: int = 0) -> None:
-        import ants  # noqa: F401 - fail early with ImportError when the extra is not installed
+        import ants  # noqa: F401, PLC0415 - fail early with ImportError when the extra is not installed
 
         self.type_of_transform, self.seed = type_of_transform, seed
 
     def register(self, fixed_path: str, moving_path: str, folder: Path, stem: str) -> dict:
-        import shutil
 
-        import ants
+        import ants  # noqa: PLC0415 (antspyx is an optional extra)
 
         fixed, moving = ants.image_read(str(fixed_path)), ants.image_read(str(moving_path))
         reg = ants.registration(fixed, moving, type_of_transform=self.type_of_transform, random_seed=self.seed)
@@ -218,7 +119,7 @@ class AntsRegistration:
         return files
 
     def to_template(self, image_path, reference_path, out: Path, folder: Path, files: dict, nearest=False) -> None:
-        import ants
+        import ants  # noqa: PLC0415 (antspyx is an optional extra)
 
         moved = ants.apply_transforms(ants.image_read(str(reference_path)), ants.image_read(str(image_path)),
                                       [str(folder / f) for f in files["forward"]],
@@ -226,7 +127,7 @@ class AntsRegistration:
         _ants_write(moved, out)
 
     def to_native(self, map_path, native_path, out: Path, folder: Path, files: dict, nearest=False) -> None:
-        import ants
+        import ants  # noqa: PLC0415 (antspyx is an optional extra)
 
         inverse = [str(folder / f) for f in files["inverse"]]
         which = [f.endswith(".mat") for f in files["inverse"]]  # affines are inverted, warps are inverse warps

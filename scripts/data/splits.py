@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+from pathlib import Path
+
 import numpy as np
+
+from scripts.runtime.outputs import atomic_write_text
 
 __all__ = ["assign_splits", "stratified_folds"]
 
@@ -44,11 +50,6 @@ def assign_splits(items: list[dict], test_fraction: float = 0.1, folds: int = 10
 
 def main(argv=None) -> int:
     """``python -m scripts.data.splits --datalist D``: (re)assign a stratified test split and folds to a datalist."""
-    import argparse
-    import json
-    from pathlib import Path
-
-    from scripts.runtime.outputs import atomic_write_text
 
     ap = argparse.ArgumentParser(prog="python -m scripts.data.splits", description=main.__doc__)
     ap.add_argument("--datalist", required=True, help="MONAI datalist JSON with labelled 'training' (and 'test') items")

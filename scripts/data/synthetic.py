@@ -24,13 +24,11 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from scripts.runtime.progress import progress
-from scripts.runtime.outputs import atomic_write_text, read_volume, save_nifti
 from scripts.data.splits import assign_splits
-from scripts.data.synthetic_anatomy import (
-    BACKGROUND, BRAINSTEM, CEREBELLUM, CGM, CSF, DGM, HIPPO, VENTRICLES, WM,
-    Template, build_template, builtin_template,
-)
+from scripts.data.synthetic_anatomy import Template, build_template, builtin_template
+from scripts.runtime.outputs import atomic_write_text, read_volume, save_nifti
+from scripts.runtime.progress import progress
+from scripts.runtime.tissues import BACKGROUND, BRAINSTEM, CEREBELLUM, CGM, CSF, DGM, HIPPO, VENTRICLES, WM
 
 __all__ = ["Phenotype", "draw_phenotype", "generate_subject", "generate_cohort", "main"]
 
@@ -77,7 +75,7 @@ class Phenotype:
     def sulcal_limit_mm(self) -> float:  # sulci run at most this deep below the hull (lower = less folding)
         return self.sulcal_natural - self.sulcal_effect
 
-    def term_equivalent(self) -> "Phenotype":
+    def term_equivalent(self) -> Phenotype:
         """The same baby without the preterm effect."""
         return replace(self, ventricle_effect=0.0, csf_effect=0.0, sulcal_effect=0.0)
 
@@ -220,7 +218,8 @@ def _load_template(paths) -> Template:
         labels, affine = read_volume(seg_path)
         intensity = read_volume(image_path)[0] if image_path else None
         if intensity is not None and intensity.shape != labels.shape:
-            raise ValueError(f"{image_path}: shape {intensity.shape} differs from segmentation {seg_path} {labels.shape}")
+            raise ValueError(f"{image_path}: shape {intensity.shape} differs from segmentation {seg_path} "
+                             f"{labels.shape}")
         _TEMPLATE_CACHE[paths] = build_template(np.rint(labels).astype(np.uint8), affine, intensity)
     return _TEMPLATE_CACHE[paths]
 
@@ -302,7 +301,8 @@ def generate_cohort(
     path = out / "datalist.json"
     atomic_write_text(json.dumps(datalist, indent=1), path)
     n_pre = sum(item["label"] for item in items)
-    logger.info("synthetic cohort ready: %d subjects (%d preterm, %d term) -> %s", len(items), n_pre, len(items) - n_pre, path)
+    logger.info("synthetic cohort ready: %d subjects (%d preterm, %d term) -> %s", len(items), n_pre,
+                len(items) - n_pre, path)
     return path
 
 

@@ -1,7 +1,7 @@
 """Anatomy of the synthetic cohort: a 40-week-like template label map (built-in and procedural, or given by
 the user) and the distance fields that let every subject's phenotype be drawn from it by thresholds.
 
-Labels follow the dHCP drawem9 tissue convention (0 outside the brain mask).
+Labels follow the dHCP drawem9 tissue convention (``scripts/runtime/tissues.py``; 0 outside the brain mask).
 """
 
 from __future__ import annotations
@@ -12,21 +12,11 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["DRAWEM9", "SHAPE", "Template", "build_template", "builtin_template", "procedural_labels", "template_affine"]
+from scripts.runtime.tissues import BACKGROUND, BRAINSTEM, CEREBELLUM, CGM, CSF, DGM, DRAWEM9, HIPPO, VENTRICLES, WM
+
+__all__ = ["SHAPE", "Template", "build_template", "builtin_template", "procedural_labels", "template_affine"]
 
 SHAPE = (128, 96, 96)
-DRAWEM9 = {
-    1: "csf",
-    2: "cortical_gm",
-    3: "white_matter",
-    4: "background",
-    5: "ventricles",
-    6: "cerebellum",
-    7: "deep_gm",
-    8: "brainstem",
-    9: "hippocampus_amygdala",
-}
-CSF, CGM, WM, BACKGROUND, VENTRICLES, CEREBELLUM, DGM, BRAINSTEM, HIPPO = range(1, 10)
 
 
 def template_affine(shape=SHAPE) -> np.ndarray:
@@ -55,7 +45,7 @@ def procedural_labels(shape=SHAPE, seed: int = 40) -> np.ndarray:
     """Built-in 40-week template: cerebrum with folded cortex, extra-axial CSF, lateral ventricles, deep grey
     matter, hippocampi, cerebellum and brainstem, left-right symmetric, in voxel units of 1 mm."""
     rng = np.random.default_rng(seed)
-    a, l, s = _grid(shape)  # anterior, left, superior offsets in mm
+    a, l, s = _grid(shape)  # noqa: E741 (anterior, left, superior offsets in mm: the axes' letters)
     labels = np.zeros(shape, dtype=np.uint8)
     # cerebrum: ellipsoid, slightly wider posteriorly
     semi = np.array([54.0, 42.0, 36.0], dtype=np.float32)
@@ -117,7 +107,8 @@ class Template:
     intensity: np.ndarray | None = None  # optional user template image, scaled to [0, 1]
 
 
-def build_template(labels: np.ndarray, affine: np.ndarray | None = None, intensity: np.ndarray | None = None) -> Template:
+def build_template(labels: np.ndarray, affine: np.ndarray | None = None,
+                   intensity: np.ndarray | None = None) -> Template:
     """Precompute the distance fields of a template label map (a few seconds, once per template)."""
     labels = np.asarray(labels).astype(np.uint8)
     if labels.ndim != 3:

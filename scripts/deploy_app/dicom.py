@@ -4,8 +4,9 @@ In:  the series the SDK's ``DICOMSeriesSelectorOperator`` picked (rules: ``serie
      -> ``series_volume``: the voxel array and an affine that this module computes from ImageOrientationPatient,
      ImagePositionPatient and PixelSpacing, slices sorted along the slice normal. The SDK 4.0.0
      ``DICOMSeriesToVolumeOperator`` is not used: its affine swaps the row and column spacings and its slice
-     spacing is wrong for oblique series (docs/dicom.md, ``tests/deploy/sdk_affine_repro.py``).
-Out: ``write_seg`` -- the evidence labelmap (``scripts.label_app.evidence``) as a binary DICOM SEG on the input
+     spacing is wrong for oblique series (docs/dicom.md, Finding: the SDK 4.0.0 volume affine),
+     which ``tests/deploy/sdk_affine_repro.py`` reproduces.
+Out: ``write_seg`` -- the evidence labelmap (``scripts.runtime.evidence``) as a binary DICOM SEG on the input
      series' grid; ``write_sr`` -- a Comprehensive 3D SR (TID 1500 measurement report) with the decision, both
      probabilities, the LRP preset, the QC verdict and the model version. Both are written atomically (temporary
      file + rename) as ``<output>/<subject>/<subject>_evidence_seg.dcm`` and ``..._sr.dcm``, where ``subject``
@@ -31,7 +32,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from scripts.label_app.evidence import EVIDENCE_LABELS
+from scripts.runtime.evidence import EVIDENCE_LABELS
 from scripts.runtime.outputs import atomic_target_for
 
 logger = logging.getLogger(__name__)

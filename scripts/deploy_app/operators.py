@@ -12,7 +12,7 @@
 ``RelevanceWriter``      ``<output>/<subject>/<subject>_relevance_<preset>.nii.gz`` (network-input grid, as the
                          bundle's LRPHandler writes it) and ``..._orig.nii.gz`` (the input's grid and affine)
 ``EvidenceWriter``       ``<output>/<subject>/<subject>_evidence_orig.nii.gz``: the evidence labelmap of
-                         ``scripts.label_app.evidence`` on the input's grid (uint8)
+                         ``scripts.runtime.evidence`` on the input's grid (uint8)
 ``DicomSegWriter``       DICOM input only: ``<subject>_evidence_seg.dcm``, that labelmap as a DICOM SEG
 ``DicomSrWriter``        DICOM input only: ``<subject>_sr.dcm``, the decision as a Comprehensive 3D SR
 
@@ -37,9 +37,9 @@ from monai.deploy.operators.dicom_data_loader_operator import DICOMDataLoaderOpe
 from monai.transforms import Compose, LoadImage, LoadImaged
 
 from scripts.deploy_app import dicom
-from scripts.label_app.evidence import evidence_labelmap
 from scripts.runtime.checks import check_image
 from scripts.runtime.datalist import folder_items
+from scripts.runtime.evidence import evidence_labelmap
 from scripts.runtime.explain import (
     APP_PRESET,
     affine_of,
@@ -50,7 +50,8 @@ from scripts.runtime.explain import (
 )
 from scripts.runtime.network import from_torchscript
 from scripts.runtime.outputs import atomic_write_text, output_path, save_nifti, subject_name
-from scripts.runtime.qc import QCReference, evaluate_input
+from scripts.runtime.qc import evaluate_input
+from scripts.runtime.reference import QCReference
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +262,7 @@ class RelevanceWriter(_ResultWriter):
 
 
 class EvidenceWriter(_ResultWriter):
-    """``<subject>_evidence_orig.nii.gz``: the evidence labelmap (``scripts.label_app.evidence``, the bands of the
+    """``<subject>_evidence_orig.nii.gz``: the evidence labelmap (``scripts.runtime.evidence``, the bands of the
     explained class and counter-evidence) on the input's grid and affine (nearest-neighbour inverse transforms)."""
 
     def write(self, result: dict) -> None:

@@ -53,6 +53,7 @@ from monai.bundle import ConfigParser
 from torch import nn
 
 from scripts import BUNDLE_ROOT
+from scripts.evaluation.cli import add_model_options, add_output_option
 from scripts.evaluation.explain_eval import (
     load_model,
     load_subjects,
@@ -538,9 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     default)."""
     ap = argparse.ArgumentParser(prog="python -m scripts.evaluation.composite_search",
                                  description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config_file", default=str(ROOT / "configs" / "inference.json"),
-                    help="the inference config giving the network, preprocessing and datalist (default: "
-                         "configs/inference.json in the bundle folder)")
+    add_model_options(ap, weights=None,
+                      override_help="config overrides as JSON, e.g. '{\"dataset_dir\": \"data/synthetic\"}' (default: "
+                                    "{}, none; with --runs: on top of each run's own)")
     models = ap.add_mutually_exclusive_group(required=True)
     models.add_argument("--runs", default=None,
                         help="a setting's folder of the study's cross-validation (<work_dir>/cv/<setting>, holding "
@@ -548,9 +549,6 @@ def build_parser() -> argparse.ArgumentParser:
                              "needed (default: none)")
     models.add_argument("--fold-model", action="append", default=None, metavar="K=PATH",
                         help="the model trained without fold K, repeated once per fold (default: none)")
-    ap.add_argument("--override", type=json.loads, default={},
-                    help='config overrides as JSON, e.g. \'{"dataset_dir": "data/synthetic"}\' (default: {}, none; '
-                         "with --runs: on top of each run's own)")
     ap.add_argument("--grid", choices=sorted(GRIDS), default="full",
                     help="candidate grid: small (8 candidates, tests) or full (168) (default: %(default)s)")
     ap.add_argument("--top", type=int, default=5,
@@ -570,9 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--reduced", action="store_true",
                     help="small settings for CI: small grid, 2 steps, 1 subject per fold in every stage "
                          "(default: off)")
-    ap.add_argument("--output", default=str(ROOT / "eval" / "composite_search"),
-                    help="folder for search.md, search.csv and opened.txt (default: eval/composite_search in the "
-                         "bundle folder)")
+    add_output_option(ap, ROOT / "eval" / "composite_search", "search.md, search.csv and opened.txt")
     return ap
 
 

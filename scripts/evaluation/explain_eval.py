@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import sys
 import time
@@ -35,6 +34,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from scripts import BUNDLE_ROOT
+from scripts.evaluation.cli import add_model_options, add_output_option, add_subject_options
 from scripts.evaluation.explainers import GRADIENT_METHODS, LRP_METHODS, SLOW_METHODS, compute_map, forward_seconds
 from scripts.evaluation.explanation_metrics import (
     abpc,
@@ -370,15 +370,9 @@ def _figures(rows, curves, patches, settings, output: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m scripts.evaluation.explain_eval`` (every option's help states its default)."""
     ap = argparse.ArgumentParser(prog="python -m scripts.evaluation.explain_eval", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config_file", default=str(ROOT / "configs" / "inference.json"),
-                    help="the inference config giving the network, preprocessing and datalist (default: "
-                         "configs/inference.json in the bundle folder)")
-    ap.add_argument("--ckpt", default=None, help="checkpoint (default: the config's ckpt_path, models/model.pt)")
-    ap.add_argument("--split", default="test", help="datalist split to explain (default: %(default)s)")
-    ap.add_argument("--subjects", type=int, default=0, help="at most this many subjects, preterm and term in turn "
-                                                            "(default: %(default)s = all of the split)")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS),
-                    help=f"methods to compare (default: all: {' '.join(METHODS)})")
+    add_model_options(ap, weights="ckpt")
+    add_subject_options(ap, "datalist split to explain", 0, "(default: %(default)s = all of the split)", METHODS,
+                        "methods to compare")
     ap.add_argument("--patches", type=int, nargs="+", default=[8, 16],
                     help="block sides of region perturbation (default: 8 16)")
     ap.add_argument("--steps", type=int, default=5, help="perturbation steps per curve (default: %(default)s)")
@@ -390,11 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="occlusion block side (16: 3x the forward passes) (default: %(default)s)")
     ap.add_argument("--reduced", action="store_true",
                     help="small settings for CI: 2 steps, 2 SmoothGrad samples (default: off)")
-    ap.add_argument("--override", type=json.loads, default={},
-                    help='config overrides as JSON, e.g. \'{"fold": 0}\' (default: {}, none)')
-    ap.add_argument("--output", default=str(ROOT / "docs" / "results"),
-                    help="folder for explanations.md/.csv and the figures (default: docs/results in the bundle "
-                         "folder)")
+    add_output_option(ap, ROOT / "docs" / "results", "explanations.md/.csv and the figures")
     return ap
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import sys
 import time
@@ -23,12 +22,15 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from scripts.data.synthetic import generate_cohort
+from scripts.evaluation.cli import add_model_options, add_output_option
 from scripts.evaluation.cross_validation import run_bundle_workflow
 from scripts.evaluation.tables import markdown_table
 from scripts.runtime.datalist import ensure_datalist, load_split
 from scripts.runtime.errors import report_input_errors
 from scripts.runtime.outputs import atomic_write_text, subject_name, write_csv
-from scripts.runtime.qc import MEASURES, QCHandler
+from scripts.runtime.qc import QCHandler
+from scripts.runtime.reference import MEASURES
 
 logger = logging.getLogger(__name__)
 
@@ -109,11 +111,12 @@ def write_variants(items: list[dict], folder: Path, corruptions=tuple(CORRUPTION
 def evaluate(args) -> tuple[list[dict], dict]:
     # QC of what reaches the network unrepaired: the preprocessing's registration (preprocess=auto) would put
     # the shifted and some rotated scans right before QC sees them (tests/test_native.py)
-    common = {"preprocess": "off", **json.loads(args.override), "device": "$torch.device('cpu')", "skip_bad": True}
+    common = {"preprocess": "off", **args.override, "device": "$torch.device('cpu')", "skip_bad": True}
     if args.ckpt_dir:
         common["ckpt_dir"] = str(args.ckpt_dir)
     default = str(Path("data") / "synthetic")
-    datalist = ensure_datalist(common.get("datalist"), common.get("dataset_dir", default), synthetic_dir=default)
+    datalist = ensure_datalist(common.get("datalist"), common.get("dataset_dir", default), synthetic_dir=default,
+                               generator=generate_cohort)
     items = load_split(datalist, "test", -1)[: args.subjects or None]
     work = Path(args.work_dir)
     records = write_variants(items, work / "inputs")
@@ -160,14 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m scripts.evaluation.qc_eval`` (every option's help states its default)."""
     parser = argparse.ArgumentParser(prog="python -m scripts.evaluation.qc_eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default="docs/results",
-                        help="folder for qc.csv and qc.md (default: %(default)s, from the current folder)")
+    add_output_option(parser, "docs/results", "qc.csv and qc.md")
     parser.add_argument("--work_dir", default="runs/qc_eval",
                         help="corrupted inputs and inference outputs (default: %(default)s, from the current folder)")
-    parser.add_argument("--ckpt_dir", default=None,
-                        help="folder of model.pt and its QC reference (default: the config's ckpt_dir, models/)")
-    parser.add_argument("--override", default="{}",
-                        help="JSON object of inference.json overrides (default: %(default)s, none)")
+    add_model_options(parser, weights="ckpt_dir", config_file=False,
+                      override_help="JSON object of inference.json overrides (default: {}, none)")
     parser.add_argument("--subjects", type=int, default=0,
                         help="test subjects to use (default: %(default)s = all)")
     return parser

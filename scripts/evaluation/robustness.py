@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import os
 import shlex
@@ -39,6 +38,8 @@ from monai.bundle import ConfigParser
 from scipy import ndimage
 
 from scripts import BUNDLE_ROOT
+from scripts.data.synthetic import generate_cohort
+from scripts.evaluation.cli import add_model_options, add_output_option
 from scripts.evaluation.tables import markdown_table
 from scripts.runtime.datalist import ensure_datalist, load_split
 from scripts.runtime.errors import report_input_errors
@@ -152,7 +153,7 @@ class Measurer:
         self.ckpt = Path(ckpt_dir) / "model.pt"
         self.network.load_state_dict(torch.load(self.ckpt, map_location="cpu", weights_only=True))
         self.network.eval()
-        from scripts.runtime.qc import QCReference  # noqa: PLC0415 (the reference is optional)
+        from scripts.runtime.reference import QCReference  # noqa: PLC0415 (the reference is optional)
 
         self.qc = QCReference.load(Path(ckpt_dir))
 
@@ -178,8 +179,6 @@ def fresh_cohort(work_dir: Path, seed: int, subjects: int) -> str:
     """A synthetic cohort of ``subjects`` drawn with ``seed`` (not the default cohort's), generated once."""
     if seed == 0:
         raise ValueError("--cohort-seed 0 is the default cohort (its training and test subjects): draw another seed")
-    from scripts.data.synthetic import generate_cohort  # noqa: PLC0415 (only for a fresh cohort)
-
     folder = work_dir / f"cohort_seed{seed}_n{subjects}"
     if (folder / "datalist.json").is_file():
         return str(folder / "datalist.json")
@@ -279,24 +278,33 @@ def write_outputs(rows: list[dict], output: Path, command: str, weights: str, su
     return "\n".join(text)
 
 
-@report_input_errors
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m scripts.evaluation.robustness`` (every option's help states its default)."""
     parser = argparse.ArgumentParser(prog="python -m scripts.evaluation.robustness", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default="docs/results", help="folder for robustness.md and robustness.csv")
-    parser.add_argument("--work_dir", default="runs/robustness", help="perturbed scans (and a fresh cohort)")
-    parser.add_argument("--ckpt_dir", default=str(BUNDLE_ROOT / "models"), help="folder of model.pt (+ QC reference)")
-    parser.add_argument("--override", default="{}", help="JSON object of inference.json overrides")
+    add_output_option(parser, "docs/results", "robustness.md and robustness.csv")
+    parser.add_argument("--work_dir", default="runs/robustness",
+                        help="perturbed scans and a fresh cohort (default: %(default)s, from the current folder)")
+    add_model_options(parser, weights="ckpt_dir", config_file=False, weights_default=BUNDLE_ROOT / "models",
+                      override_help="JSON object of inference.json overrides (default: {}, none)")
     parser.add_argument("--datalist", default=None,
                         help="datalist whose test split is used (default: data/synthetic, generated if absent)")
     parser.add_argument("--cohort-seed", type=int, default=None,
-                        help="draw a fresh synthetic cohort with this seed (not 0) and use all of its subjects")
-    parser.add_argument("--subjects", type=int, default=32, help="size of the fresh cohort (with --cohort-seed)")
-    parser.add_argument("--limit", type=int, default=0, help="use only the first N subjects (0: all)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random perturbations (bias, noise)")
-    args = parser.parse_args(argv)
+                        help="draw a fresh synthetic cohort with this seed (not 0) and use all of its subjects "
+                             "(default: none, the test split)")
+    parser.add_argument("--subjects", type=int, default=32,
+                        help="size of the fresh cohort, with --cohort-seed (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N subjects (default: 0, all)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random perturbations, bias and noise (default: %(default)s)")
+    return parser
+
+
+@report_input_errors
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = json.loads(args.override)
+    overrides = args.override
     work = Path(args.work_dir)
     if args.cohort_seed is not None:
         datalist, split = fresh_cohort(work, args.cohort_seed, args.subjects), "all"
@@ -304,7 +312,8 @@ def main(argv=None) -> int:
     else:
         dataset = str(BUNDLE_ROOT / "data" / "synthetic")
         default = str(Path(dataset) / "datalist.json")  # generated there when absent, like the configs do
-        datalist, split = args.datalist or ensure_datalist(default, dataset, synthetic_dir=dataset), "test"
+        datalist = args.datalist or ensure_datalist(default, dataset, synthetic_dir=dataset, generator=generate_cohort)
+        split = "test"
         where = f"the test split of {os.path.relpath(Path(datalist).resolve(), BUNDLE_ROOT)}"
     items = load_split(datalist, split, -1)[: args.limit or None]
     measurer = Measurer(args.ckpt_dir, overrides)

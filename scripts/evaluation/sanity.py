@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import sys
 import time
@@ -42,6 +41,7 @@ from scipy import stats
 from torch import nn
 
 from scripts import BUNDLE_ROOT
+from scripts.evaluation.cli import add_model_options, add_output_option, add_subject_options
 from scripts.evaluation.explain_eval import load_model, load_subjects, select_subjects
 from scripts.evaluation.explainers import GRADIENT_METHODS, LRP_METHODS, compute_maps, forward_seconds
 from scripts.evaluation.explanation_metrics import magnitude_scaled, median_quartiles, rank_correlation, ssim
@@ -406,24 +406,14 @@ def _class_figure(rows, path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m scripts.evaluation.sanity`` (every option's help states its default)."""
     ap = argparse.ArgumentParser(prog="python -m scripts.evaluation.sanity", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config_file", default=str(ROOT / "configs" / "inference.json"),
-                    help="the inference config giving the network, preprocessing and datalist (default: "
-                         "configs/inference.json in the bundle folder)")
-    ap.add_argument("--ckpt", default=None, help="checkpoint (default: the config's ckpt_path, models/model.pt)")
-    ap.add_argument("--split", default="test", help="datalist split to check on (default: %(default)s)")
-    ap.add_argument("--subjects", type=int, default=6, help="at most this many subjects, preterm and term in turn "
-                                                            "(0: all) (default: %(default)s)")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS),
-                    help=f"methods to check (default: all: {' '.join(METHODS)})")
+    add_model_options(ap, weights="ckpt")
+    add_subject_options(ap, "datalist split to check on", 6, "(0: all) (default: %(default)s)", METHODS,
+                        "methods to check")
     ap.add_argument("--checks", nargs="+", default=["randomisation", "class"], choices=["randomisation", "class"],
                     help="which checks to run (default: randomisation class)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the re-initialised layers (default: %(default)s)")
     ap.add_argument("--reduced", action="store_true", help="small settings for CI: 2 subjects (default: off)")
-    ap.add_argument("--override", type=json.loads, default={},
-                    help='config overrides as JSON, e.g. \'{"fold": 0}\' (default: {}, none)')
-    ap.add_argument("--output", default=str(ROOT / "docs" / "results"),
-                    help="folder for sanity.md, the CSVs and the figures (default: docs/results in the bundle "
-                         "folder)")
+    add_output_option(ap, ROOT / "docs" / "results", "sanity.md, the CSVs and the figures")
     return ap
 
 

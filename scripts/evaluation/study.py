@@ -47,7 +47,7 @@ from urllib.parse import quote
 import torch
 from monai.bundle import ConfigParser
 
-from scripts.data.synthetic_anatomy import DRAWEM9
+from scripts.evaluation.cli import add_model_options
 from scripts.evaluation.clinical_metrics import (
     CLASS_NAMES,
     classification_metrics,
@@ -86,6 +86,7 @@ from scripts.runtime.outputs import (
     write_csv,
 )
 from scripts.runtime.report import copy_report, html_page, html_table
+from scripts.runtime.tissues import DRAWEM9
 
 logger = logging.getLogger("scripts.evaluation.study")
 
@@ -482,8 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
                          f"{json.dumps(REDUCED_GRID)})")
     ap.add_argument("--presets", nargs="+", default=PRESETS,
                     help=f"LRP alpha-beta settings of the group maps (default: {' '.join(PRESETS)})")
-    ap.add_argument("--override", type=json.loads, default={},
-                    help='config overrides for every stage as JSON, e.g. \'{"num_epochs": 20}\' (default: {}, none)')
+    add_model_options(ap, weights=None, config_file=False,
+                      override_help='config overrides for every stage as JSON, e.g. \'{"num_epochs": 20}\' (default: '
+                                    "{}, none)")
     ap.add_argument("--reduced", action="store_true",
                     help=f"2 mm grid, smaller network, grid {json.dumps(REDUCED_GRID)}: {json.dumps(REDUCED)} "
                          "(default: off, the full settings)")
@@ -511,8 +513,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.argv = argv
     logging.config.fileConfig(ROOT / "configs" / "logging.conf", disable_existing_loggers=False)  # as the bundle
-    if not isinstance(args.override, dict):
-        ap.error(f"--override must be a JSON object, got {args.override!r}")
     if args.grid is not None:
         expand_grid(args.grid)
     if args.shard is not None:

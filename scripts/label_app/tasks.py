@@ -35,14 +35,16 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.transform.pre import LoadImageTensord
 
+from scripts.runtime.checks import EXPORT_COMMAND, TRAIN_COMMAND, check_volume
+
 # imported while the app has the bundle folder on sys.path; BundleInferTask later drops the ``scripts`` modules from
 # sys.modules (it reloads them for the config), which leaves these references working
-from scripts.label_app.evidence import CLASS_NAMES, EVIDENCE_LABELS, evidence_labelmap, label_shares
-from scripts.runtime.checks import EXPORT_COMMAND, TRAIN_COMMAND, check_volume
+from scripts.runtime.evidence import CLASS_NAMES, EVIDENCE_LABELS, evidence_labelmap, label_shares
 from scripts.runtime.explain import APP_PRESET, explain, labels_to_original_grid, to_original_grid
 from scripts.runtime.network import from_torchscript
 from scripts.runtime.outputs import read_volume
-from scripts.runtime.qc import QCReference, check_policy, evaluate_input
+from scripts.runtime.qc import check_policy, evaluate_input
+from scripts.runtime.reference import QCReference
 
 logger = logging.getLogger(__name__)
 

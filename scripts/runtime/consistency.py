@@ -10,8 +10,9 @@ AugMix's consistency term (Hendrycks et al., ICLR 2020), here on the logit margi
                     difference of the two halves' logit margins (logit 1 - logit 0).
 
 The default training of configs/train.json since 2026-12-06 (the experiment it came from:
-docs/experiments/consistency_acquired.json, measured in docs/README.md); the validation and inference paths are
-unchanged.
+docs/experiments/consistency_acquired.json, measured in
+(docs/experiments/README.md, 2026-12-06: consistency training adopted)); the validation and inference paths
+are unchanged.
 """
 
 from __future__ import annotations

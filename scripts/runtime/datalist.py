@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from scripts.runtime.checks import check_bool, check_bool_or_auto, validate_items
@@ -18,7 +19,8 @@ SPLITS = ("train", "validation", "test", "training", "all")
 
 
 def ensure_datalist(datalist: str | None, dataset_dir: str, synthetic_subjects: int = 160, seed: int = 0,
-                    generate="auto", synthetic_dir: str | None = None) -> str:
+                    generate="auto", synthetic_dir: str | None = None,
+                    generator: Callable[..., str | os.PathLike] | None = None) -> str:
     """Return the datalist to use.
 
     - ``datalist`` exists (a JSON file, or a folder of NIfTIs) -> it.
@@ -27,6 +29,9 @@ def ensure_datalist(datalist: str | None, dataset_dir: str, synthetic_subjects: 
       but only where the user asked for it: ``generate`` ``"auto"`` (the configs' ``generate_synthetic``) generates
       only into the default folder ``synthetic_dir``; ``True`` into any ``dataset_dir``; ``False`` never. Any other
       missing ``dataset_dir`` is an error naming the key, the path and the fix, and nothing is created.
+      ``generator`` makes the cohort: ``generator(folder, subjects=..., seed=...)`` returning its datalist (the
+      configs pass ``scripts.data.synthetic.generate_cohort`` as their ``synthetic_cohort`` item; this module imports
+      nothing from scripts/data/).
     - ``dataset_dir`` holds NIfTI files but no datalist -> ``dataset_dir`` itself (a folder of images, inference).
     """
     generate = _check_generate(generate)
@@ -41,19 +46,22 @@ def ensure_datalist(datalist: str | None, dataset_dir: str, synthetic_subjects: 
                                 "JSON (--datalist <file>) or leave 'datalist' out to use dataset_dir")
     if not folder.exists() or not any(folder.iterdir()):
         default = synthetic_dir is not None and folder.resolve() == Path(synthetic_dir).resolve()
+        state = "is empty" if folder.exists() else "does not exist"
         if not (generate is True or (generate == "auto" and default)):
-            state = "is empty" if folder.exists() else "does not exist"
             raise FileNotFoundError(
                 f"config key 'dataset_dir': {folder} {state}; pass a folder of NIfTI files or one holding "
                 "datalist.json (--dataset_dir <folder>), or add --generate_synthetic true to generate the synthetic "
                 "cohort there")
         if int(synthetic_subjects) < 2:
             raise ValueError(f"dataset_dir {folder} is empty and synthetic_subjects={synthetic_subjects} (< 2)")
-        from scripts.data.synthetic import generate_cohort  # noqa: PLC0415 (heavy; only without a datalist)
-
+        if generator is None:
+            raise ValueError(f"config key 'dataset_dir': {folder} {state} and generate_synthetic={generate} asks "
+                             "for the synthetic cohort there, but no generator was given: pass generator="
+                             "scripts.data.synthetic.generate_cohort (in a config: \"generator\": "
+                             "\"@synthetic_cohort\"), or set dataset_dir to a folder with data")
         logger.warning("no data in %s: generating the synthetic cohort (%d subjects) there", folder,
                        synthetic_subjects)
-        return str(generate_cohort(folder, subjects=int(synthetic_subjects), seed=int(seed)))
+        return str(generator(folder, subjects=int(synthetic_subjects), seed=int(seed)))
     if (folder / "datalist.json").is_file():
         return str(folder / "datalist.json")
     if any(str(p).endswith(NIFTI_SUFFIXES) for p in folder.iterdir()):

@@ -28,7 +28,7 @@ from scripts.runtime.outputs import input_path, relevance_path, save_nifti
 __all__ = ["APP_PRESET", "Explained", "affine_of", "check_presets", "explain", "labels_to_original_grid",
            "to_original_grid", "write_explanation"]
 
-# The recommended LRP preset (docs/README.md, explanation evaluation): the one of the MONAI Label tasks and the MONAI
+# The recommended LRP preset (docs/evaluation.md, recommendation): the one of the MONAI Label tasks and the MONAI
 # Deploy app when their users do not pick one (Label: ``--conf lrp_preset``, Deploy: ``PRETERM_LRP_PRESET``), and
 # the first of ``configs/inference.json``'s default ``lrp_presets`` (``run inference``; the run report pictures the
 # first preset), which names it. The one place to change it; the apps' tests and tests/test_console.py follow it.

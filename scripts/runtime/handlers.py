@@ -52,7 +52,8 @@ RELEVANCE_COLUMNS = ["subject", "preset", "pred", "prob_term", "prob_preterm", "
 PREDICTION_COLUMNS = ["subject", "image", "prob_term", "prob_preterm", "prediction", "label", "run_key",
                       *QC_COLUMNS]
 CLASSES = ("term", "preterm")
-# exit status of ``python -m monai.bundle run inference`` (README.md, Reliability): 0 every input has its prediction
+# exit status of ``python -m monai.bundle run inference`` (docs/outputs.md, exit status):
+# 0 every input has its prediction
 # (this run's or an earlier one's with the same model and settings); 1 an error (the one-line ``error: ...`` of
 # scripts.runtime.errors, or a traceback); 3 the run finished but some inputs have no prediction: refused by input
 # QC (qc=refuse) or skipped as unreadable (skip_bad=true), or none predicted at all

@@ -28,41 +28,41 @@ Every failure says what to do (``advice``): the registration measures point to t
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import ignite.distributed as idist
-import nibabel as nib
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from scripts.runtime.outputs import SKIPPED_COLUMNS, CrashSafeTable, atomic_write_text, save_nifti, source_file
+from scripts.runtime.outputs import SKIPPED_COLUMNS, CrashSafeTable, source_file
+from scripts.runtime.reference import (
+    MARGINS,
+    MEASURES,
+    REFERENCE,
+    SIMILARITY_REDUCTION,
+    QCReference,
+    fingerprint,
+    intensity_stats,
+    network_features,
+    penultimate,
+    reduce,
+    save_template,
+)
 from scripts.runtime.visual import plural
 
-__all__ = ["COLUMNS", "MARGINS", "MEASURES", "POLICIES", "QCHandler", "QCReference", "QCReferenceWriter", "advice",
-           "build_reference", "check_policy", "save_template", "evaluate_input", "failure_reason", "load_thresholds",
-           "network_features", "qc_row", "score_text"]
+__all__ = ["COLUMNS", "POLICIES", "QCHandler", "QCReferenceWriter", "advice", "build_reference", "check_policy",
+           "evaluate_input", "failure_reason", "load_thresholds", "qc_row", "score_text"]
 
 logger = logging.getLogger(__name__)
-MEASURES = ("similarity", "outside_brain", "missing_brain", "intensity", "feature_distance")
-# threshold = training maximum x margin; documented in docs/README.md (input quality control)
-MARGINS = {"similarity": 1.2, "outside_brain": 2.0, "missing_brain": 2.0, "intensity": 1.5,
-           "feature_distance": 1.5}
 POLICIES = ("flag", "refuse", "off")
 SHRINKAGE = 0.1  # share of the mean variance added to the feature covariance's diagonal
-REDUCTION = 4  # voxels per side of the grid of the brain-region measures (4 mm at 1 mm)
-SIMILARITY_REDUCTION = 8  # and of the similarity (8 mm: anatomy, not subject-specific detail)
 COLUMNS = ["qc_pass", "qc_failed", *(f"qc_{m}" for m in MEASURES), "qc_advice"]
-REFERENCE = "qc_reference.json"
-MEAN_IMAGE = "qc_mean_image.nii.gz"
-REGION = "qc_brain_region.nii.gz"
 
 # what to do when a measure fails (``advice``): placeholders in capitals, commands between backticks, run from the
 # bundle folder; a scan's own path replaces SCAN_T2w.nii.gz where it is known
@@ -132,154 +132,6 @@ def check_policy(value) -> str:
     return value
 
 
-def reduce(volume: np.ndarray, factor: int = REDUCTION) -> np.ndarray:
-    """Average over blocks of factor^3 voxels (a (D, H, W) array; sides cut to multiples)."""
-    t = torch.as_tensor(np.asarray(volume, dtype=np.float32))[None, None]
-    return torch.nn.functional.avg_pool3d(t, factor)[0, 0].numpy()
-
-
-def _ncc(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
-    denominator = float(np.sqrt((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum() / denominator) if denominator > 0 else 0.0
-
-
-def intensity_stats(volume: np.ndarray) -> np.ndarray:
-    """Skewness, 1st and 99th percentile of the non-zero voxels (zeros: an empty input)."""
-    values = volume[volume != 0].astype(np.float64)
-    if values.size < 2 or values.std() == 0:
-        return np.zeros(3)
-    z = (values - values.mean()) / values.std()
-    return np.array([float((z ** 3).mean()), *np.percentile(values, [1, 99])])
-
-
-def _penultimate(network: torch.nn.Module) -> torch.nn.Module:
-    network = getattr(network, "module", network)
-    linears = [m for m in network.modules() if isinstance(m, torch.nn.Linear)]
-    if not linears:
-        raise ValueError("QC needs a network whose last layer is a torch.nn.Linear")
-    return linears[-1]
-
-
-def network_features(network: torch.nn.Module, images: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
-    """Penultimate-layer features (the input of the last linear layer) and logits for a (B, 1, ...) batch."""
-    captured = {}
-    hook = _penultimate(network).register_forward_pre_hook(lambda m, args: captured.setdefault("f", args[0]))
-    try:
-        with torch.no_grad():
-            logits = network(images)
-    finally:
-        hook.remove()
-    return captured["f"].detach().float().cpu().numpy().reshape(len(images), -1), logits
-
-
-def fingerprint(network: torch.nn.Module) -> str:
-    """Short hash of the last layer's weights: tells which trained model a reference belongs to (``model.pt``
-    and the ``model.ts`` exported from it share it)."""
-    weight = _penultimate(network).weight.detach().float().cpu().numpy()
-    return hashlib.sha256(np.ascontiguousarray(weight).tobytes()).hexdigest()[:16]
-
-
-@dataclass
-class QCReference:
-    """The training population as QC sees it, with the thresholds (see the module docstring)."""
-
-    mean_image: np.ndarray  # SIMILARITY_REDUCTION grid
-    region: np.ndarray  # REDUCTION grid, bool
-    affine: np.ndarray  # of the network input
-    intensity_mean: np.ndarray
-    intensity_std: np.ndarray
-    class_means: np.ndarray  # (C, F)
-    precision: np.ndarray  # (F, F)
-    training_max: dict
-    margins: dict = field(default_factory=lambda: dict(MARGINS))
-    thresholds: dict = field(default_factory=dict)  # training_max x margins, unless edited in the JSON
-    fingerprint: str = ""
-    subjects: int = 0
-
-    def fits(self, shape) -> bool:
-        """Whether a network input of (D, H, W) ``shape`` is on the grid this reference was written for."""
-        shape = [int(s) for s in shape]
-        return (tuple(s // SIMILARITY_REDUCTION for s in shape) == tuple(self.mean_image.shape)
-                and tuple(s // REDUCTION for s in shape) == tuple(self.region.shape))
-
-    def registration_scores(self, volume: np.ndarray) -> dict:
-        """``similarity`` and ``outside_brain`` of one (D, H, W) input: the measures that tell a registered,
-        skull-stripped scan (the preprocessing's ``auto`` uses them before the intensity normalisation; both are
-        unchanged by a linear intensity change)."""
-        if not self.fits(volume.shape):
-            raise ValueError(f"the QC reference (grid {self.region.shape} at {REDUCTION} voxels) does not fit an input "
-                             f"of shape {volume.shape}; retrain with this spatial_shape to create its reference")
-        reduced = reduce(volume, SIMILARITY_REDUCTION)
-        occupancy = reduce((volume != 0).astype(np.float32))
-        filled = float(occupancy.sum())
-        return {"similarity": 1.0 - _ncc(reduced, self.mean_image),
-                "outside_brain": float((occupancy * ~self.region).sum() / filled) if filled else 1.0}
-
-    def measure(self, volume: np.ndarray, features: np.ndarray) -> dict:
-        """Every measure of one (D, H, W) network input and its (F,) features."""
-        scores = self.registration_scores(volume)
-        occupancy = reduce((volume != 0).astype(np.float32))
-        z = np.abs(intensity_stats(volume) - self.intensity_mean) / self.intensity_std
-        diff = features[None, :] - self.class_means
-        distance = np.sqrt(np.maximum(np.einsum("cf,fg,cg->c", diff, self.precision, diff), 0)).min()
-        return {**scores,
-                "missing_brain": float(((1 - occupancy) * self.region).sum() / max(self.region.sum(), 1)),
-                "intensity": float(z.max()),
-                "feature_distance": float(distance)}
-
-    def matches(self, network: torch.nn.Module) -> bool:
-        """Whether the reference was computed for these weights (a retrained model needs its own)."""
-        if self.fingerprint and self.fingerprint != fingerprint(network):
-            logger.warning("the QC reference (fingerprint %s) belongs to other weights than the model's (%s): input "
-                           "QC is off; retrain, or rebuild the reference with the training command",
-                           self.fingerprint, fingerprint(network))
-            return False
-        return True
-
-    def verdict(self, scores: dict) -> tuple[bool, list[str]]:
-        failed = [m for m in MEASURES if not scores[m] <= self.thresholds[m]]  # NaN fails
-        return not failed, failed
-
-    # -- files next to the weights ------------------------------------------------------------------------------
-    def save(self, folder: str | os.PathLike) -> Path:
-        folder = Path(folder)
-        save_nifti(self.mean_image, self.affine @ np.diag([SIMILARITY_REDUCTION] * 3 + [1]), folder / MEAN_IMAGE)
-        save_nifti(self.region.astype(np.uint8), self.affine @ np.diag([REDUCTION] * 3 + [1]), folder / REGION,
-                   dtype=np.uint8)
-        content = {
-            "description": "Input QC reference of the weights beside it (scripts/runtime/qc.py); a subject fails "
-                           "a measure when it exceeds thresholds[measure]; thresholds = training_max x margins",
-            "fingerprint": self.fingerprint, "subjects": self.subjects, "input_affine": self.affine.tolist(),
-            "margins": self.margins, "training_max": self.training_max, "thresholds": self.thresholds,
-            "intensity_mean": self.intensity_mean.tolist(), "intensity_std": self.intensity_std.tolist(),
-            "class_means": self.class_means.tolist(), "precision": self.precision.tolist(),
-            "mean_image": MEAN_IMAGE, "brain_region": REGION,
-        }
-        return atomic_write_text(json.dumps(content, indent=1) + "\n", folder / REFERENCE)
-
-    @classmethod
-    def load(cls, folder: str | os.PathLike) -> QCReference | None:
-        """The reference saved in ``folder``; None when there is none (older weights)."""
-        path = Path(folder) / REFERENCE
-        if not path.is_file():
-            return None
-        try:
-            content = json.loads(path.read_text())
-            mean = nib.load(str(Path(folder) / content["mean_image"]))
-            region = np.asarray(nib.load(str(Path(folder) / content["brain_region"])).dataobj) > 0
-            margins = {m: float(content["margins"][m]) for m in MEASURES}
-            training_max = {m: float(content["training_max"][m]) for m in MEASURES}
-            thresholds = {m: float(content["thresholds"][m]) for m in MEASURES}
-            return cls(np.asarray(mean.dataobj, dtype=np.float32), region, np.asarray(content["input_affine"]),
-                       np.asarray(content["intensity_mean"]), np.asarray(content["intensity_std"]),
-                       np.asarray(content["class_means"]), np.asarray(content["precision"]), training_max,
-                       margins, thresholds, content.get("fingerprint", ""), int(content.get("subjects", 0)))
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}: not a readable QC reference ({type(err).__name__}: {err}); recreate it with "
-                             "the training command or delete it (QC is then off)") from err
-
-
 def build_reference(network: torch.nn.Module, inputs: Sequence, labels: Sequence[int],
                     margins: dict | None = None) -> QCReference:
     """The reference from the training split: ``inputs`` are the preprocessed network inputs (1, D, H, W)
@@ -327,22 +179,6 @@ def build_reference(network: torch.nn.Module, inputs: Sequence, labels: Sequence
     reference.training_max = {m: max(s[m] for s in scores) for m in MEASURES}
     reference.thresholds = {m: reference.training_max[m] * reference.margins[m] for m in MEASURES}
     return reference
-
-
-def save_template(inputs: Sequence, folder: str | os.PathLike) -> list[Path]:
-    """The registration template of native scans (``CentredGridd(preprocess=...)``) from the training inputs
-    (1, D, H, W): their mean on the network grid, each brain shifted above the zero background (z-scores + 4),
-    and the brain mask where at least half the training brains are."""
-    from scripts.runtime.transforms import TEMPLATE_IMAGE, TEMPLATE_MASK  # noqa: PLC0415 (no cycle at import)
-
-    volumes = np.stack([torch.as_tensor(v).as_subclass(torch.Tensor)[0].cpu().numpy() for v in inputs])
-    brains = volumes != 0
-    mean = np.where(brains, volumes + 4.0, 0.0).mean(0).astype(np.float32)
-    mask = brains.mean(0) > 0.5
-    affine = np.asarray(getattr(inputs[0], "affine", np.eye(4)), dtype=float)
-    folder = Path(folder)
-    return [save_nifti(mean * mask, affine, folder / TEMPLATE_IMAGE),
-            save_nifti(mask, affine, folder / TEMPLATE_MASK, dtype=np.uint8)]
 
 
 def qc_row(verdict: dict | None) -> dict:
@@ -432,7 +268,7 @@ class QCHandler:
             self.reference = None
             return
         if self._hook is None:  # the evaluator's own forward pass gives the features (no extra forward)
-            self._hook = _penultimate(network).register_forward_pre_hook(self._capture)
+            self._hook = penultimate(network).register_forward_pre_hook(self._capture)
         if self.skipped is not None:
             self.skipped.load()
 

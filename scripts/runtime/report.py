@@ -48,7 +48,9 @@ from scripts.runtime.outputs import (
     report_index,
     report_page,
 )
-from scripts.runtime.qc import ADVICE_START, MEASURES, SCAN_PLACEHOLDER, advice, load_thresholds, score_text
+from scripts.runtime.qc import ADVICE_START, SCAN_PLACEHOLDER, advice, load_thresholds, score_text
+from scripts.runtime.reference import MEASURES
+from scripts.runtime.tissues import DRAWEM9
 from scripts.runtime.visual import COLOUR_RULE, overlay_mosaic, plural, save_mosaic
 
 __all__ = ["CLASSES", "RESEARCH_NOTICE", "RunReport", "build_report", "copy_report", "html_page", "html_table",
@@ -152,14 +154,6 @@ def relevance_by_tissue(relevance: np.ndarray, tissue: np.ndarray, names: Mappin
         region = labels == label
         out[name] = (float(positive[region].sum()) / total if total > 0 else float("nan"), float(region.mean()))
     return out
-
-
-def _tissue_names() -> dict[int, str]:
-    try:
-        from scripts.data.synthetic_anatomy import DRAWEM9  # noqa: PLC0415 (the drawem9 names; numpy only)
-    except ImportError:  # pragma: no cover - the bundle always ships it
-        return {k: f"label {k}" for k in range(1, 10)}
-    return dict(DRAWEM9)
 
 
 def _sha256(path: str | os.PathLike | None) -> str:
@@ -360,7 +354,7 @@ def _subject_page(output_dir: Path, subject: _Subject, preset: str, presets: Seq
             rows.append([html.escape(measure), value, result])
         body += ["<h2>Input QC</h2>",
                  "<p>Each measure is a badness (larger is worse) and fails above its threshold (max), the training "
-                 "subjects' maximum times a margin (docs/README.md, input quality control).</p>",
+                 "subjects' maximum times a margin (docs/qc.md, thresholds).</p>",
                  html_table(["measure", "score (threshold)", "result"], rows, table_id="qc")]
     return html_page(f"{subject.name}: run report", "\n".join(body))
 
@@ -453,7 +447,7 @@ def build_report(output_dir: str | os.PathLike, presets: Sequence[str] | None = 
     presets = list(presets or dict.fromkeys(p for _, p in relevance_rows))
     preset = presets[0] if presets else ""
     by_item = {str(it.get("subject", "")): it for it in (items or [])}
-    names = _tissue_names()
+    names = dict(DRAWEM9)
     qc_columns = [c for c in (predictions[0] if predictions else {}) if c.startswith(QC_PREFIX)]
     thresholds = load_thresholds(Path(ckpt_path).parent) if ckpt_path and qc_columns else None
 

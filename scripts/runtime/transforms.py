@@ -14,7 +14,7 @@
                    With ``preprocess`` (``auto`` | ``on`` | ``off``) and the template beside the weights
                    (``template_dir``: ``template_T2w.nii.gz``, ``template_mask.nii.gz``, written by training) it
                    also takes native scans: ``on`` registers every scan to the template (SimpleITK rigid ->
-                   affine, ``scripts.data.registration.affine_to_template``), resamples it onto the template grid
+                   affine, ``scripts.runtime.registration.affine_to_template``), resamples it onto the template grid
                    through that affine in the same single invertible step and keeps the template's brain mask
                    (skull stripping); ``auto`` does so only for a scan that is not registered already -- one whose
                    centred input fails the QC reference's ``similarity`` or ``outside_brain`` threshold (the
@@ -37,7 +37,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Hashable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,14 +45,14 @@ from monai.data import MetaTensor
 from monai.transforms import GaussianSmooth, InvertibleTransform, MapTransform, RandomizableTransform, SpatialResample
 from scipy import ndimage
 
-__all__ = ["PREPROCESS", "REGISTERED", "TEMPLATE_IMAGE", "TEMPLATE_MASK", "CentredGridd", "MaskedGaussianSmoothd",
-           "RandAcquiredGridd", "RandMaskJitterd", "Template", "acquire_on_grid", "centred_grid_affine",
-           "check_preprocess"]
+from scripts.runtime.reference import Template, missing_template
+from scripts.runtime.registration import affine_to_template
+
+__all__ = ["PREPROCESS", "REGISTERED", "CentredGridd", "MaskedGaussianSmoothd", "RandAcquiredGridd", "RandMaskJitterd",
+           "acquire_on_grid", "centred_grid_affine", "check_preprocess"]
 
 logger = logging.getLogger(__name__)
 PREPROCESS = ("auto", "on", "off")
-TEMPLATE_IMAGE = "template_T2w.nii.gz"
-TEMPLATE_MASK = "template_mask.nii.gz"
 REGISTERED = "registered_to_template"  # meta key of a network input: the scan was registered (native scan)
 EDGE_SHARE = 0.05  # normalised interpolation at the brain edge: smallest brain share an output voxel is divided by
 
@@ -63,69 +62,6 @@ def check_preprocess(value) -> str:
     if str(value) not in PREPROCESS:
         raise ValueError(f"config key 'preprocess' must be one of {', '.join(PREPROCESS)}, got {value!r}")
     return str(value)
-
-
-def missing_template(missing: Sequence[str]) -> str:
-    return (f"native scans need the registration template {' and '.join(missing)}: it is written by training "
-            "beside model.pt; write it (python -m scripts.data.preprocess template --ckpt_dir <folder of model.pt>), "
-            "or set preprocess=off and register the scans first (python -m scripts.data.preprocess run)")
-
-
-class Template:
-    """The registration target beside the weights: the mean training input on the network grid, its brain mask
-    (where most training brains are) and the QC reference whose ``similarity`` / ``outside_brain`` thresholds
-    tell whether a scan is registered already."""
-
-    def __init__(self, folder: str | os.PathLike) -> None:
-        import nibabel as nib  # noqa: PLC0415 (only where native scans are registered)
-
-        from scripts.runtime.qc import QCReference  # noqa: PLC0415 (qc imports this module: no cycle at import)
-
-        folder = Path(folder)
-        self.folder = folder
-        self.reference = QCReference.load(folder)
-        self.missing = [str(folder / n) for n in (TEMPLATE_IMAGE, TEMPLATE_MASK) if not (folder / n).is_file()]
-        self.image = self.affine = self.mask = None
-        if not self.missing:
-            image = nib.load(str(folder / TEMPLATE_IMAGE))
-            self.image = np.asarray(image.dataobj, dtype=np.float32)
-            self.affine = np.asarray(image.affine, dtype=np.float64)
-            self.mask = np.asarray(nib.load(str(folder / TEMPLATE_MASK)).dataobj) > 0
-
-    def check_grid(self, spatial_size: Sequence[int]) -> Template:
-        """Self, or a ValueError when the template or its QC reference was written for another network input size
-        (e.g. the shipped models/ with a reduced ``spatial_shape``): they belong to the weights beside them."""
-        wrong = {}
-        if self.image is not None and tuple(self.image.shape) != tuple(int(s) for s in spatial_size):
-            wrong[TEMPLATE_IMAGE] = list(self.image.shape)
-        if self.reference is not None and not self.reference.fits(spatial_size):
-            from scripts.runtime.qc import REDUCTION  # noqa: PLC0415 (qc imports this module)
-
-            wrong["the QC reference"] = [int(s) * REDUCTION for s in self.reference.region.shape]
-        if wrong:
-            found = ", ".join(f"{name} is for {shape}" for name, shape in wrong.items())
-            raise ValueError(f"the registration template in {self.folder} does not fit config key 'spatial_shape' "
-                             f"{list(spatial_size)} ({found}): point ckpt_dir (template_dir) at the folder of the "
-                             "weights trained with this spatial_shape, or set preprocess=off")
-        return self
-
-    def require(self) -> Template:
-        """Self, or a FileNotFoundError naming the missing template files and what to do."""
-        if self.missing:
-            raise FileNotFoundError(missing_template(self.missing))
-        return self
-
-    def registered(self, volume: np.ndarray) -> tuple[bool, dict]:
-        """Whether a centred network input already looks registered and skull-stripped (no QC reference:
-        assumed so), with the scores."""
-        if self.reference is None:
-            return True, {}
-        volume = np.asarray(volume, dtype=np.float64)
-        brain = volume != 0
-        if brain.sum() > 1 and volume[brain].std() > 0:  # as NormalizeIntensityd(nonzero=True) gives the network
-            volume = np.where(brain, (volume - volume[brain].mean()) / volume[brain].std(), 0.0)
-        scores = self.reference.registration_scores(volume)
-        return all(scores[m] <= self.reference.thresholds[m] for m in scores), scores
 
 
 def centred_grid_affine(affine, in_shape: Sequence[int], pixdim: Sequence[float], out_shape: Sequence[int],
@@ -225,8 +161,6 @@ class CentredGridd(MapTransform, InvertibleTransform):
                                missing_template(self._template.missing))
                 return None
             logger.info("%s: not registered to the template (%s): registering it", name, failed)
-        from scripts.data.registration import affine_to_template  # noqa: PLC0415 (SimpleITK only when needed)
-
         scan = image.as_tensor()[0].detach().cpu().numpy()
         try:
             template_to_scan = affine_to_template(self._template.image, self._template.affine, self._template.mask,

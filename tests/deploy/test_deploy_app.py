@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT, TINY, app_preset, run_bundle
 from native_fixtures import native_input
 
-from scripts.runtime.transforms import TEMPLATE_IMAGE, TEMPLATE_MASK
+from scripts.runtime.reference import TEMPLATE_IMAGE, TEMPLATE_MASK
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_app_equals_run_inference(tmp_path, model_ts, reference):
 
 def test_native_scan_is_registered_beside_model_ts(tmp_path, model_ts, cohort, trained):
     """A native scan (scalp, rotated, 0.9 mm) given to the app whose model.ts has the training template and QC
-    reference beside it, staged and packaged as docs/README.md's MAP commands do (the app finds the model through
+    reference beside it, staged and packaged as docs/dicom.md's MAP commands do (the app finds the model through
     HOLOSCAN_MODEL_PATH, as in the MAP): the decision of ``run inference`` on the same file, maps on the scan's own
     grid."""
     ckpt_dir, _ = trained

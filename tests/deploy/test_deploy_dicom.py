@@ -26,7 +26,7 @@ from pydicom.uid import generate_uid
 from test_deploy_app import _run_app, model_ts  # noqa: F401  (model_ts: the exported tiny model, a fixture)
 
 from scripts.deploy_app.dicom import RULES_FILE, series_volume
-from scripts.label_app.evidence import EVIDENCE_LABELS
+from scripts.runtime.evidence import EVIDENCE_LABELS
 from scripts.runtime.outputs import save_nifti
 
 TILTS = (0.0, 20.0)
@@ -100,7 +100,7 @@ def test_series_volume_refuses_broken_series(tmp_path):
 
 
 def test_sdk_volume_affine_finding(tmp_path):
-    """The finding of docs/dicom.md (tests/deploy/sdk_affine_repro.py): SDK 4.0.0's DICOMSeriesToVolumeOperator
+    """The finding of (docs/dicom.md, Finding: the SDK 4.0.0 volume affine): SDK 4.0.0's DICOMSeriesToVolumeOperator
     puts PixelSpacing[0] (row spacing) on the row direction and, for an oblique series, a slice spacing that is
     not the distance between slices. Fails when an SDK fixes it, so that docs/dicom.md gets updated."""
     from sdk_affine_repro import sdk_geometry

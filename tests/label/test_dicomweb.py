@@ -35,7 +35,7 @@ from dicom_series import write_nifti_as_series
 from native_fixtures import native_input
 from slicer_client import MONAILabelClient
 
-from scripts.label_app.evidence import EVIDENCE_LABELS
+from scripts.runtime.evidence import EVIDENCE_LABELS
 
 ROOT = Path(__file__).resolve().parents[2]
 APP_DIR = ROOT / "scripts" / "label_app"

@@ -23,10 +23,11 @@ import numpy as np
 import pytest
 import requests
 import slicer_plugin as plugin
+from band_edges import assert_same_bands_up_to_edges
 from conftest import ROOT, TINY, TINY_OVERRIDES, app_preset, run_bundle
 from slicer_client import MONAILabelClient, MONAILabelClientException, MONAILabelUtils
 
-from scripts.label_app.evidence import BAND_NAMES, CLASS_NAMES, COUNTER_EVIDENCE, EVIDENCE_LABELS
+from scripts.runtime.evidence import CLASS_NAMES, EVIDENCE_LABELS
 
 APP_DIR = ROOT / "scripts" / "label_app"
 # compact JSON: the monailabel launcher (a shell script) splits arguments at spaces
@@ -271,34 +272,20 @@ def test_regridded_scan_as_nifti_and_nrrd(server, regridded, orig_reference, tmp
     _assert_same_bands_up_to_edges(maps["nifti", "preterm_evidence"][0], maps["nrrd", "preterm_evidence"][0])
 
 
-def _neighbour_labels() -> set[frozenset]:
-    """Label pairs one band edge apart: consecutive bands of a class, the last band and no band, counter-evidence and
-    no band."""
-    pairs = {frozenset((EVIDENCE_LABELS[COUNTER_EVIDENCE], 0))}
-    for name in CLASS_NAMES.values():
-        values = [EVIDENCE_LABELS[f"{name} evidence {band}"] for band in BAND_NAMES] + [0]
-        pairs |= {frozenset(p) for p in zip(values, values[1:])}
-    return pairs
-
-
 def _assert_same_bands_up_to_edges(a: np.ndarray, b: np.ndarray, max_fraction: float = 1e-4):
     """The evidence labelmaps of one scan read by two readers (NIfTI, NRRD) are equal but at band edges.
 
     Why a tolerance: the two readers give the same voxels but float32 affines that differ in the last bits, so the
-    network inputs (and the relevance maps, checked above to rtol 1e-5) differ by rounding. A band edge is a level of
-    the cumulative share of ranked relevance (evidence.py): a voxel whose share lies within ~1e-5 of a level can fall
-    on either side. So a differing voxel may only move to the neighbouring band (or in/out of the last band or the
-    counter-evidence), and only a few voxels may differ (seen on one machine: 5 of 2,304,000)."""
-    differ = a != b
-    assert differ.mean() <= max_fraction, f"{int(differ.sum())} of {differ.size} evidence voxels differ"
-    allowed = _neighbour_labels()
-    moves = {frozenset((int(x), int(y))) for x, y in zip(a[differ], b[differ])}
-    assert moves <= allowed, f"voxels moved further than one band edge: {sorted(map(sorted, moves - allowed))}"
+    network inputs (and the relevance maps, checked above to rtol 1e-5) differ by rounding, and a voxel whose share
+    of the ranked relevance lies within ~1e-5 of a level can fall on either side of that band edge (band_edges.py).
+    Only a few voxels may differ (seen on one machine: 5 of 2,304,000)."""
+    assert_same_bands_up_to_edges(a, b, max_fraction)
 
 
 def _curl(url: str, task: str, path: Path, output: str | None, params: dict | None = None,
           filename: str | None = None):
-    """What the README's curl lines send: the file in the request, ``output`` as a query parameter."""
+    """What the curl lines of (docs/label.md, serving the bundle) send: the file in the request, ``output`` as a
+    query parameter."""
     with path.open("rb") as f:
         return requests.post(f"{url}/infer/{task}", params={"output": output} if output else None,
                              files={"file": (filename or path.name, f)},
