@@ -22,9 +22,9 @@ __all__ = ["add_model_options", "add_output_option", "add_subject_options", "jso
 
 INFERENCE_CONFIG = BUNDLE_ROOT / "configs" / "inference.json"
 OVERRIDE_HELP = 'config overrides as JSON, e.g. \'{"fold": 0}\' (default: {}, none)'
-WEIGHTS = {
-    "ckpt": "checkpoint (default: the config's ckpt_path, models/model.pt)",
-    "ckpt_dir": "folder of model.pt and its QC reference (default: the config's ckpt_dir, models/)",
+WEIGHTS = {  # option: (what it names, its default when the command gives none)
+    "ckpt": ("checkpoint", "the config's ckpt_path, models/model.pt"),
+    "ckpt_dir": ("folder of model.pt and its QC reference", "the config's ckpt_dir, models/"),
 }
 
 
@@ -52,13 +52,12 @@ def add_model_options(ap: argparse.ArgumentParser, weights: str | None = "ckpt",
     if weights is not None:
         if weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHTS)} or None, got {weights!r}")
-        text = WEIGHTS[weights]
+        what, shown = WEIGHTS[weights]
         if weights_default is not None:
-            shown = Path(weights_default)
-            shown = shown.relative_to(BUNDLE_ROOT) if shown.is_relative_to(BUNDLE_ROOT) else shown
-            text = f"{text.split(' (default')[0]} (default: {shown.as_posix()})"
+            path = Path(weights_default)
+            shown = (path.relative_to(BUNDLE_ROOT) if path.is_relative_to(BUNDLE_ROOT) else path).as_posix()
             weights_default = str(weights_default)
-        ap.add_argument(f"--{weights}", default=weights_default, help=text)
+        ap.add_argument(f"--{weights}", default=weights_default, help=f"{what} (default: {shown})")
     ap.add_argument("--override", type=json_object, default={}, help=override_help)
 
 

@@ -64,13 +64,7 @@ def affine_registration(fixed, moving, fixed_mask=None, initial=None, rigid_only
         rigid = sitk.CenteredTransformInitializer(fixed, moving, sitk.VersorRigid3DTransform(),
                                                   sitk.CenteredTransformInitializerFilter.MOMENTS)
         r = registration_method(seed, shrink=(4, 2), sampling=sampling)
-        if fixed_mask is not None:
-            r.SetMetricFixedMask(fixed_mask)
-        r.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=iterations,
-                                                   gradientMagnitudeTolerance=1e-8)
-        r.SetOptimizerScalesFromPhysicalShift()
-        r.SetInitialTransform(rigid, inPlace=True)
-        r.Execute(fixed, moving)
+        _optimise(r, fixed, moving, fixed_mask, rigid, learning_rate=1.0, min_step=1e-4, iterations=iterations)
     else:
         rigid = initial
     affine = sitk.AffineTransform(3)
@@ -80,14 +74,20 @@ def affine_registration(fixed, moving, fixed_mask=None, initial=None, rigid_only
     if rigid_only:
         return affine
     r = registration_method(seed, sampling=sampling)
+    _optimise(r, fixed, moving, fixed_mask, affine, learning_rate=0.5, min_step=1e-5, iterations=iterations)
+    return affine
+
+
+def _optimise(r, fixed, moving, fixed_mask, transform, learning_rate: float, min_step: float, iterations: int) -> None:
+    """One stage of ``affine_registration``: ``transform`` optimised in place by regular-step gradient descent
+    (scales from physical shift) with the metric of ``r`` (``registration_method``), over ``fixed_mask`` if given."""
     if fixed_mask is not None:
         r.SetMetricFixedMask(fixed_mask)
-    r.SetOptimizerAsRegularStepGradientDescent(learningRate=0.5, minStep=1e-5, numberOfIterations=iterations,
-                                               gradientMagnitudeTolerance=1e-8)
+    r.SetOptimizerAsRegularStepGradientDescent(learningRate=learning_rate, minStep=min_step,
+                                               numberOfIterations=iterations, gradientMagnitudeTolerance=1e-8)
     r.SetOptimizerScalesFromPhysicalShift()
-    r.SetInitialTransform(affine, inPlace=True)
+    r.SetInitialTransform(transform, inPlace=True)
     r.Execute(fixed, moving)
-    return affine
 
 
 def affine_to_template(template, template_affine, template_mask, scan, scan_affine, margin_mm: float = 4.0,
