@@ -109,6 +109,7 @@ def test_config_expressions_are_short():
 
 
 GRID = "$@runtime.transforms.CentredGridd"
+NORMALISED = "$@runtime.normalisation.Normalisedd"
 
 
 def test_shared_transforms_are_equal_copies():
@@ -124,12 +125,15 @@ def test_shared_transforms_are_equal_copies():
     registration = next(t for t in inference if t["_target_"] == GRID)
     assert registration.pop("preprocess") == "$@runtime.transforms.check_preprocess(@preprocess)"
     assert registration.pop("template_dir") == "@ckpt_dir"
+    # and inference alone checks the normalisation against the one recorded beside the weights (training writes it)
+    assert inference[-1].pop("record_dir") == "@ckpt_dir" and train[-1].pop("record_dir") is None
     assert train == inference
     assert [t["_target_"] for t in inference] == ["LoadImaged", "EnsureChannelFirstd", "Orientationd", GRID,
-                                                  "EnsureTyped", "NormalizeIntensityd"]
+                                                  "EnsureTyped", NORMALISED]
+    assert inference[-1]["method"] == "@normalisation"
     assert next(t for t in inference if t["_target_"] == GRID)["mask_nonzero"] is True
     labels = read_json(ROOT / "configs" / "inference.json")["label_preprocessing"]["transforms"]
-    spatial = [t for t in inference if t["_target_"] not in ("NormalizeIntensityd", "EnsureTyped")]
+    spatial = [t for t in inference if t["_target_"] not in (NORMALISED, "EnsureTyped")]
     assert [t["_target_"] for t in labels] == [t["_target_"] for t in spatial]
     grid = next(t for t in labels if t["_target_"] == GRID)
     assert grid["mode"] == "nearest" and not grid.get("mask_nonzero", False)

@@ -18,7 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ["scripts.data.dhcp_datalist", "scripts.data.preprocess", "scripts.evaluation.study",
          "scripts.evaluation.explain_eval", "scripts.evaluation.sanity", "scripts.evaluation.qc_eval",
-         "scripts.evaluation.composite_search", "scripts.evaluation.robustness"]
+         "scripts.evaluation.composite_search", "scripts.evaluation.robustness", "scripts.data.cohorts",
+         "scripts.evaluation.cohort_metrics", "scripts.evaluation.evidence"]
 
 
 def _parsers(parser: argparse.ArgumentParser, words: tuple[str, ...] = ()):

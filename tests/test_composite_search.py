@@ -227,6 +227,12 @@ def test_search_end_to_end_on_two_folds(tmp_path, cohort, trained, monkeypatch, 
     final = [r for r in rows if r["final"] == "1"]
     assert len(final) == 2 * (3 + 2) and all(r["abpc_16"] and r["random_rank_abs"] for r in final)
     assert all(r["abpc_8"] and not r["abpc_16"] for r in rows if r["final"] == "0")
+    for r in rows:  # localisation (scripts.runtime.localisation) of the preterm subject's maps; none for the term one
+        if r["label"] == "1":
+            assert 0 <= float(r["share_phenotype"]) <= 1 and 0 <= float(r["outside_brain"]) <= 1
+            assert float(r["enrichment_csf_ventricles"]) >= 0 and float(r["share_csf_ventricles"]) >= 0
+        else:
+            assert r["enrichment_phenotype"] == r["enrichment_csf_ventricles"] == r["outside_brain"] == "nan"
     # one trace per subject by its fold's model; the randomisation check traces its 4 randomised copies anew
     assert len(traced) == 2 + 2 * 4
 
@@ -241,6 +247,7 @@ def test_search_end_to_end_on_two_folds(tmp_path, cohort, trained, monkeypatch, 
     else:
         assert "**No winner**" in table
     assert "| gradient_x_input,target=diff |" in table and "| gradient_x_input,target=class |" in table
+    assert "| enrichment phenotype | enrichment CSF+ventricles |" in table
 
 
 def test_plan_only_explains_nothing(tmp_path, cohort, trained, monkeypatch, capsys):

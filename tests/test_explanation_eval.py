@@ -14,14 +14,12 @@ from scripts.evaluation.explanation_metrics import (
     blurred_within,
     brain_patches,
     magnitude_scaled,
-    mass_accuracy,
     patch_scores,
     per_step,
     perturbation_curve,
     perturbation_orders,
     pointing_game,
     rank_correlation,
-    region_share,
     ssim,
 )
 
@@ -34,16 +32,26 @@ def _region():
     return region, brain
 
 
-def test_mass_accuracy_of_the_region_itself_is_one_and_random_is_chance():
-    region, brain = _region()
-    assert mass_accuracy(region.astype(float), region) == 1.0
-    no_positive_mass = mass_accuracy(-region.astype(float), region)
-    assert no_positive_mass != no_positive_mass  # nan
-    rng = np.random.default_rng(0)
-    random_map = np.where(brain, rng.random(brain.shape), 0.0)
-    chance = region_share(region, brain)
-    assert chance == pytest.approx(region.sum() / brain.sum())
-    assert abs(mass_accuracy(random_map, region) - chance) < 0.02
+def test_localisation_columns_of_explain_eval_use_the_one_measure():
+    from scripts.evaluation.explain_eval import localisation_columns
+
+    tissue = np.zeros((16, 16, 16), int)
+    tissue[2:14, 2:14, 2:14] = 3  # brain: 12^3 voxels of white matter
+    tissue[4:8, 4:12, 6:10] = 1  # CSF: 128 voxels
+    tissue[8:10, 4:12, 6:10] = 5  # ventricles: 64 voxels
+    phenotype = np.zeros(tissue.shape, bool)
+    phenotype[0:8, 4:12, 6:10] = True  # inside the brain: 192 voxels, the CSF among them; 64 outside the brain
+    regions = {"csf_ventricles": np.isin(tissue, (1, 5)), "ventricles": tissue == 5, "phenotype": phenotype}
+    relevance = np.where(tissue == 1, 1.0, 0.0)
+    relevance[0, 5, 7] = 128.0  # as much outside the brain, on the phenotype mask's outside part
+    row = localisation_columns(relevance, tissue, regions)
+    assert row["share_csf_ventricles"] == pytest.approx(0.5) and row["outside_brain"] == pytest.approx(0.5)
+    assert row["brain_share_csf_ventricles"] == pytest.approx(192 / 12**3)
+    assert row["enrichment_csf_ventricles"] == pytest.approx(0.5 * 12**3 / 192)  # against the brain, not the grid
+    assert row["share_ventricles"] == 0.0 and row["enrichment_ventricles"] == 0.0
+    assert row["brain_share_phenotype"] == pytest.approx(192 / 12**3)  # its part inside the brain
+    assert row["share_phenotype"] == pytest.approx(0.5)  # the relevance on its outside part is outside the brain
+    assert row["pointing_csf_ventricles"] == 0.0 and row["pointing_phenotype"] == 1.0  # the peak: on the mask
 
 
 def test_pointing_game():
@@ -186,15 +194,21 @@ def test_command_runs_end_to_end_at_reduced_size(tmp_path, cohort, trained, monk
         assert float(r["seconds"]) > 0
         for patch in (8, 16):
             assert float(r[f"abpc_{patch}"]) == pytest.approx(float(r[f"morf_{patch}"]) - float(r[f"lerf_{patch}"]))
-        if r["label"] == "preterm":
-            assert 0 <= float(r["chance_csf"]) <= 1 and 0 <= float(r["mass_phenotype"]) <= 1
+        if r["label"] == "preterm":  # scripts.runtime.localisation, against the brain
+            for region in ("csf_ventricles", "ventricles", "phenotype"):
+                share, brain = float(r[f"share_{region}"]), float(r[f"brain_share_{region}"])
+                assert 0 <= share <= 1 and 0 < brain < 1
+                assert float(r[f"enrichment_{region}"]) == pytest.approx(share / brain)
+            assert float(r["share_ventricles"]) <= float(r["share_csf_ventricles"])
+            assert 0 <= float(r["outside_brain"]) <= 1 - float(r["share_csf_ventricles"]) + 1e-9
         else:  # no phenotype: no localisation
-            assert r["mass_phenotype"] == "nan" and r["pointing_csf"] == "nan"
+            assert r["enrichment_phenotype"] == "nan" and r["pointing_csf_ventricles"] == "nan"
         if r["method"].startswith("lrp_"):
             assert float(r["conservation_error"]) >= 0
     table = (out / "explanations.md").read_text()
     assert "| lrp_a2b1 |" in table and "| gradcam |" in table and "ABPC 8^3" in table and "ABPC 16^3" in table
     assert "--subjects 2 --steps 2" in table  # the command that made the table
+    assert "| enrichment CSF+ventricles | enrichment ventricles | enrichment phenotype | outside brain |" in table
     for png in ("perturbation_curves.png", "abpc.png", "maps_panel.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p["panel"] for p in panels] == methods

@@ -64,6 +64,8 @@ def test_training_writes_a_reference_that_round_trips(trained, tmp_path):
     np.testing.assert_array_equal(again.region, reference.region)
     np.testing.assert_allclose(again.precision, reference.precision)
     assert again.thresholds == reference.thresholds and again.fingerprint == reference.fingerprint
+    # the weights' normalisation (train.json's key), which inference checks (tests/test_normalisation.py)
+    assert json.loads((ckpt_dir / REFERENCE).read_text())["normalisation"] == "zscore" == again.normalisation
     # the policy changes by editing the JSON, without retraining
     content = json.loads((tmp_path / REFERENCE).read_text())
     content["thresholds"]["similarity"] = 0.0

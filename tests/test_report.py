@@ -304,6 +304,42 @@ def test_report_shows_qc_columns_and_a_map_that_cannot_be_read(tmp_path):
     assert "qc_pass" not in text and "<th>input QC</th>" not in text
 
 
+def test_tissue_panel_measures_relevance_against_the_brain(tmp_path):
+    """The subject page's tissue panel is ``scripts.runtime.localisation``: shares of the positive relevance (the
+    outside-brain part in the denominator and on its own row), enrichment against the brain, not the grid."""
+    _tiny_run(tmp_path, ["s00", "s01", "s02"])
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    tissue = np.zeros((24, 20, 18), np.float32)  # brain: 18x14x12 = 3024 voxels, 35 % of the 8640-voxel grid
+    tissue[3:21, 3:17, 3:15] = 3  # white matter
+    tissue[3:9, 3:17, 3:15] = 1  # CSF: 1008 voxels, a third of the brain (11.7 % of the grid)
+    tissue[9:12, 3:17, 3:15] = 5  # ventricles: 504 voxels, a sixth of the brain
+    nib.save(nib.Nifti1Image(tissue, affine), tmp_path / "tissue.nii.gz")
+    relevance = np.where(tissue == 1, 1.0, 0.0).astype(np.float32)  # 1008 in the CSF
+    relevance[0] = 1008 / (20 * 18)  # as much outside the brain
+    relevance[tissue == 3] = -1.0  # negative relevance does not count
+    nib.save(nib.Nifti1Image(relevance, affine), relevance_path(tmp_path, "s00", "a2b1"))
+    nib.save(nib.Nifti1Image(-np.abs(relevance), affine), relevance_path(tmp_path, "s01", "a2b1"))
+    items = [{"subject": s, "tissue": str(tmp_path / "tissue.nii.gz")} for s in ("s00", "s01")]
+    build_report(tmp_path, presets=["a2b1"], items=items,
+                 label_transform=lambda d: {"tissue": nib.load(d["tissue"]).get_fdata()[None]})
+
+    page = _page(report_page(tmp_path, "s00"))
+    table = {r["cells"][0]: r["cells"][1:] for r in page.tables["tissue"]}
+    assert table["csf"] == ["50.0", "33.3", "1.50"]  # the grid's denominator would have said 4.29
+    assert table["ventricles"] == ["0.0", "16.7", "0.00"]
+    assert table["csf_ventricles"] == ["50.0", "50.0", "1.00"]
+    assert table["white_matter"] == ["0.0", "50.0", "0.00"]
+    assert table["cerebellum"] == ["0.0", "0.0", "-"]  # no voxel of it: no enrichment
+    assert table["outside_brain"] == ["50.0", "-", "-"]
+    assert list(table)[-1] == "outside_brain" and "share of the brain (%)" in report_page(tmp_path, "s00").read_text()
+    # a map without positive relevance has no shares, and says so
+    negative = report_page(tmp_path, "s01").read_text()
+    assert "no positive relevance, so it has no shares" in negative
+    assert {r["cells"][0]: r["cells"][1:] for r in _page(report_page(tmp_path, "s01")).tables["tissue"]}[
+        "csf"] == ["-", "33.3", "-"]
+    assert "Positive relevance per tissue" not in report_page(tmp_path, "s02").read_text()  # no tissue map
+
+
 def test_report_of_many_subjects_stays_light(tmp_path):
     """Per-subject pages keep the index small: its size grows by a few hundred bytes per subject."""
     subjects = [f"sub-{i:04d}" for i in range(40)]

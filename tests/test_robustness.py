@@ -141,12 +141,12 @@ def test_label_maps_follow_the_image_grid(cohort):
 
 def test_training_caches_the_resampling_before_the_random_transforms():
     """The cached part ends with the scan on the network grid and its copy (the consistency view); the view is
-    acquired on another grid before both are z-scored, so that the z-score sees what inference would see."""
+    acquired on another grid before both are normalised, so that the normalisation sees what inference would see."""
     steps = [type(t).__name__ for t in _preprocessing("train.json", "train#preprocessing").transforms]
     first_random = steps.index("RandFlipd")
     assert steps[:first_random] == ["LoadImaged", "EnsureChannelFirstd", "Orientationd", "CentredGridd", "EnsureTyped",
                                     "CopyItemsd"]
-    assert steps.index("RandAcquiredGridd") < steps.index("NormalizeIntensityd") < steps.index("RandScaleIntensityd")
+    assert steps.index("RandAcquiredGridd") < steps.index("Normalisedd") < steps.index("RandScaleIntensityd")
 
 
 @pytest.mark.parametrize("voxel", [0.7, 0.8, 1.2])
@@ -292,4 +292,4 @@ def test_the_recorded_experiments_still_parse(overlay):
     assert steps[:5] == ["LoadImaged", "EnsureChannelFirstd", "Orientationd", "CentredGridd", "EnsureTyped"]
     first_random = steps.index("RandFlipd")
     assert not any(step.startswith("Rand") for step in steps[:first_random])
-    assert "NormalizeIntensityd" in steps  # cached before the random steps, or redone after them
+    assert "Normalisedd" in steps  # cached before the random steps, or redone after them

@@ -18,9 +18,10 @@ from conftest import ROOT
 
 from scripts.evaluation.clinical_metrics import classification_metrics, misclassification_table, subject_table
 from scripts.evaluation.cross_validation import expand_grid, select_best, summarise_cv
-from scripts.evaluation.group_relevance import mean_volume, relevance_by_tissue, tissue_shares_table
+from scripts.evaluation.group_relevance import mean_volume, tissue_shares_table
 from scripts.runtime.checks import class_weights
 from scripts.runtime.datalist import check_study_datalist, load_split
+from scripts.runtime.localisation import localisation, tissue_regions
 
 TINY_STUDY = {"spatial_shape": [64, 48, 48], "pixdim": [2, 2, 2], "channels": [4, 8], "hidden": 8, "num_epochs": 2}
 
@@ -138,23 +139,41 @@ def test_group_averaging_and_tissue_shares_on_tiny_volumes(tmp_path):
     with pytest.raises(ValueError, match="c.nii.gz: grid"):
         mean_volume([tmp_path / "a.nii.gz", tmp_path / "c.nii.gz"])
 
-    tissue = np.array([0, 0, 1, 1, 2, 2, 2, 2])
-    relevance = np.array([1.0, -5.0, 2.0, 1.0, 0.5, 0.5, -1.0, 0.0])  # positive total 5
-    shares = relevance_by_tissue(relevance, tissue, {1: "csf", 2: "white_matter"})
-    assert shares == {"outside_brain": (0.2, 0.25), "csf": (0.6, 0.25), "white_matter": (0.2, 0.5)}
-    other = relevance_by_tissue(np.array([0, 0, 0, 0, 1.0, 1, 1, 1]), tissue, {1: "csf", 2: "white_matter"})
-    rows = tissue_shares_table({("preterm", "a2b1"): [shares, other]})
-    csf = next(r for r in rows if r["tissue"] == "csf")
-    assert csf["relevance_share"] == pytest.approx(0.3) and csf["enrichment"] == pytest.approx(1.2)
-    assert sum(r["relevance_share"] for r in rows) == pytest.approx(1.0)
-    # a map without positive relevance (a1b0 of a negative logit) has no shares: left out of the mean, counted
-    negative = relevance_by_tissue(-np.ones(8), tissue, {1: "csf", 2: "white_matter"})
-    assert np.isnan(negative["csf"][0]) and negative["csf"][1] == 0.25
-    rows = tissue_shares_table({("preterm", "a1b0"): [shares, negative], ("term", "a1b0"): [negative]})
-    csf = {r["class"]: r for r in rows if r["tissue"] == "csf"}
-    assert csf["preterm"]["relevance_share"] == pytest.approx(0.6) and csf["preterm"]["subjects"] == 1
-    assert np.isnan(csf["term"]["relevance_share"]) and csf["term"]["subjects"] == 0
-    assert csf["term"]["volume_share"] == 0.25
+    # the anatomy table: per (class, preset, region) the median over subjects of the localisation measure
+    tissue = np.array([0, 0, 1, 1, 3, 3, 3, 3])  # brain: 6 of the 8 voxels; CSF a third of it, white matter 2/3
+    relevance = np.array([1.0, -5.0, 2.0, 1.0, 0.5, 0.5, -1.0, 0.0])  # positive total 5, 1 of it outside the brain
+    first = localisation(relevance, tissue)
+    assert first["csf"]["share"] == pytest.approx(0.6) and first["csf"]["brain_share"] == pytest.approx(1 / 3)
+    assert first["csf"]["enrichment"] == pytest.approx(1.8)  # against the brain; the grid's 1/4 would say 2.4
+    assert first["outside_brain"]["share"] == pytest.approx(0.2)  # in the denominator of every share
+    others = [localisation(np.array([0, 0, c, c, 1.0, 1, 1, 1]), tissue) for c in (0.0, 1.0, 4.0)]
+    rows = tissue_shares_table({("preterm", "a2b1"): [first, *others]})
+    csf = next(r for r in rows if r["region"] == "csf")
+    # CSF shares 0.6, 0, 1/3, 2/3 (enrichment 1.8, 0, 1, 2): medians 0.467 and 1.4 over the 4 subjects
+    assert csf["share"] == pytest.approx((0.6 + 1 / 3) / 2) and csf["enrichment"] == pytest.approx(1.4)
+    assert csf["subjects"] == 4 and csf["brain_share"] == pytest.approx(1 / 3)
+    assert csf["enrichment_low"] <= csf["enrichment"] <= csf["enrichment_high"]
+    assert csf["enrichment_low"] >= 0 and csf["enrichment_high"] <= 2
+    assert rows[-1]["region"] == "outside_brain" and rows[-1]["share"] == 0.0 and np.isnan(rows[-1]["brain_share"])
+    assert [r["region"] for r in rows if r["region"] in ("csf", "csf_ventricles")] == ["csf", "csf_ventricles"]
+    again = next(r for r in tissue_shares_table({("preterm", "a2b1"): [first, *others]}) if r["region"] == "csf")
+    assert again == csf  # the same interval every time (a fixed seed)
+    # a map without positive relevance (a1b0 of a negative logit) has no shares: left out of the median, counted
+    negative = localisation(-np.ones(8), tissue)
+    assert np.isnan(negative["csf"]["share"]) and negative["csf"]["brain_share"] == pytest.approx(1 / 3)
+    rows = tissue_shares_table({("preterm", "a1b0"): [first, negative], ("term", "a1b0"): [negative]})
+    csf = {r["class"]: r for r in rows if r["region"] == "csf"}
+    assert csf["preterm"]["share"] == pytest.approx(0.6) and csf["preterm"]["subjects"] == 1
+    assert np.isnan(csf["preterm"]["enrichment_low"])  # one subject: no interval
+    assert np.isnan(csf["term"]["share"]) and csf["term"]["subjects"] == 0
+    assert csf["term"]["brain_share"] == pytest.approx(1 / 3)
+    # a region that only some subjects have (the phenotype of the preterm ones) is summarised over those
+    phenotype = np.array([1, 1, 1, 0, 0, 0, 0, 0], bool)  # two voxels outside the brain: only its CSF voxel counts
+    with_phenotype = localisation(relevance, tissue, tissue_regions(tissue, {"phenotype": phenotype}))
+    rows = tissue_shares_table({("preterm", "a2b1"): [with_phenotype, first]})
+    mine = next(r for r in rows if r["region"] == "phenotype")
+    assert mine["subjects"] == 1 and mine["share"] == pytest.approx(0.4) and mine["brain_share"] == pytest.approx(1 / 6)
+    assert mine["enrichment"] == pytest.approx(2.4)
 
 
 def test_grid_and_selection():
@@ -232,12 +251,19 @@ def test_study_command_end_to_end_and_resume(tmp_path, cohort):
                                 for s in correct], axis=0)
             assert np.allclose(nib.load(group).get_fdata(), expected, atol=1e-5)
     anatomy = list(csv.DictReader((out / "study_anatomy.csv").open()))
+    tissues = ["csf", "cortical_gm", "white_matter", "background", "ventricles", "cerebellum", "deep_gm", "brainstem",
+               "hippocampus_amygdala"]
     for key in {(r["class"], r["preset"]) for r in anatomy}:
-        mine = [r for r in anatomy if (r["class"], r["preset"]) == key]
-        if int(mine[0]["subjects"]) > 0:  # 0: no subject's map has positive relevance (see tissue_shares_table)
-            assert sum(float(r["relevance_share"]) for r in mine) == pytest.approx(1.0, abs=1e-6)
-        assert sum(float(r["volume_share"]) for r in mine) == pytest.approx(1.0, abs=1e-6)
-    assert {r["tissue"] for r in anatomy} >= {"csf", "ventricles", "white_matter", "outside_brain"}
+        mine = {r["region"]: r for r in anatomy if (r["class"], r["preset"]) == key}
+        assert list(mine)[-1] == "outside_brain" and set(tissues + ["csf_ventricles"]) <= set(mine)
+        assert sum(float(mine[t]["brain_share"]) for t in tissues) == pytest.approx(1.0, abs=0.05)  # medians
+        for r in mine.values():
+            if int(r["subjects"]) > 1 and r["region"] != "outside_brain":
+                assert float(r["enrichment_low"]) <= float(r["enrichment"]) <= float(r["enrichment_high"])
+                assert float(r["enrichment"]) == pytest.approx(float(r["share"]) / float(r["brain_share"]), rel=0.5)
+    if any(r["class"] == "preterm" for r in anatomy):  # a correctly classified preterm baby
+        assert "phenotype" in {r["region"] for r in anatomy if r["class"] == "preterm"}
+    assert "phenotype" not in {r["region"] for r in anatomy if r["class"] == "term"}  # no phenotype voxel
     assert (out / "study_group_relevance.png").stat().st_size > 10_000
     assert "## Held-out test split" in (out / "study.md").read_text()
     # study.html: the same with its figure, and every test subject linked to its page of the run report

@@ -204,7 +204,7 @@ def test_fast_key_on_cpu_gives_the_normal_paths_metrics(tmp_path, datalist, one_
         assert ("ToDeviced" in steps) == ("ToDeviced" in cached) == (fast == "true")
         if fast == "true":  # cached on the device: after the spatial steps, before the consistency view's copy
             assert steps.index("ToDeviced") == steps.index("EnsureTyped") + 1 == steps.index("CopyItemsd") - 1
-            assert cached.index("ToDeviced") == cached.index("NormalizeIntensityd") + 1  # validation: after the z-score
+            assert cached.index("ToDeviced") == cached.index("Normalisedd") + 1  # validation: after the normalisation
         on_gpu = fast == "true" and cuda  # AMP, cudnn.benchmark and cuDNN's non-deterministic kernels: CUDA only
         assert parser.get_parsed_content("train#trainer").amp is on_gpu
         assert torch.backends.cudnn.benchmark is on_gpu and torch.backends.cudnn.deterministic is not on_gpu

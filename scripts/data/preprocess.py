@@ -260,21 +260,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def write_template(ckpt_dir: str, overrides: dict | None = None) -> list[Path]:
     """``template_T2w.nii.gz`` and ``template_mask.nii.gz`` in ``ckpt_dir`` from train.json's training split
-    through ``validate#preprocessing`` (as ``QCReferenceWriter`` at the end of training)."""
+    through ``validate#preprocessing`` (as ``QCReferenceWriter`` at the end of training), in the normalisation the
+    QC reference in ``ckpt_dir`` records (train.json's ``normalisation`` without one; an override must match it)."""
     from monai.bundle import ConfigParser  # noqa: PLC0415 (MONAI only for this command)
     from monai.data import Dataset  # noqa: PLC0415
 
-    from scripts.runtime.reference import save_template  # noqa: PLC0415
+    from scripts.runtime.normalisation import check_recorded  # noqa: PLC0415
+    from scripts.runtime.reference import recorded_normalisation, save_template  # noqa: PLC0415
 
     root = Path(__file__).resolve().parents[2]
     parser = ConfigParser()
     parser.read_config(str(root / "configs" / "train.json"))
-    parser.update({"bundle_root": str(root), **(overrides or {}), "ckpt_dir": str(ckpt_dir),
-                   "device": "$torch.device('cpu')"})
+    recorded = recorded_normalisation(ckpt_dir)
+    parser.update({"bundle_root": str(root), **({"normalisation": recorded} if recorded else {}), **(overrides or {}),
+                   "ckpt_dir": str(ckpt_dir), "device": "$torch.device('cpu')"})
+    if recorded:
+        check_recorded(ckpt_dir, parser.get_parsed_content("normalisation"))
     dataset = Dataset(parser.get_parsed_content("train#data"), parser.get_parsed_content("validate#preprocessing"))
     inputs = [dataset[i]["image"] for i in progress(range(len(dataset)), desc="template inputs", unit="scan")]
     Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
-    return save_template(inputs, ckpt_dir)
+    return save_template(inputs, ckpt_dir, parser.get_parsed_content("normalisation"))
 
 
 @report_input_errors

@@ -30,7 +30,8 @@ from scripts.runtime.outputs import atomic_write_text, read_volume, save_nifti
 from scripts.runtime.progress import progress
 from scripts.runtime.tissues import BACKGROUND, BRAINSTEM, CEREBELLUM, CGM, CSF, DGM, HIPPO, VENTRICLES, WM
 
-__all__ = ["Phenotype", "draw_phenotype", "generate_subject", "generate_cohort", "main"]
+__all__ = ["COMPONENTS", "Draw", "Phenotype", "draw_phenotype", "generate_cohort", "generate_subject", "main",
+           "only_components", "without_components"]
 
 logger = logging.getLogger(__name__)
 TERM_WEEKS = 37.0
@@ -193,13 +194,66 @@ def generate_subject(template: Template, phenotype: Phenotype, rng: np.random.Ge
     return image, labels.astype(np.uint8), phenotype_mask
 
 
+# The preterm phenotype's three components and the Phenotype field holding each one's preterm effect
+COMPONENTS = {"ventricles": "ventricle_effect", "extra_axial_csf": "csf_effect", "folding": "sulcal_effect"}
+
+
+def _check_components(components) -> tuple[str, ...]:
+    components = (components,) if isinstance(components, str) else tuple(components)
+    for name in components:
+        if name not in COMPONENTS:
+            raise ValueError(f"unknown phenotype component {name!r}: choose from {', '.join(COMPONENTS)}")
+    return components
+
+
+def without_components(phenotype: Phenotype, components) -> Phenotype:
+    """The subject with the preterm effect of ``components`` removed (its twin's anatomy there)."""
+    return replace(phenotype, **{COMPONENTS[c]: 0.0 for c in _check_components(components)})
+
+
+def only_components(phenotype: Phenotype, components) -> Phenotype:
+    """The term-equivalent twin with the preterm effect of ``components`` pasted in."""
+    keep = _check_components(components)
+    return replace(phenotype.term_equivalent(), **{COMPONENTS[c]: getattr(phenotype, COMPONENTS[c]) for c in keep})
+
+
+@dataclass(frozen=True)
+class Draw:
+    """Subject ``index`` of the cohort drawn with ``seed``: its phenotype and the random state that renders it.
+    ``render`` of the phenotype gives the cohort's subject bit for bit; ``render`` of ``phenotype.term_equivalent()``
+    (or of ``without_components`` / ``only_components``) gives its twin: the same baby (misregistration, contrast,
+    bias field, noise) with the preterm effect changed, so the two differ only within the blurred footprint of the
+    anatomy that changed."""
+
+    seed: int
+    index: int
+    phenotype: Phenotype
+    state: dict
+
+    @classmethod
+    def of(cls, seed: int, index: int, preterm_fraction: float = 0.22) -> Draw:
+        rng = np.random.default_rng([seed, index])
+        phenotype = draw_phenotype(rng, preterm_fraction)
+        return cls(seed, index, phenotype, rng.bit_generator.state)
+
+    @property
+    def subject(self) -> str:
+        return f"sub-{self.index + 1:04d}"
+
+    def render(self, template: Template, phenotype: Phenotype | None = None):
+        """``generate_subject`` of ``phenotype`` (default: the subject's own) with the subject's random stream."""
+        rng = np.random.default_rng()
+        rng.bit_generator.state = self.state
+        return generate_subject(template, self.phenotype if phenotype is None else phenotype, rng)
+
+
 def _subject_job(args):
     index, seed, output, template_paths, preterm_fraction = args
     template = _load_template(template_paths)
-    rng = np.random.default_rng([seed, index])
-    phenotype = draw_phenotype(rng, preterm_fraction)
-    image, labels, pmask = generate_subject(template, phenotype, rng)
-    subject = f"sub-{index + 1:04d}"
+    draw = Draw.of(seed, index, preterm_fraction)
+    phenotype = draw.phenotype
+    image, labels, pmask = draw.render(template)
+    subject = draw.subject
     out = Path(output)
     save_nifti(labels, template.affine, out / "labels" / f"{subject}.nii.gz", dtype=np.uint8)
     save_nifti(pmask, template.affine, out / "phenotype" / f"{subject}.nii.gz", dtype=np.uint8)
@@ -235,6 +289,7 @@ def generate_cohort(
     test_fraction: float = 0.1,
     folds: int = 10,
     only_test: bool = False,
+    role: str | None = None,
 ) -> Path:
     """Write ``subjects`` synthetic subjects under ``output`` (images/, labels/, phenotype/), a
     ``participants.tsv`` and a MONAI datalist ``datalist.json`` with a stratified test split and folds.
@@ -242,9 +297,18 @@ def generate_cohort(
 
     ``only_test``: write only the test split's volumes (the same subjects, bit for bit, as in the whole cohort; the
     split is drawn from every subject's phenotype, which is cheap) and a datalist holding only ``test``: enough to
-    evaluate weights on the held-out split in seconds instead of generating the cohort (tests/test_model_zoo.py)."""
+    evaluate weights on the held-out split in seconds instead of generating the cohort (tests/test_model_zoo.py).
+
+    ``role`` (``scripts/data/cohorts.py``): ``"evaluation"`` puts every subject in ``test`` (``training`` empty, no
+    folds) and writes ``"role": "evaluation"`` into the datalist, which tuning commands refuse to read
+    (``load_split(..., tuning=True)``); ``"tuning"`` writes ``"role": "tuning"`` beside the usual splits; None (the
+    default) writes no role. The subjects are the same, bit for bit, whatever the role."""
     if subjects < 2:
         raise ValueError(f"subjects must be at least 2, got {subjects}")
+    if role not in (None, "tuning", "evaluation"):
+        raise ValueError(f"role must be None, 'tuning' or 'evaluation', got {role!r}")
+    if role == "evaluation" and only_test:
+        raise ValueError("role='evaluation' already puts every subject in the test split; leave only_test out")
     if template_labels is None and template_image is not None:
         raise ValueError("template_image needs template_labels (a drawem9 segmentation of the template)")
     for p in (template_image, template_labels):
@@ -285,7 +349,7 @@ def generate_cohort(
             "sex": ph.sex,
         })
     atomic_write_text(rows.getvalue(), out / "participants.tsv")
-    if only_test:
+    if only_test or role == "evaluation":
         training, test = [], items
     else:
         training, test = assign_splits(items, test_fraction=test_fraction, folds=folds, seed=seed)
@@ -294,7 +358,8 @@ def generate_cohort(
         "description": "Generated by scripts.data.synthetic; labels: 0 term (birth >= 37 weeks), 1 preterm",
         "labels": {"0": "term", "1": "preterm"},
         "seed": seed,
-        "num_folds": folds,
+        "num_folds": 0 if role == "evaluation" else folds,
+        **({"role": role} if role else {}),
         "training": training,
         "test": test,
     }
@@ -318,11 +383,15 @@ def main(argv=None) -> int:
     parser.add_argument("--folds", type=int, default=10)
     parser.add_argument("--test-fraction", type=float, default=0.1)
     parser.add_argument("--only-test", action="store_true", help="write only the test split (same subjects)")
+    parser.add_argument("--role", choices=("tuning", "evaluation"), default=None,
+                        help="evaluation: every subject in the test split and the datalist marked so that tuning "
+                             "commands refuse it; tuning: the usual splits, marked tuning (default: no role); the "
+                             "named cohorts: python -m scripts.data.cohorts")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     path = generate_cohort(
         args.output, args.subjects, args.seed, args.preterm_fraction, args.template_image, args.template_labels,
-        args.workers, args.test_fraction, args.folds, args.only_test,
+        args.workers, args.test_fraction, args.folds, args.only_test, args.role,
     )
     print(path)
     return 0

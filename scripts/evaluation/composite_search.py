@@ -64,7 +64,7 @@ from scripts.evaluation.explain_eval import (
     subject_transform,
 )
 from scripts.evaluation.explainers import compute_map, forward_seconds
-from scripts.evaluation.explanation_metrics import mass_accuracy, median_quartiles
+from scripts.evaluation.explanation_metrics import median_quartiles
 from scripts.evaluation.sanity import (
     CLASS_THRESHOLD,
     RANDOMISATION_THRESHOLD,
@@ -78,6 +78,7 @@ from scripts.evaluation.tables import markdown_table
 from scripts.lrp import LRP, AlphaBeta, Composite, Epsilon, Flat, Gamma, Rule, Trace, WSquare, ZBox
 from scripts.runtime.datalist import load_split
 from scripts.runtime.errors import report_input_errors
+from scripts.runtime.localisation import CSF_VENTRICLES, OUTSIDE_BRAIN, localisation, tissue_regions
 from scripts.runtime.outputs import atomic_write_text, write_csv
 
 __all__ = ["GRIDS", "Candidate", "baselines", "candidate_grid", "make_candidate", "planned_cost", "rule_from_name",
@@ -98,8 +99,10 @@ BASELINE = "gradient_x_input"
 # one map from a trace (upper bound of the goal), one gradient x input map (forward + backward)
 TRACE_FORWARDS, MAP_FORWARDS, GRADIENT_FORWARDS = 1.2, 2.0, 2.0
 FILES = ("image", "tissue", "phenotype")
+REGIONS = ("phenotype", CSF_VENTRICLES)  # localisation of the preterm subjects' maps (scripts.runtime.localisation)
+LOCALISATION = [*(f"{k}_{r}" for r in REGIONS for k in ("share", "enrichment")), OUTSIDE_BRAIN]
 COLUMNS = ["fold", "subject", "label", "candidate", "target", "screen", "final", "seconds", "conservation",
-           *(f"{k}_{p}" for p in PATCHES for k in ("abpc", "morf", "lerf")), "mass_phenotype", "random_rank_abs",
+           *(f"{k}_{p}" for p in PATCHES for k in ("abpc", "morf", "lerf")), *LOCALISATION, "random_rank_abs",
            "rho_term_preterm"]
 
 
@@ -208,7 +211,7 @@ def _files(item: dict) -> list[str]:
 def _test_files(datalist: str) -> set[str]:
     """The resolved files of the datalist's test split (from the datalist alone; nothing of them is opened)."""
     try:
-        items = load_split(datalist, "test", -1, require_label=False, check_files=False)
+        items = load_split(datalist, "test", -1, require_label=False, check_files=False, tuning=True)
     except ValueError:  # no test split
         return set()
     return {str(Path(p).resolve()) for it in items for p in _files(it)}
@@ -232,6 +235,7 @@ class Subject:
     label: int
     brain: np.ndarray  # region perturbation: tissue > 0 (as explain_eval), else the non-zero voxels
     sanity_brain: np.ndarray  # the sanity checks: the non-zero voxels (as sanity)
+    tissue: np.ndarray | None  # drawem9 labels (localisation) of a preterm subject with tissue and phenotype maps
     phenotype: np.ndarray | None
     trace: Trace | None = None
     perturb: dict = field(default_factory=dict)
@@ -243,7 +247,7 @@ def load_fold(fold: int, ckpt: str, overrides: dict, args, opened: dict, first: 
     the datalist's test split also lists; every file of the fold's validation split is checked, so recorded in
     ``opened``."""
     parser, network, datalist = load_model(args.config_file, overrides, ckpt)
-    listed = load_split(datalist, "validation", fold)  # the datalist only, before any image is read
+    listed = load_split(datalist, "validation", fold, tuning=True)  # the datalist only, before any image is read
     shared = sorted({str(Path(p).resolve()) for it in listed for p in _files(it)} & _test_files(datalist))
     if shared:
         raise ValueError(f"datalist {datalist}: fold {fold}'s validation split and the test split share files "
@@ -264,10 +268,11 @@ def load_subject(fold: Fold, item: dict, opened: dict) -> Subject:
     data = fold.transform({k: item[k] for k in FILES if k in item})
     x = data["image"].as_tensor()[None].float()
     nonzero = x[0, 0].numpy() != 0
-    brain = data["tissue"][0].numpy().round().astype(int) > 0 if "tissue" in data else nonzero
+    tissue = data["tissue"][0].numpy().round().astype(np.int16) if "tissue" in data else None
+    brain = tissue > 0 if tissue is not None else nonzero
     label = int(item["label"])
     phenotype = data["phenotype"][0].numpy() > 0.5 if "phenotype" in data and label == 1 else None
-    return Subject(fold.fold, item, x, label, brain, nonzero, phenotype)
+    return Subject(fold.fold, item, x, label, brain, nonzero, tissue if phenotype is not None else None, phenotype)
 
 
 # -- cost -----------------------------------------------------------------------------------------------------------
@@ -318,14 +323,25 @@ def _measure(candidate: Candidate, subject: Subject, network: nn.Module, patches
     relevance, conservation = candidate.explain(network, subject.x, subject.trace, subject.label)
     row.setdefault("seconds", time.perf_counter() - start)
     row.setdefault("conservation", conservation)
-    if "mass_phenotype" not in row:
-        row["mass_phenotype"] = (mass_accuracy(relevance, subject.phenotype) if subject.phenotype is not None
-                                 else float("nan"))
+    if OUTSIDE_BRAIN not in row:  # once per candidate and subject (the final stage reuses the screening's row)
+        row.update(_localisation(relevance, subject))
     score = score_function(network, candidate.target_for(subject.label))
     measures, _ = region_perturbation(relevance, score, subject.x, {p: subject.perturb[p] for p in patches},
                                       args.steps, subject.intact[candidate.target])
     row.update(measures)
     return row
+
+
+def _localisation(relevance: np.ndarray, subject: Subject) -> dict:
+    """``LOCALISATION`` of a map: the share of the positive relevance and the enrichment against the brain in the
+    phenotype and in CSF + ventricles, and the share outside the brain (``scripts.runtime.localisation``); NaN for a
+    term subject (no phenotype) or one without tissue and phenotype maps."""
+    if subject.tissue is None or subject.phenotype is None:
+        return dict.fromkeys(LOCALISATION, float("nan"))
+    regions = tissue_regions(subject.tissue, {"phenotype": subject.phenotype})
+    measured = localisation(relevance, subject.tissue, {r: regions[r] for r in REGIONS})
+    return {**{f"{k}_{r}": measured[r][k] for r in REGIONS for k in ("share", "enrichment")},
+            OUTSIDE_BRAIN: measured[OUTSIDE_BRAIN]["share"]}
 
 
 def _row(candidate: Candidate, subject: Subject) -> dict:
@@ -467,8 +483,8 @@ def summarise(rows, candidates, top, base, screen_score, screened, finals, verdi
             row[f"gain_{patch}"] = (float("nan") if candidate.composite is None
                                     else _gain(rows, candidate.name, baseline, patch, subjects))
         row["score"] = min(row[f"gain_{p}"] for p in PATCHES) if final else float("nan")
-        preterm = [r["mass_phenotype"] for r in mine if r["mass_phenotype"] == r["mass_phenotype"]]
-        row["mass_phenotype"] = float(np.mean(preterm)) if preterm else float("nan")
+        for key in (f"enrichment_{r}" for r in REGIONS):  # the preterm subjects' (the others are NaN)
+            row[key] = median_quartiles(r.get(key, float("nan")) for r in mine)[0]
         for check in ("randomisation", "class"):
             row[check] = verdicts[check].get(candidate.name, {}).get("verdict", "-") if final else "-"
         out.append(row)
@@ -515,17 +531,21 @@ def write_outputs(rows, summary, timing, opened, output: Path, command: str) -> 
         f"trace took {timing['map_forwards']:.2f} forward passes (median).", "",
         verdict, "",
         markdown_table(table, ["rank", "candidate", "subjects", "abpc_8", "abpc_16", "gain_8", "gain_16",
-                               "randomisation", "class", "mass_phenotype", "screen_gain", "winner"],
+                               "randomisation", "class", "enrichment_phenotype", "enrichment_csf_ventricles",
+                               "screen_gain", "winner"],
                        ["rank", "candidate", "subjects", "ABPC 8^3", "ABPC 16^3", "gain 8^3", "gain 16^3",
-                        "randomisation", "class sensitivity", "mass phenotype", "screening gain 8^3", "winner"]),
+                        "randomisation", "class sensitivity", "enrichment phenotype", "enrichment CSF+ventricles",
+                        "screening gain 8^3", "winner"]),
         "ABPC: median [interquartile range] over the subjects (final stage; screened-out candidates: the screening "
         "subjects, 8^3 only) of the area between the region-perturbation curves, on the class logit (target=class) "
         "or on the logit difference (target=diff). Gain: median over subjects of the paired difference to gradient "
         "x input with the same target, relative to that baseline's median ABPC; the rank (sane candidates only) "
         "is by the smaller of the two gains. Randomisation: pass = median rank correlation of |map| after "
         f"randomising every layer below {RANDOMISATION_THRESHOLD}; class sensitivity: pass = median rho(term map, "
-        f"preterm map) below {CLASS_THRESHOLD} (`python -m scripts.evaluation.sanity`). Mass phenotype: mean share "
-        "of positive relevance inside the phenotype over the preterm subjects.", "",
+        f"preterm map) below {CLASS_THRESHOLD} (`python -m scripts.evaluation.sanity`). Enrichment: median over the "
+        "preterm subjects of the region's share of the map's positive relevance (relevance outside the brain "
+        "included) divided by its share of the brain (1 = no preference within the brain; "
+        "`scripts/runtime/localisation.py`); `search.csv` has every subject's shares and outside-brain share.", "",
         timing["plan"], "",
     ]
     text = "\n".join(lines)

@@ -13,10 +13,12 @@ blurred brain mask: the replaced content keeps the local brain intensity, loses 
 never mixes in background), and the target logit is recorded after each step. ABPC = mean over the steps of
 (LeRF - MoRF) of the target logit: large when the top-ranked blocks carry the evidence and the bottom-ranked ones
 do not; 0 in expectation for a random ranking. Localisation (preterm subjects only; term subjects have no
-phenotype): share of positive relevance in CSF + ventricles and in the phenotype mask, pointing game.
+phenotype), measured by ``scripts.runtime.localisation``: share of the positive relevance, share of the brain and
+enrichment in CSF + ventricles, the ventricles and the phenotype mask, the share outside the brain, pointing game.
 
-Writes ``explanations.csv`` (one row per subject and method), ``explanations.md`` (medians and interquartile
-ranges per method), ``perturbation_curves.png``, ``abpc.png`` and ``maps_panel.png`` into ``--output``.
+Writes ``explanations.csv`` (one row per subject and method), ``explanations.md`` (per method medians with
+interquartile ranges, the localisation's with bootstrap intervals), ``perturbation_curves.png``, ``abpc.png`` and
+``maps_panel.png`` into ``--output``.
 """
 
 from __future__ import annotations
@@ -41,20 +43,19 @@ from scripts.evaluation.explanation_metrics import (
     aopc,
     blurred_within,
     brain_patches,
-    mass_accuracy,
     median_quartiles,
     per_step,
     perturbation_curve,
     perturbation_orders,
     pointing_game,
-    region_share,
 )
 from scripts.evaluation.figures import COLOUR_RULE_TEXT, explanation_panel
 from scripts.evaluation.profiling import measure_call, reexec_with_returning_malloc
-from scripts.evaluation.tables import markdown_table, save_figure
+from scripts.evaluation.tables import fmt, fmt_ci, markdown_table, save_figure
 from scripts.runtime.checks import check_shape, validate_items
 from scripts.runtime.datalist import load_split
 from scripts.runtime.errors import report_input_errors
+from scripts.runtime.localisation import CSF_VENTRICLES, OUTSIDE_BRAIN, localisation, median_ci, tissue_regions
 from scripts.runtime.outputs import atomic_write_text, write_csv
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ ROOT = BUNDLE_ROOT
 OTHER_METHODS = GRADIENT_METHODS + SLOW_METHODS
 METHODS = LRP_METHODS + OTHER_METHODS
 CLASS_NAMES = {0: "term", 1: "preterm"}
+REGIONS = (CSF_VENTRICLES, "ventricles", "phenotype")  # localisation of the preterm maps (scripts.runtime.localisation)
+REGION_NAMES = {CSF_VENTRICLES: "CSF+ventricles", "ventricles": "ventricles", "phenotype": "phenotype"}
 
 
 # -- loading (shared with scripts.evaluation.sanity) ----------------------------------------------------------------
@@ -87,7 +90,7 @@ def load_subjects(datalist: str, split: str, parser, need_maps: bool = True, fol
     images readable and of the network's shape, and with ``need_maps`` the synthetic cohort's tissue and phenotype
     maps."""
     spatial = check_shape(parser.get_parsed_content("spatial_shape"), "spatial_shape")
-    items = load_split(datalist, split, fold)  # labels checked there: 0 term, 1 preterm
+    items = load_split(datalist, split, fold, tuning=True)  # labels checked there; the evaluation cohort refused
     if not items:
         raise ValueError(f"datalist {datalist}: split {split!r} has no subject to explain")
     validate_items(items, keys=("image",), spatial_shape=spatial, pixdim=parser.get_parsed_content("pixdim"))
@@ -161,6 +164,24 @@ def region_perturbation(relevance: np.ndarray, score: Callable[[torch.Tensor], f
     return measures, curves
 
 
+# -- localisation ---------------------------------------------------------------------------------------------------
+LOCALISATION_COLUMNS = [*(f"{k}_{r}" for r in REGIONS for k in ("share", "brain_share", "enrichment", "pointing")),
+                        OUTSIDE_BRAIN]
+
+
+def localisation_columns(relevance: np.ndarray, tissue: np.ndarray, regions: dict[str, np.ndarray]) -> dict:
+    """The localisation columns of one map: per region of ``REGIONS`` its share of the positive relevance, its share
+    of the brain and the enrichment (``scripts.runtime.localisation``), and the pointing game (the most relevant
+    voxel in the region, 1 voxel tolerance); the share of the positive relevance outside the brain."""
+    measured = localisation(relevance, tissue, regions)
+    row = {}
+    for name in REGIONS:
+        row.update({f"{k}_{name}": measured[name][k] for k in ("share", "brain_share", "enrichment")})
+        row[f"pointing_{name}"] = pointing_game(relevance, regions[name], tolerance=1)
+    row[OUTSIDE_BRAIN] = measured[OUTSIDE_BRAIN]["share"]
+    return row
+
+
 # -- the evaluation -------------------------------------------------------------------------------------------------
 def evaluate(args) -> tuple[list[dict], dict, dict, dict]:
     torch.manual_seed(0)
@@ -179,7 +200,8 @@ def evaluate(args) -> tuple[list[dict], dict, dict, dict]:
             forward = forward_seconds(network, x)
         tissue = data["tissue"][0].numpy().round().astype(int)
         brain = tissue > 0
-        regions = {"csf": np.isin(tissue, (1, 5)), "phenotype": data["phenotype"][0].numpy() > 0.5}
+        every = tissue_regions(tissue, {"phenotype": data["phenotype"][0].numpy() > 0.5})
+        regions = {name: every[name] for name in REGIONS}
 
         score = score_function(network, label)
         intact = score(x)
@@ -194,11 +216,8 @@ def evaluate(args) -> tuple[list[dict], dict, dict, dict]:
             row.update(measures)
             for patch, (morf, lerf) in pairs.items():
                 curves.setdefault((method, patch), []).append((morf - morf[0], lerf - lerf[0]))
-            for name, region in regions.items():
-                preterm = label == 1
-                row[f"mass_{name}"] = mass_accuracy(relevance, region) if preterm else float("nan")
-                row[f"chance_{name}"] = region_share(region, brain) if preterm else float("nan")
-                row[f"pointing_{name}"] = pointing_game(relevance, region, tolerance=1) if preterm else float("nan")
+            row.update(localisation_columns(relevance, tissue, regions) if label == 1 else
+                       dict.fromkeys(LOCALISATION_COLUMNS, float("nan")))
             rows.append(row)
             if label == 1 and "_subject" not in panel:
                 panel[method] = relevance
@@ -217,12 +236,15 @@ def _median_iqr(values, digits: int = 2) -> str:
     return "-" if median != median else f"{median:.{digits}f} [{q1:.{digits}f}, {q3:.{digits}f}]"
 
 
-LOCALISATION = ["mass_csf", "chance_csf", "mass_phenotype", "chance_phenotype", "pointing_csf", "pointing_phenotype"]
+LOCALISATION = [*(f"enrichment_{r}" for r in REGIONS), OUTSIDE_BRAIN, f"pointing_{CSF_VENTRICLES}",
+                "pointing_phenotype"]  # the columns of the summary's localisation table
 
 
 def summarise(rows: list[dict], patches) -> list[dict]:
-    """Per method: median [IQR] over subjects of ABPC, MoRF and LeRF drop per patch size; means over the preterm
-    subjects of the localisation measures; median seconds, peak MB and conservation error."""
+    """Per method: median [IQR] over subjects of ABPC, MoRF and LeRF drop per patch size; over the preterm subjects
+    the median enrichment per region and the median outside-brain share, each with its bootstrap 95 % interval
+    (``median_ci``; ``<key>_median`` the median alone), and the pointing game's hit rate; median seconds, peak MB
+    and conservation error."""
     out = []
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
@@ -231,9 +253,13 @@ def summarise(rows: list[dict], patches) -> list[dict]:
             for key in ("abpc", "morf", "lerf"):
                 row[f"{key}_{patch}"] = _median_iqr(r[f"{key}_{patch}"] for r in mine)
                 row[f"{key}_{patch}_median"] = median_quartiles(r[f"{key}_{patch}"] for r in mine)[0]
-        for key in LOCALISATION:
-            values = [r[key] for r in mine if r[key] == r[key]]
-            row[key] = float(np.mean(values)) if values else float("nan")
+        for key in (*(f"enrichment_{r}" for r in REGIONS), OUTSIDE_BRAIN):
+            median, low, high, _ = median_ci([r[key] for r in mine])
+            row[key], row[f"{key}_median"] = fmt_ci(median, low, high, 3 if key == OUTSIDE_BRAIN else 2), median
+        for name in REGIONS:
+            values = [r[f"pointing_{name}"] for r in mine if r[f"pointing_{name}"] == r[f"pointing_{name}"]]
+            row[f"pointing_{name}"] = float(np.mean(values)) if values else float("nan")
+            row[f"brain_share_{name}"] = median_quartiles(r[f"brain_share_{name}"] for r in mine)[0]
         for key in ("seconds", "peak_mb", "conservation_error"):
             row[key] = median_quartiles(r[key] for r in mine)[0]
         out.append(row)
@@ -251,6 +277,8 @@ def write_outputs(rows, curves, panel, output: Path, settings: dict) -> list[dic
     steps = (f"{settings['steps']} steps of {100 * settings['fraction'] / settings['steps']:.0f} % of the brain's "
              f"blocks each (up to {100 * settings['fraction']:.0f} %)")
     faithfulness_columns = ["method"] + [f"{k}_{p}" for p in patches for k in ("abpc", "morf", "lerf")]
+    brain_shares = "the regions' shares of the brain, medians: " + ", ".join(
+        f"{REGION_NAMES[r]} {fmt(100 * summary[0][f'brain_share_{r}'], 1)} %" for r in REGIONS) if summary else ""
     faithfulness_headers = ["method"] + [h for p in patches for h in (f"ABPC {p}^3", f"MoRF drop {p}^3",
                                                                       f"LeRF drop {p}^3")]
     lines = [
@@ -277,13 +305,17 @@ def write_outputs(rows, curves, panel, output: Path, settings: dict) -> list[dic
         "relevant first (solid) and least relevant first (dashed) per block size; the area between the two "
         "curves is the ABPC.", "",
         "## Localisation and cost", "",
-        f"Preterm subjects only ({preterm}; the term subjects have no phenotype), preterm target: mass = share of "
-        "the positive relevance inside the region (chance = the region's share of the brain); pointing = the most "
-        "relevant voxel lies in the region (1 voxel tolerance); means over subjects. Seconds / peak MB: one map on "
-        "the CPU (median over all subjects); conservation error = |1 - sum(R) / logit| (LRP only, median).", "",
+        f"Preterm subjects only ({preterm}; the term subjects have no phenotype), preterm target, measured by "
+        "`scripts/runtime/localisation.py`: enrichment = the region's share of the map's positive relevance "
+        "(relevance outside the brain included) / the region's share of the brain (tissue label > 0): 1 = no "
+        f"preference within the brain ({brain_shares}); outside brain = the share of the positive relevance "
+        "outside the brain; median over subjects [percentile-bootstrap 95 % interval]. Pointing = the most "
+        "relevant voxel lies in the region (1 voxel tolerance), share of the subjects. Every subject's shares are "
+        "in `explanations.csv`. Seconds / peak MB: one map on the CPU (median over all subjects); conservation "
+        "error = |1 - sum(R) / logit| (LRP only, median).", "",
         markdown_table(summary, ["method", *LOCALISATION, "seconds", "peak_mb", "conservation_error"],
-                       ["method", "mass CSF+ventricles", "chance", "mass phenotype", "chance", "pointing CSF",
-                        "pointing phenotype", "seconds", "peak MB", "conservation error"]),
+                       ["method", *(f"enrichment {REGION_NAMES[r]}" for r in REGIONS), "outside brain",
+                        "pointing CSF+ventricles", "pointing phenotype", "seconds", "peak MB", "conservation error"]),
         "![maps of every method](maps_panel.png)", "",
         f"One axial slice of {panel.get('_subject', 'the first preterm subject')} through the largest part of the "
         "phenotype (yellow outline) and each method's map of the preterm logit. Colour rule: each method has its "

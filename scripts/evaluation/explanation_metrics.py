@@ -1,5 +1,6 @@
-"""Metrics for judging 3D relevance maps: localisation against a ground-truth region, faithfulness by region
-perturbation (most relevant first, least relevant first, the area between the two curves) and the similarity of
+"""Metrics for judging 3D relevance maps: the pointing game against a ground-truth region (the share of relevance
+in a region and its enrichment are ``scripts.runtime.localisation``, the one localisation measure), faithfulness by
+region perturbation (most relevant first, least relevant first, the area between the two curves) and the similarity of
 two maps (Spearman rank correlation, SSIM) for the sanity checks. Small numpy/torch functions, each testable on
 constructed cases."""
 
@@ -14,22 +15,8 @@ from scipy import ndimage, stats
 
 from scripts.runtime.visual import symmetric_limit
 
-__all__ = ["abpc", "aopc", "blurred_within", "brain_patches", "magnitude_scaled", "mass_accuracy", "patch_scores",
-           "per_step", "perturbation_curve", "perturbation_orders", "pointing_game", "rank_correlation",
-           "region_share", "ssim"]
-
-
-def mass_accuracy(relevance: np.ndarray, region: np.ndarray) -> float:
-    """Relevance mass accuracy: share of the positive relevance that falls inside ``region`` (boolean)."""
-    positive = np.clip(np.asarray(relevance, dtype=np.float64), 0, None)
-    total = positive.sum()
-    return float(positive[np.asarray(region, dtype=bool)].sum() / total) if total > 0 else float("nan")
-
-
-def region_share(region: np.ndarray, brain: np.ndarray) -> float:
-    """Chance level of :func:`mass_accuracy`: the region's share of the brain volume."""
-    brain = np.asarray(brain, dtype=bool)
-    return float(np.asarray(region, dtype=bool)[brain].sum() / max(brain.sum(), 1))
+__all__ = ["abpc", "aopc", "blurred_within", "brain_patches", "magnitude_scaled", "patch_scores", "per_step",
+           "perturbation_curve", "perturbation_orders", "pointing_game", "rank_correlation", "ssim"]
 
 
 def pointing_game(relevance: np.ndarray, region: np.ndarray, tolerance: int = 0) -> float:

@@ -1,5 +1,7 @@
-"""Group-level relevance: voxel-wise mean maps per class (Figure 2 of the seed paper) and the share of positive
-relevance per tissue class next to that tissue's share of the volume (the anatomy table)."""
+"""Group-level relevance: voxel-wise mean maps per class (Figure 2 of the seed paper) and the anatomy table: per
+class, preset and region the median over subjects of the localisation measure (``scripts.runtime.localisation``:
+enrichment against the brain with its bootstrap 95 % interval, share of the positive relevance, share of the brain),
+and the share of the positive relevance outside the brain."""
 
 from __future__ import annotations
 
@@ -8,10 +10,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from scripts.runtime.localisation import OUTSIDE_BRAIN, Localisation, median_ci
 from scripts.runtime.outputs import read_volume
-from scripts.runtime.report import relevance_by_tissue  # one definition: the run report uses it too
 
-__all__ = ["mean_volume", "relevance_by_tissue", "tissue_shares_table"]
+__all__ = ["ANATOMY_COLUMNS", "mean_volume", "tissue_shares_table"]
+
+ANATOMY_COLUMNS = ["class", "preset", "region", "subjects", "enrichment", "enrichment_low", "enrichment_high", "share",
+                   "share_low", "share_high", "brain_share"]
 
 
 def mean_volume(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, np.ndarray]:
@@ -29,21 +34,26 @@ def mean_volume(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, np.ndar
     return total / len(paths), affine
 
 
-def tissue_shares_table(per_subject: Mapping[tuple[str, str], list[dict[str, tuple]]]) -> list[dict]:
-    """Rows (class, preset, tissue, subjects, relevance share, volume share, enrichment) averaged over subjects, each
-    subject weighted equally. ``per_subject[(class, preset)]`` is a list of ``relevance_by_tissue`` results.
+def tissue_shares_table(per_subject: Mapping[tuple[str, str], Sequence[Localisation]], seed: int = 0) -> list[dict]:
+    """Rows (``ANATOMY_COLUMNS``) per (class, preset) and region, the ``outside_brain`` row last: the median over
+    subjects of the enrichment and of the share, each with its percentile-bootstrap 95 % interval (``median_ci``,
+    ``seed``), and the median share of the brain. ``per_subject[(class, preset)]`` lists the ``localisation`` of
+    each subject's map; a region that only some subjects have (the phenotype) is summarised over those.
 
-    A map without positive relevance has no relevance shares (NaN): alpha1-beta0 propagates the sign of the
-    explained logit, so when the predicted class's logit is negative the whole map is negative. Such subjects are
-    left out of the relevance share (``subjects`` counts the subjects it averages; NaN when none has one); the
-    volume share averages every subject."""
+    A map without positive relevance has no shares (NaN): alpha1-beta0 propagates the sign of the explained logit,
+    so when the predicted class's logit is negative the whole map is negative. Such subjects are left out of the
+    share and the enrichment (``subjects`` counts the subjects with an enrichment; for ``outside_brain``, with a
+    share); the share of the brain is over every subject that has the region."""
     rows = []
-    for (cls, preset), shares in per_subject.items():
-        defined = [s for s in shares if not any(np.isnan(v[0]) for v in s.values())]
-        for tissue in shares[0]:
-            rel = float(np.mean([s[tissue][0] for s in defined])) if defined else float("nan")
-            vol = float(np.mean([s[tissue][1] for s in shares]))
-            rows.append({"class": cls, "preset": preset, "tissue": tissue, "subjects": len(defined),
-                         "relevance_share": rel, "volume_share": vol,
-                         "enrichment": rel / vol if vol > 0 else float("nan")})
+    for (cls, preset), measures in per_subject.items():
+        regions = [r for r in dict.fromkeys(r for m in measures for r in m) if r != OUTSIDE_BRAIN] + [OUTSIDE_BRAIN]
+        for region in regions:
+            values = [m[region] for m in measures if region in m]
+            enrichment, e_low, e_high, n = median_ci([v["enrichment"] for v in values], seed=seed)
+            share, s_low, s_high, n_share = median_ci([v["share"] for v in values], seed=seed)
+            brain = float(np.median([v["brain_share"] for v in values])) if region != OUTSIDE_BRAIN else float("nan")
+            rows.append({"class": cls, "preset": preset, "region": region,
+                         "subjects": n_share if region == OUTSIDE_BRAIN else n, "enrichment": enrichment,
+                         "enrichment_low": e_low, "enrichment_high": e_high, "share": share, "share_low": s_low,
+                         "share_high": s_high, "brain_share": brain})
     return rows

@@ -117,7 +117,7 @@ def evaluate(args) -> tuple[list[dict], dict]:
     default = str(Path("data") / "synthetic")
     datalist = ensure_datalist(common.get("datalist"), common.get("dataset_dir", default), synthetic_dir=default,
                                generator=generate_cohort)
-    items = load_split(datalist, "test", -1)[: args.subjects or None]
+    items = load_split(datalist, "test", -1, tuning=True)[: args.subjects or None]
     work = Path(args.work_dir)
     records = write_variants(items, work / "inputs")
     timing = {}

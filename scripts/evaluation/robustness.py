@@ -11,7 +11,9 @@ p(preterm) against the scan as it was is what a user would see.
     python -m scripts.evaluation.robustness --ckpt_dir /tmp/m --override '{"spatial_shape": [64, 48, 48]}' ...
 
 ``--cohort-seed N --subjects K`` draws a fresh synthetic cohort (seed N, K subjects, every one used) for tuning
-the augmentation: the default cohort's 16 test subjects must never be tuned on.
+the augmentation: the default cohort's 16 test subjects must never be tuned on. ``--cohort-seed 7`` with the default
+32 subjects is the robustness tuning cohort (``ROBUSTNESS`` of ``scripts/data/cohorts.py``); the evaluation cohort's
+seed is refused, and so is any datalist marked as the evaluation cohort (this command tunes).
 
 Writes ``robustness.csv`` (one row per subject and perturbation: p before/after, |delta p|, decision flip, the
 shift of the network input's brain centroid in voxels, the input-QC verdict) and ``robustness.md`` (per
@@ -29,6 +31,7 @@ import shlex
 import sys
 import zlib
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -38,6 +41,8 @@ from monai.bundle import ConfigParser
 from scipy import ndimage
 
 from scripts import BUNDLE_ROOT
+from scripts.data.cohorts import EVALUATION, ROBUSTNESS
+from scripts.data.cohorts import generate as generate_named
 from scripts.data.synthetic import generate_cohort
 from scripts.evaluation.cli import add_model_options, add_output_option
 from scripts.evaluation.tables import markdown_table
@@ -140,17 +145,18 @@ def centroid(image) -> np.ndarray:
 
 class Measurer:
     """The deployed path from a NIfTI file to p(preterm): inference.json's ``preprocessing`` and ``network_def``
-    with the weights of ``ckpt_dir/model.pt`` (and its input-QC reference when present), on the CPU."""
+    with the weights of ``ckpt_dir/model.pt`` (or of the file ``ckpt``) and the input-QC reference and registration
+    template beside them when present, on the CPU."""
 
     def __init__(self, ckpt_dir: str | Path, overrides: dict | None = None,
-                 config: str | Path = BUNDLE_ROOT / "configs" / "inference.json"):
+                 config: str | Path = BUNDLE_ROOT / "configs" / "inference.json", ckpt: str | Path | None = None):
         parser = ConfigParser()
         parser.read_config(str(config))
         parser.update({"bundle_root": str(BUNDLE_ROOT), "ckpt_dir": str(ckpt_dir), **(overrides or {}),
                        "device": "$torch.device('cpu')"})
         self.preprocessing = parser.get_parsed_content("preprocessing")
         self.network = parser.get_parsed_content("network_def")
-        self.ckpt = Path(ckpt_dir) / "model.pt"
+        self.ckpt = Path(ckpt) if ckpt is not None else Path(ckpt_dir) / "model.pt"
         self.network.load_state_dict(torch.load(self.ckpt, map_location="cpu", weights_only=True))
         self.network.eval()
         from scripts.runtime.reference import QCReference  # noqa: PLC0415 (the reference is optional)
@@ -164,25 +170,34 @@ class Measurer:
         return self.preprocessing({"image": str(path)})["image"]
 
     @torch.no_grad()
+    def probability(self, image) -> float:
+        """p(preterm) of one network input (``input``)."""
+        x = torch.as_tensor(image).as_subclass(torch.Tensor)[None].float()
+        return torch.softmax(self.network(x), dim=1)[0, 1].item()
+
+    @torch.no_grad()
     def __call__(self, path: str | Path) -> dict:
         from scripts.runtime.qc import evaluate_input  # noqa: PLC0415
 
         image = self.input(path)
-        x = torch.as_tensor(image).as_subclass(torch.Tensor)[None].float()
-        prob = torch.softmax(self.network(x), dim=1)[0, 1].item()
+        prob = self.probability(image)
         verdict = evaluate_input(self.qc, self.network, image) if self.qc is not None else None
         return {"prob": prob, "centroid": centroid(image), "affine": np.asarray(image.affine),
                 "qc_pass": "" if verdict is None else str(verdict["pass"]).lower()}
 
 
 def fresh_cohort(work_dir: Path, seed: int, subjects: int) -> str:
-    """A synthetic cohort of ``subjects`` drawn with ``seed`` (not the default cohort's), generated once."""
+    """A synthetic tuning cohort of ``subjects`` drawn with ``seed`` (not the default cohort's, nor the evaluation
+    cohort's) and the robustness cohort's other settings (``ROBUSTNESS``), generated once."""
     if seed == 0:
         raise ValueError("--cohort-seed 0 is the default cohort (its training and test subjects): draw another seed")
+    if seed == EVALUATION.seed:
+        raise ValueError(f"--cohort-seed {seed} is the evaluation cohort's seed (scripts/data/cohorts.py), which is "
+                         f"read only to report; tune on another, e.g. --cohort-seed {ROBUSTNESS.seed}")
     folder = work_dir / f"cohort_seed{seed}_n{subjects}"
     if (folder / "datalist.json").is_file():
         return str(folder / "datalist.json")
-    return str(generate_cohort(folder, subjects=subjects, seed=seed, folds=2, test_fraction=0.25))
+    return str(generate_named(replace(ROBUSTNESS, name=folder.name, seed=seed, subjects=subjects), folder))
 
 
 def evaluate(items: list[dict], measurer: Measurer, work_dir: Path, names=tuple(PERTURBATIONS),
@@ -290,9 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--datalist", default=None,
                         help="datalist whose test split is used (default: data/synthetic, generated if absent)")
     parser.add_argument("--cohort-seed", type=int, default=None,
-                        help="draw a fresh synthetic cohort with this seed (not 0) and use all of its subjects "
-                             "(default: none, the test split)")
-    parser.add_argument("--subjects", type=int, default=32,
+                        help=f"draw a fresh synthetic cohort with this seed (not 0, not the evaluation cohort's "
+                             f"{EVALUATION.seed}; {ROBUSTNESS.seed}: the robustness tuning cohort) and use all of its "
+                             "subjects (default: none, the test split)")
+    parser.add_argument("--subjects", type=int, default=ROBUSTNESS.subjects,
                         help="size of the fresh cohort, with --cohort-seed (default: %(default)s)")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N subjects (default: 0, all)")
     parser.add_argument("--seed", type=int, default=0,
@@ -315,7 +331,7 @@ def main(argv=None) -> int:
         datalist = args.datalist or ensure_datalist(default, dataset, synthetic_dir=dataset, generator=generate_cohort)
         split = "test"
         where = f"the test split of {os.path.relpath(Path(datalist).resolve(), BUNDLE_ROOT)}"
-    items = load_split(datalist, split, -1)[: args.limit or None]
+    items = load_split(datalist, split, -1, tuning=True)[: args.limit or None]
     measurer = Measurer(args.ckpt_dir, overrides)
     rows = evaluate(items, measurer, work, seed=args.seed)
     ckpt = measurer.ckpt.resolve()

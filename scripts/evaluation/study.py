@@ -1,9 +1,9 @@
 """The seed paper's study in one command: 10-fold cross-validation of a small hyper-parameter grid inside the
 training split, training of the best setting on the whole training split, one evaluation on the held-out test
-split, the misclassified babies' birth ages, group-averaged LRP maps per class (Figure 2) and the share of
-relevance per tissue class; ``study.md`` and ``study.html`` (the same with its figures, and every test subject
-linked to its page of the test inference's run report, copied into ``test_report/`` of the output folder so that
-the folder is complete on its own).
+split, the misclassified babies' birth ages, group-averaged LRP maps per class (Figure 2) and where the positive
+relevance lies per tissue (``scripts.runtime.localisation``: enrichment against the brain); ``study.md`` and
+``study.html`` (the same with its figures, and every test subject linked to its page of the test inference's run
+report, copied into ``test_report/`` of the output folder so that the folder is complete on its own).
 
     python -m scripts.evaluation.study                                  # built-in synthetic cohort, full settings
     python -m scripts.evaluation.study --reduced --jobs 2 --output docs/results  # 2 mm, smaller network, 2 shards
@@ -69,11 +69,12 @@ from scripts.evaluation.cross_validation import (
     summarise_cv,
 )
 from scripts.evaluation.figures import group_figure
-from scripts.evaluation.group_relevance import mean_volume, relevance_by_tissue, tissue_shares_table
-from scripts.evaluation.tables import markdown_table, markdown_to_html
+from scripts.evaluation.group_relevance import ANATOMY_COLUMNS, mean_volume, tissue_shares_table
+from scripts.evaluation.tables import fmt_ci, markdown_table, markdown_to_html
 from scripts.runtime.checks import validate_items
 from scripts.runtime.datalist import check_study_datalist, load_split
 from scripts.runtime.errors import report_input_errors
+from scripts.runtime.localisation import CSF_VENTRICLES, OUTSIDE_BRAIN, localisation, tissue_regions
 from scripts.runtime.outputs import (
     atomic_write_text,
     exclusive_lock,
@@ -86,7 +87,6 @@ from scripts.runtime.outputs import (
     write_csv,
 )
 from scripts.runtime.report import copy_report, html_page, html_table
-from scripts.runtime.tissues import DRAWEM9
 
 logger = logging.getLogger("scripts.evaluation.study")
 
@@ -133,10 +133,13 @@ def _final_model(best: dict, common: dict, run_dir: Path) -> Path:
 def group_analysis(rows: list[dict], items: list[dict], maps_dir: Path, presets: list[str], group_dir: Path,
                    parser) -> tuple[dict, dict, list[dict]]:
     """Mean input and relevance maps of the correctly classified subjects of each class (NIfTIs in
-    ``group_dir``), and the tissue table when every item has a ``tissue`` label map."""
+    ``group_dir``), and the anatomy table (``tissue_shares_table``) when every item has a ``tissue`` label map: each
+    correctly classified subject's map measured by ``scripts.runtime.localisation`` (each drawem9 tissue, CSF +
+    ventricles, and the phenotype where every item has a ``phenotype`` map and the subject's is not empty)."""
 
     by_subject = {subject_name(it["image"]): it for it in items}
     with_tissue = all("tissue" in it for it in items)
+    with_phenotype = with_tissue and all("phenotype" in it for it in items)
     transform = parser.get_parsed_content("label_preprocessing") if with_tissue else None
     means, counts, shares = {}, {}, {}
     for label in (1, 0):
@@ -155,10 +158,15 @@ def group_analysis(rows: list[dict], items: list[dict], maps_dir: Path, presets:
             save_nifti(mean, affine, group_dir / f"{name}_mean_{suffix}.nii.gz")
         if with_tissue:
             for s in subjects:
-                tissue = transform({"tissue": by_subject[s]["tissue"]})["tissue"][0].numpy()
+                keys = ("tissue", "phenotype") if with_phenotype else ("tissue",)
+                labels = transform({k: by_subject[s][k] for k in keys})
+                tissue = labels["tissue"][0].numpy()
+                phenotype = labels["phenotype"][0].numpy() > 0.5 if with_phenotype else None
+                regions = tissue_regions(tissue, {"phenotype": phenotype if phenotype is not None and phenotype.any()
+                                                  else None})
                 for preset in presets:
                     relevance, _ = mean_volume([relevance_path(maps_dir, s, preset)])
-                    shares.setdefault((name, preset), []).append(relevance_by_tissue(relevance, tissue, DRAWEM9))
+                    shares.setdefault((name, preset), []).append(localisation(relevance, tissue, regions))
     return means, counts, tissue_shares_table(shares) if shares else []
 
 
@@ -189,17 +197,23 @@ def _markdown(summary, best, metrics, mis, anatomy, info, timings, args, common)
                              ["class", "n", "correct", "misclassified", "mean (correct)", "sd (correct)",
                               "range (correct)", "misclassified babies"], digits=2)]
     if anatomy:
-        lines += ["## Share of positive relevance per tissue class (correctly classified test subjects)", "",
-                  "Relevance share = the tissue's part of the positive relevance; volume share = its part of the "
-                  "voxels of the network input; enrichment = relevance share / volume share (1 = no preference). "
-                  "Subjects: those whose map has positive relevance (alpha1-beta0 keeps the sign of the explained "
-                  "logit: where the predicted class's logit is negative, its whole map is negative and has no "
-                  "relevance shares); the volume share is over all correctly classified subjects of the class.",
-                  ""]
-        csf = [r for r in anatomy if r["tissue"] in ("csf", "ventricles")]
+        lines += ["## Where the positive relevance lies (correctly classified test subjects)", "",
+                  "Per subject (`scripts/runtime/localisation.py`): share = the region's part of the map's positive "
+                  "relevance (relevance outside the brain included); share of the brain = the region's part of the "
+                  "brain's voxels (tissue label > 0); enrichment = share / share of the brain (1 = no preference "
+                  "within the brain). Median over subjects with its percentile-bootstrap 95 % interval. "
+                  f"{CSF_VENTRICLES}: CSF and ventricles together; phenotype: the generator's phenotype mask (preterm "
+                  f"subjects of the synthetic cohort); {OUTSIDE_BRAIN}: the share of the positive relevance outside "
+                  "the brain. Subjects: those whose map has positive relevance (alpha1-beta0 keeps the sign of the "
+                  "explained logit: where the predicted class's logit is negative, its whole map is negative and has "
+                  "no shares).", ""]
+        shown = [{**r, "enrichment_ci": fmt_ci(r["enrichment"], r["enrichment_low"], r["enrichment_high"]),
+                  "share_ci": fmt_ci(r["share"], r["share_low"], r["share_high"], 3)}
+                 for r in anatomy if r["region"] in ("csf", "ventricles", CSF_VENTRICLES, "phenotype", OUTSIDE_BRAIN)]
         lines.append(markdown_table(
-            csf, ["class", "preset", "tissue", "subjects", "relevance_share", "volume_share", "enrichment"]))
-        lines += ["All tissue classes: `study_anatomy.csv`.", ""]
+            shown, ["class", "preset", "region", "subjects", "enrichment_ci", "share_ci", "brain_share"],
+            ["class", "preset", "region", "subjects", "enrichment (95 % CI)", "share (95 % CI)", "share of the brain"]))
+        lines += ["Every drawem9 tissue: `study_anatomy.csv`.", ""]
     lines += ["## Figure", "", "![group maps](study_group_relevance.png)", "",
               "Rows: correctly classified preterm and term test subjects; columns: the average network input, then "
               "the average LRP relevance for each alpha-beta setting (red: evidence for the predicted class, blue: "
@@ -290,7 +304,8 @@ def prepare(args) -> tuple[dict, dict, list[dict]]:
     common["dataset_dir"] = str(Path(parser.get_parsed_content("dataset_dir")).resolve())
     common["datalist"] = str(Path(datalist).resolve())
     info = {"datalist": common["datalist"], **check_study_datalist(common["datalist"])}
-    validate_items(load_split(common["datalist"], "all", -1), spatial_shape=parser.get_parsed_content("spatial_shape"),
+    validate_items(load_split(common["datalist"], "all", -1, tuning=True),
+                   spatial_shape=parser.get_parsed_content("spatial_shape"),
                    pixdim=parser.get_parsed_content("pixdim"))  # every image, before hours of training
     logger.info("datalist %s: training term/preterm %s in folds %s, test term/preterm %s", info["datalist"],
                 info["training"], info["folds"], info["test"])
@@ -368,7 +383,7 @@ def final_stage(args, common: dict, info: dict, settings: list[dict], cv_rows: l
     timings["test inference + LRP"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    items = load_split(common["datalist"], "test", -1)
+    items = load_split(common["datalist"], "test", -1, tuning=True)
     probs = _read_predictions(maps_dir / "predictions.csv")
     rows = subject_table([dict(it, subject=subject_name(it["image"])) for it in items], probs)
     metrics = classification_metrics([r["label"] for r in rows], [probs[r["subject"]] for r in rows])
@@ -382,7 +397,7 @@ def final_stage(args, common: dict, info: dict, settings: list[dict], cv_rows: l
     write_csv(rows, output / "study_test_subjects.csv")
     write_csv(mis, output / "study_misclassified.csv")
     if anatomy:
-        write_csv(anatomy, output / "study_anatomy.csv")
+        write_csv(anatomy, output / "study_anatomy.csv", ANATOMY_COLUMNS)
     if means:
         title = "Correctly classified test subjects; mean LRP relevance (target: predicted class)"
         group_figure(means, list(args.presets), output / "study_group_relevance.png", counts, title)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from scripts.runtime.outputs import atomic_target_for
 
-__all__ = ["fmt", "markdown_table", "markdown_to_html", "save_figure"]
+__all__ = ["fmt", "fmt_ci", "markdown_table", "markdown_to_html", "save_figure"]
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -20,6 +20,16 @@ def fmt(value, digits: int = 3) -> str:
     if isinstance(value, float):
         return "-" if value != value else f"{value:.{digits}f}"
     return str(value)
+
+
+def fmt_ci(value: float, low: float, high: float, digits: int = 2) -> str:
+    """Table cell of an estimate with its interval: ``1.32 [1.10, 1.51]``; the estimate alone when the interval is
+    NaN (one subject), '-' when the estimate is NaN."""
+    if value != value:
+        return "-"
+    if low != low or high != high:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str], headers: Sequence[str] | None = None,

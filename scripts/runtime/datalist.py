@@ -1,5 +1,6 @@
 """Datalists for the configs: find or create the MONAI datalist, select a split/fold, and check every entry
-(file present, readable 3D NIfTI, label in {0, 1}) with errors that name the file or key."""
+(file present, readable 3D NIfTI, label in {0, 1}) with errors that name the file or key; refuse the evaluation
+cohort (a datalist marked ``"role": "evaluation"``) to the commands that tune (``load_split(..., tuning=True)``)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,51 @@ from pathlib import Path
 from scripts.runtime.checks import check_bool, check_bool_or_auto, validate_items
 from scripts.runtime.outputs import NIFTI_SUFFIXES, pending_subjects, subject_name
 
-__all__ = ["check_study_datalist", "checked_split", "ensure_datalist", "folder_items", "inference_items", "load_split"]
+__all__ = ["EVALUATION_ROLE", "EvaluationCohortError", "check_study_datalist", "checked_split", "ensure_datalist",
+           "folder_items", "inference_items", "load_split", "refuse_evaluation"]
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test", "training", "all")
+EVALUATION_ROLE = "evaluation"  # the datalist "role" tuning commands may not read (scripts/data/cohorts.py)
+TUNING_COMMANDS = "training, the study, explain_eval, sanity, composite_search, robustness, qc_eval"
+
+
+class EvaluationCohortError(ValueError):
+    """A tuning command (one whose results choose something: training, the study, the evaluation commands that pick
+    settings) was pointed at the evaluation cohort, which is read only to report."""
+
+
+def refuse_evaluation(datalist: str | os.PathLike, data: dict, subject: str | None = None) -> None:
+    """Raise ``EvaluationCohortError`` when ``data`` (the JSON of ``datalist``) is marked ``"role": "evaluation"``;
+    ``subject``: the file of another datalist that led here (an item resolving into the evaluation cohort)."""
+    if not isinstance(data, dict) or data.get("role") != EVALUATION_ROLE:
+        return
+    via = f"{subject} is a subject of " if subject else ""
+    raise EvaluationCohortError(
+        f"{via}datalist {datalist}, the evaluation cohort (\"role\": \"{EVALUATION_ROLE}\"): tuning commands "
+        f"({TUNING_COMMANDS}) may not read it; it is read only to report (python -m scripts.evaluation.cohort_metrics, "
+        "configs/evaluate.json). Tune on a tuning cohort: python -m scripts.data.cohorts --cohort tuning")
+
+
+def _refuse_evaluation_homes(items: list[dict], checked: Path, datalist: Path) -> None:
+    """Defence in depth for tuning commands: no item may lie in a cohort folder (its image's folder or the one
+    above, where ``scripts.data.synthetic`` writes ``datalist.json``) whose own datalist is the evaluation cohort.
+    Only those datalist.json files are read; ``checked`` (the given datalist) is not read twice."""
+    seen = {checked.resolve()}
+    for item in items:
+        image = Path(item["image"])
+        for folder in (image.parent, image.parent.parent):
+            home = (folder / "datalist.json").resolve()
+            if home in seen:
+                continue
+            seen.add(home)
+            if not home.is_file():
+                continue
+            try:
+                data = json.loads(home.read_text())
+            except (OSError, ValueError):  # not a datalist this check can read: not the evaluation cohort's
+                continue
+            refuse_evaluation(home, data, subject=f"{item['image']} (listed in {datalist})")
 
 
 def ensure_datalist(datalist: str | None, dataset_dir: str, synthetic_subjects: int = 160, seed: int = 0,
@@ -102,12 +144,19 @@ def load_split(
     fold: int = 0,
     require_label: bool = True,
     check_files: bool = True,
+    tuning: bool = False,
 ) -> list[dict]:
     """Items of one split with absolute paths.
 
     ``split``: ``train`` (training items not in ``fold``), ``validation`` (training items in ``fold``),
     ``training`` (all training items), ``test``, ``all`` (training + test). ``fold=-1``: no validation fold,
     so ``train`` is every training item. A folder instead of a JSON file lists its NIfTIs (no labels).
+
+    ``tuning``: the caller chooses something from what it reads (training, the study, the evaluation commands that
+    pick settings): a datalist marked ``"role": "evaluation"`` (the evaluation cohort, ``scripts/data/cohorts.py``),
+    a folder holding one, or items lying in such a cohort's folder are refused with ``EvaluationCohortError``
+    before any image is opened. Commands that only measure (``configs/evaluate.json``, inference,
+    ``scripts.evaluation.cohort_metrics``) leave it False.
 
     Paths are resolved here rather than by ``monai.data.load_decathlon_datalist``: that one joins every value
     naming an existing path, so the ``subject`` of a preprocessed datalist (a folder of that name beside it)
@@ -119,13 +168,19 @@ def load_split(
         raise TypeError(f"config key 'fold' must be an integer, got {fold!r} ({type(fold).__name__})")
     path = Path(datalist)
     if path.is_dir():
+        if tuning and (path / "datalist.json").is_file():
+            refuse_evaluation(path / "datalist.json", _read_json(path / "datalist.json"))
         items = folder_items(path)
+        if tuning:
+            _refuse_evaluation_homes(items, path / "datalist.json", path)
         if require_label:
             raise ValueError(f"{path} is a folder of images without labels; training/evaluation need a datalist JSON")
         return items
     if not path.is_file():
         raise FileNotFoundError(f"datalist {path} not found")
     data = _read_json(path)
+    if tuning:
+        refuse_evaluation(path, data)
     base = path.parent
     training = data.get("training")
     test = data.get("test", [])
@@ -154,12 +209,17 @@ def load_split(
     items = [_check_item(it, base, path, require_label, check_files) for it in chosen]
     if not items:
         raise ValueError(f"datalist {path}: split {split!r} (fold={fold}) is empty")
+    if tuning:
+        _refuse_evaluation_homes(items, path, path)
     return items
 
 
-def checked_split(datalist: str, split: str, fold: int = -1, spatial_shape=None, pixdim=None) -> list[dict]:
-    """``load_split`` with every image checked (``check_image``): the training and evaluation data of the configs."""
-    return validate_items(load_split(datalist, split, fold), spatial_shape=spatial_shape, pixdim=pixdim)
+def checked_split(datalist: str, split: str, fold: int = -1, spatial_shape=None, pixdim=None,
+                  tuning: bool = False) -> list[dict]:
+    """``load_split`` with every image checked (``check_image``): the training and evaluation data of the configs.
+    ``tuning``: refuse the evaluation cohort (train.json's training and validation data; evaluate.json measures)."""
+    return validate_items(load_split(datalist, split, fold, tuning=tuning), spatial_shape=spatial_shape,
+                          pixdim=pixdim)
 
 
 def inference_items(datalist: str, split: str, output_dir: str, run_key: str, resume=True, presets=(),
@@ -205,13 +265,15 @@ def _check_item(item, base: Path, datalist: Path, require_label: bool, check_fil
 def check_study_datalist(datalist: str) -> dict:
     """Check that a datalist can carry the cross-validated study: every training item has a fold, every fold
     holds both classes, and the test split is not empty. Returns the folds and class counts; errors say how
-    to fix the datalist (``python -m scripts.data.splits``)."""
+    to fix the datalist (``python -m scripts.data.splits``). The study tunes (it trains and chooses a setting): the
+    evaluation cohort is refused (``refuse_evaluation``)."""
     path = Path(datalist)
     if path.is_dir():
         raise ValueError(f"{path} is a folder of images; the study needs a datalist JSON with labels and folds")
     if not path.is_file():
         raise FileNotFoundError(f"datalist {path} not found")
     data = _read_json(path)
+    refuse_evaluation(path, data)
     fix = f"python -m scripts.data.splits --datalist {path}"
     training, test = data.get("training"), data.get("test")
     if not isinstance(training, list) or not training:

@@ -8,7 +8,9 @@ each a *badness* (larger is worse):
 ``outside_brain``     share of the input's non-zero voxels that lie outside the training brain region (4 mm)
 ``missing_brain``     share of the training brain region the input leaves empty (4 mm)
 ``intensity``         largest |z| of the skewness, 1st and 99th percentile of the brain intensities against the
-                      training subjects' values (the input is z-scored, so mean and spread say nothing)
+                      training subjects' values, in the units of the inputs' normalisation (the z-score fixes mean
+                      and spread, so they say nothing; the white-matter peak leaves them to the phenotype, so they
+                      are not measured either: the QC must not fail a subject for its CSF)
 ``feature_distance``  Mahalanobis distance of the penultimate-layer features to the nearest training class mean
                       with one shared covariance (Lee et al. 2018, "A simple unified framework for detecting
                       out-of-distribution samples and adversarial attacks")
@@ -17,7 +19,9 @@ A subject fails a measure when it exceeds the threshold = (the training split's 
 margin), so no training subject fails by construction. Training writes the reference next to the weights
 (``QCReferenceWriter``): ``qc_reference.json`` (statistics, thresholds, margins), ``qc_mean_image.nii.gz``
 (8 mm) and ``qc_brain_region.nii.gz`` (4 mm); editing the margins or thresholds in the JSON changes the policy without
-retraining. Inference applies it with ``QCHandler`` (policy ``flag``, ``refuse`` or ``off``).
+retraining. The JSON also records the inputs' intensity normalisation (``normalisation``, train.json's key of that
+name), which inference checks (scripts/runtime/normalisation.py). Inference applies it with ``QCHandler`` (policy
+``flag``, ``refuse`` or ``off``).
 
 Every failure says what to do (``advice``): the registration measures point to the bundle's preprocessing
 (``python -m scripts.data.preprocess run``, with the datalist it needs), ``intensity`` to the scan's contrast,
@@ -46,6 +50,7 @@ from scripts.runtime.reference import (
     MEASURES,
     REFERENCE,
     SIMILARITY_REDUCTION,
+    UNRECORDED,
     QCReference,
     fingerprint,
     intensity_stats,
@@ -133,9 +138,9 @@ def check_policy(value) -> str:
 
 
 def build_reference(network: torch.nn.Module, inputs: Sequence, labels: Sequence[int],
-                    margins: dict | None = None) -> QCReference:
+                    margins: dict | None = None, normalisation: str = UNRECORDED) -> QCReference:
     """The reference from the training split: ``inputs`` are the preprocessed network inputs (1, D, H, W)
-    MetaTensors, ``labels`` their classes."""
+    MetaTensors in ``normalisation`` (recorded in the reference), ``labels`` their classes."""
     network = getattr(network, "module", network)
     was_training = network.training
     network.eval()
@@ -165,7 +170,7 @@ def build_reference(network: torch.nn.Module, inputs: Sequence, labels: Sequence
         return QCReference(reduced[keep].mean(0), occupancy > 0.5, affine, stats[keep].mean(0),
                            stats[keep].std(0) + 1e-6, class_means, np.linalg.inv(cov + shrink * np.eye(len(cov))),
                            training_max={}, margins=dict(margins or MARGINS), fingerprint=weights,
-                           subjects=int(keep.sum()))
+                           subjects=int(keep.sum()), normalisation=normalisation)
 
     everyone = np.ones(len(volumes), dtype=bool)
     reference = fit(everyone)
@@ -193,11 +198,13 @@ def qc_row(verdict: dict | None) -> dict:
 class QCReferenceWriter:
     """Trainer handler: when training completes, compute the QC reference of the saved best model
     (``ckpt_path``, loaded weights-only) on the training split through the deterministic preprocessing, and
-    write it next to the weights (rank 0)."""
+    write it next to the weights (rank 0), with the registration template. ``normalisation``: the one
+    ``transform`` ends with (train.json's key of that name), recorded in the reference for inference to check."""
 
     def __init__(self, data: Sequence[dict], transform, network: torch.nn.Module, ckpt_path: str,
-                 output_dir: str | None = None) -> None:
+                 output_dir: str | None = None, normalisation: str = UNRECORDED) -> None:
         self.data, self.transform, self.network = list(data), transform, network
+        self.normalisation = normalisation
         self.ckpt_path = Path(ckpt_path)
         self.output_dir = Path(output_dir) if output_dir else self.ckpt_path.parent
 
@@ -213,9 +220,10 @@ class QCReferenceWriter:
 
         dataset = Dataset(self.data, self.transform)
         inputs = [dataset[i]["image"] for i in range(len(dataset))]
-        reference = build_reference(network, inputs, [int(item["label"]) for item in self.data])
+        reference = build_reference(network, inputs, [int(item["label"]) for item in self.data],
+                                    normalisation=self.normalisation)
         reference.save(self.output_dir)
-        save_template(inputs, self.output_dir)
+        save_template(inputs, self.output_dir, self.normalisation)
         logger.info("QC reference of %s from %s: %s", self.ckpt_path,
                     plural(reference.subjects, "training subject"), self.output_dir / REFERENCE)
 

@@ -29,7 +29,7 @@ from scripts.runtime.outputs import atomic_write_text, save_nifti
 
 __all__ = ["MARGINS", "MEASURES", "MEAN_IMAGE", "REDUCTION", "REFERENCE", "REGION", "SIMILARITY_REDUCTION",
            "TEMPLATE_IMAGE", "TEMPLATE_MASK", "QCReference", "Template", "fingerprint", "intensity_stats",
-           "missing_template", "network_features", "penultimate", "reduce", "save_template"]
+           "missing_template", "network_features", "penultimate", "recorded_normalisation", "reduce", "save_template"]
 
 logger = logging.getLogger(__name__)
 MEASURES = ("similarity", "outside_brain", "missing_brain", "intensity", "feature_distance")
@@ -43,6 +43,10 @@ MEAN_IMAGE = "qc_mean_image.nii.gz"
 REGION = "qc_brain_region.nii.gz"
 TEMPLATE_IMAGE = "template_T2w.nii.gz"
 TEMPLATE_MASK = "template_mask.nii.gz"
+UNRECORDED = "zscore"  # the normalisation of weights whose QC reference has no ``normalisation`` field (before 0.9.0)
+# added to the brain of each training input in the registration template, to lift it above the zero background:
+# a z-scored brain reaches about -4, a brain divided by its white-matter peak is positive already
+TEMPLATE_SHIFT = {"zscore": 4.0, "white_peak": 0.0}
 
 
 def reduce(volume: np.ndarray, factor: int = REDUCTION) -> np.ndarray:
@@ -110,6 +114,7 @@ class QCReference:
     thresholds: dict = field(default_factory=dict)  # training_max x margins, unless edited in the JSON
     fingerprint: str = ""
     subjects: int = 0
+    normalisation: str = UNRECORDED  # of the network inputs (scripts/runtime/normalisation.py)
 
     def fits(self, shape) -> bool:
         """Whether a network input of (D, H, W) ``shape`` is on the grid this reference was written for."""
@@ -164,7 +169,8 @@ class QCReference:
         content = {
             "description": "Input QC reference of the weights beside it (scripts/runtime/qc.py); a subject fails "
                            "a measure when it exceeds thresholds[measure]; thresholds = training_max x margins",
-            "fingerprint": self.fingerprint, "subjects": self.subjects, "input_affine": self.affine.tolist(),
+            "fingerprint": self.fingerprint, "subjects": self.subjects, "normalisation": self.normalisation,
+            "input_affine": self.affine.tolist(),
             "margins": self.margins, "training_max": self.training_max, "thresholds": self.thresholds,
             "intensity_mean": self.intensity_mean.tolist(), "intensity_std": self.intensity_std.tolist(),
             "class_means": self.class_means.tolist(), "precision": self.precision.tolist(),
@@ -188,10 +194,25 @@ class QCReference:
             return cls(np.asarray(mean.dataobj, dtype=np.float32), region, np.asarray(content["input_affine"]),
                        np.asarray(content["intensity_mean"]), np.asarray(content["intensity_std"]),
                        np.asarray(content["class_means"]), np.asarray(content["precision"]), training_max,
-                       margins, thresholds, content.get("fingerprint", ""), int(content.get("subjects", 0)))
+                       margins, thresholds, content.get("fingerprint", ""), int(content.get("subjects", 0)),
+                       str(content.get("normalisation", UNRECORDED)))
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{path}: not a readable QC reference ({type(err).__name__}: {err}); recreate it with "
                              "the training command or delete it (QC is then off)") from err
+
+
+def recorded_normalisation(folder: str | os.PathLike) -> str | None:
+    """The intensity normalisation the weights in ``folder`` were trained with, as their QC reference records it
+    (its JSON only): ``UNRECORDED`` (``zscore``) for a reference without the field, None without a reference."""
+    path = Path(folder) / REFERENCE
+    if not path.is_file():
+        return None
+    try:
+        content = json.loads(path.read_text())
+        return str(content.get("normalisation", UNRECORDED))
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"{path}: not a readable QC reference ({type(err).__name__}: {err}); recreate it with "
+                         "the training command or delete it (QC is then off)") from err
 
 
 def missing_template(missing: Sequence[str]) -> str:
@@ -245,19 +266,25 @@ class Template:
             return True, {}
         volume = np.asarray(volume, dtype=np.float64)
         brain = volume != 0
-        if brain.sum() > 1 and volume[brain].std() > 0:  # as NormalizeIntensityd(nonzero=True) gives the network
+        # scored as the network sees it, in the reference's normalisation: the z-score inside the brain changes the
+        # similarity; white_peak divides the whole volume by a positive constant, which changes neither score
+        if self.reference.normalisation == "zscore" and brain.sum() > 1 and volume[brain].std() > 0:
             volume = np.where(brain, (volume - volume[brain].mean()) / volume[brain].std(), 0.0)
         scores = self.reference.registration_scores(volume)
         return all(scores[m] <= self.reference.thresholds[m] for m in scores), scores
 
 
-def save_template(inputs: Sequence, folder: str | os.PathLike) -> list[Path]:
+def save_template(inputs: Sequence, folder: str | os.PathLike, normalisation: str = UNRECORDED) -> list[Path]:
     """The registration template of native scans (``CentredGridd(preprocess=...)``) from the training inputs
-    (1, D, H, W): their mean on the network grid, each brain shifted above the zero background (z-scores + 4),
-    and the brain mask where at least half the training brains are."""
+    (1, D, H, W) in ``normalisation``: their mean on the network grid, each brain lifted above the zero background
+    (``TEMPLATE_SHIFT``: z-scores + 4; a white-peak brain is positive as it is), and the brain mask where at least
+    half the training brains are."""
+    if normalisation not in TEMPLATE_SHIFT:
+        raise ValueError(f"no registration template rule for normalisation {normalisation!r}: one of "
+                         f"{', '.join(map(repr, TEMPLATE_SHIFT))}")
     volumes = np.stack([torch.as_tensor(v).as_subclass(torch.Tensor)[0].cpu().numpy() for v in inputs])
     brains = volumes != 0
-    mean = np.where(brains, volumes + 4.0, 0.0).mean(0).astype(np.float32)
+    mean = np.where(brains, volumes + TEMPLATE_SHIFT[normalisation], 0.0).mean(0).astype(np.float32)
     mask = brains.mean(0) > 0.5
     affine = np.asarray(getattr(inputs[0], "affine", np.eye(4)), dtype=float)
     folder = Path(folder)

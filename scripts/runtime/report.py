@@ -37,6 +37,7 @@ import ignite.distributed as idist
 import numpy as np
 from ignite.engine import Engine, Events
 
+from scripts.runtime.localisation import CSF_VENTRICLES, OUTSIDE_BRAIN, Localisation, localisation
 from scripts.runtime.outputs import (
     atomic_write_text,
     input_path,
@@ -50,11 +51,10 @@ from scripts.runtime.outputs import (
 )
 from scripts.runtime.qc import ADVICE_START, SCAN_PLACEHOLDER, advice, load_thresholds, score_text
 from scripts.runtime.reference import MEASURES
-from scripts.runtime.tissues import DRAWEM9
 from scripts.runtime.visual import COLOUR_RULE, overlay_mosaic, plural, save_mosaic
 
 __all__ = ["CLASSES", "RESEARCH_NOTICE", "RunReport", "build_report", "copy_report", "html_page", "html_table",
-           "qc_flag", "relevance_by_tissue"]
+           "qc_flag"]
 
 logger = logging.getLogger(__name__)
 CLASSES = ("term", "preterm")
@@ -141,21 +141,6 @@ def qc_flag(row: Mapping[str, str]) -> bool | None:
     return None
 
 
-def relevance_by_tissue(relevance: np.ndarray, tissue: np.ndarray, names: Mapping[int, str]) -> dict[str, tuple]:
-    """For each tissue label (and ``outside_brain`` for label 0): (share of the positive relevance, share of
-    the voxels). Shares are over the whole grid, so each column sums to 1."""
-    if relevance.shape != tissue.shape:
-        raise ValueError(f"relevance {relevance.shape} and tissue labels {tissue.shape} differ in shape")
-    positive = np.clip(relevance, 0, None)
-    total = float(positive.sum())
-    labels = np.rint(tissue).astype(int)
-    out = {}
-    for label, name in {0: "outside_brain", **dict(names)}.items():
-        region = labels == label
-        out[name] = (float(positive[region].sum()) / total if total > 0 else float("nan"), float(region.mean()))
-    return out
-
-
 def _sha256(path: str | os.PathLike | None) -> str:
     if not path or not Path(path).is_file():
         return ""
@@ -202,7 +187,7 @@ class _Subject:
         self.qc_failed = [m for m in str(self.row.get("qc_failed", "")).split(";") if m.strip()]
         self.conservation = float("nan")  # of the first preset's map, from relevance.csv
         self.mosaic = None
-        self.tissue: dict[str, tuple] = {}
+        self.tissue: Localisation | None = None  # of the first preset's map, when the datalist gives a tissue map
 
     @property
     def failed(self) -> bool:
@@ -330,14 +315,7 @@ def _subject_page(output_dir: Path, subject: _Subject, preset: str, presets: Seq
     if network_input.is_file():
         body.append(f"<p>Network input: {_link(network_input, here, network_input.name)}</p>")
     if subject.tissue:
-        tissue_rows = [[html.escape(name), _fmt(share * 100, 1), _fmt(volume * 100, 1),
-                        _fmt(share / volume if volume > 0 else float("nan"), 2)]
-                       for name, (share, volume) in subject.tissue.items()]
-        body += [f"<h2>Positive relevance per tissue ({html.escape(preset)})</h2>",
-                 "<p>Relevance share: the tissue's part of the positive relevance; volume share: its part of the "
-                 "voxels of the network grid; enrichment = relevance share / volume share.</p>",
-                 html_table(["tissue", "relevance share (%)", "volume share (%)", "enrichment"], tissue_rows,
-                            numeric=[False, True, True, True])]
+        body += [f"<h2>Positive relevance per tissue ({html.escape(preset)})</h2>", *_tissue_table(subject.tissue)]
     qc_columns = [c for c in subject.row if c.startswith(QC_PREFIX) and c not in ("qc_pass", "qc_failed", "qc_advice")]
     if subject.qc is not None or qc_columns:
         rows = []
@@ -357,6 +335,25 @@ def _subject_page(output_dir: Path, subject: _Subject, preset: str, presets: Seq
                  "subjects' maximum times a margin (docs/qc.md, thresholds).</p>",
                  html_table(["measure", "score (threshold)", "result"], rows, table_id="qc")]
     return html_page(f"{subject.name}: run report", "\n".join(body))
+
+
+def _tissue_table(loc: Localisation) -> list[str]:
+    """The subject page's tissue panel: each drawem9 tissue and CSF + ventricles with its share of the map's positive
+    relevance, its share of the brain and the enrichment (``scripts.runtime.localisation``), then the outside-brain
+    share."""
+    rows = [[html.escape(name), _fmt(v["share"] * 100, 1), _fmt(v["brain_share"] * 100, 1), _fmt(v["enrichment"], 2)]
+            for name, v in loc.items() if name != OUTSIDE_BRAIN]
+    rows.append([f"<i>{OUTSIDE_BRAIN}</i>", _fmt(loc[OUTSIDE_BRAIN]["share"] * 100, 1), "-", "-"])
+    out = [f"<p>Relevance share: the region's part of the map's positive relevance (relevance outside the brain "
+           "included); share of the brain: its part of the brain's voxels (tissue label &gt; 0); enrichment = "
+           f"relevance share / share of the brain (1 = no preference within the brain). {CSF_VENTRICLES}: CSF and "
+           f"ventricles together; {OUTSIDE_BRAIN}: the share of the positive relevance that lies outside the "
+           "brain.</p>"]
+    if loc[OUTSIDE_BRAIN]["share"] != loc[OUTSIDE_BRAIN]["share"]:
+        out.append('<p class="muted">This map has no positive relevance, so it has no shares.</p>')
+    out.append(html_table(["region", "relevance share (%)", "share of the brain (%)", "enrichment"], rows,
+                          table_id="tissue", numeric=[False, True, True, True]))
+    return out
 
 
 def _index_page(output_dir: Path, subjects: list[_Subject], settings: Mapping[str, str], preset: str,
@@ -433,7 +430,8 @@ def build_report(output_dir: str | os.PathLike, presets: Sequence[str] | None = 
         target: the explained class setting (``pred``, a class index, ``difference``), for the settings table.
         ckpt_path: the model file, named with its SHA-256 in the settings table.
         run_key: the run's key (``scripts.runtime.outputs.run_key``).
-        items: datalist items; a subject's ``tissue`` map gives the tissue shares of its relevance.
+        items: datalist items; a subject's ``tissue`` map gives the localisation of its relevance per tissue
+            (``scripts.runtime.localisation``: shares and enrichment against the brain).
         label_transform: the spatial preprocessing of label maps (``label_preprocessing`` of inference.json), which
             brings a ``tissue`` map onto the network grid.
         slices: slices per plane in the mosaics.
@@ -447,7 +445,6 @@ def build_report(output_dir: str | os.PathLike, presets: Sequence[str] | None = 
     presets = list(presets or dict.fromkeys(p for _, p in relevance_rows))
     preset = presets[0] if presets else ""
     by_item = {str(it.get("subject", "")): it for it in (items or [])}
-    names = dict(DRAWEM9)
     qc_columns = [c for c in (predictions[0] if predictions else {}) if c.startswith(QC_PREFIX)]
     thresholds = load_thresholds(Path(ckpt_path).parent) if ckpt_path and qc_columns else None
 
@@ -475,7 +472,7 @@ def build_report(output_dir: str | os.PathLike, presets: Sequence[str] | None = 
         if item is not None and item.get("tissue") and label_transform is not None:
             try:
                 tissue = np.asarray(label_transform({"tissue": item["tissue"]})["tissue"])[0]
-                subject.tissue = relevance_by_tissue(relevance, tissue, names)
+                subject.tissue = localisation(relevance, tissue)
             except Exception as err:  # a tissue map that does not load or fit is reported, not fatal
                 logger.warning("%s: no tissue shares (%s: %s)", subject.name, type(err).__name__, err)
     done = {s.name for s in subjects}

@@ -1,7 +1,7 @@
 """The tissue names: the dHCP drawem9 labels (0 outside the brain mask).
 
-The run report and the study name their tissue tables with them (``relevance_by_tissue``); the synthetic cohort
-(``scripts/data/synthetic_anatomy.py``) draws its label maps in them.
+The localisation measure names its regions with them (``scripts.runtime.localisation``: the run report's and the
+study's tissue tables); the synthetic cohort (``scripts/data/synthetic_anatomy.py``) draws its label maps in them.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@
                    the brain mask kept crisp. It replaces ``Spacingd`` + ``ResizeWithPadOrCropd``, which anchor the
                    1 mm grid at the scan's first voxel and then cut or pad whole voxels: a scan on another grid
                    landed 0.1-0.5 mm off (0.8 mm in-plane with 2 mm slices: the brain 0.8 voxel lower), and the
-                   linear interpolation left a dim rim of partial-volume voxels around the brain that
-                   ``NormalizeIntensityd(nonzero=True)`` counted as brain (3-7 % more "brain" voxels, a lower mean).
+                   linear interpolation left a dim rim of partial-volume voxels around the brain that the
+                   normalisation (``Normalisedd``: its statistics are the non-zero voxels') counted as brain (3-7 %
+                   more "brain" voxels, a lower mean).
                    On a scan already on the network grid (the template grid at 1 mm) it changes nothing: same
                    voxels, same values; a scan with the same voxel size but another array size is cut or padded by
                    whole voxels exactly as ``ResizeWithPadOrCropd`` did (tests/test_robustness.py).
@@ -186,8 +187,8 @@ class RandMaskJitterd(RandomizableTransform, MapTransform):
     flips with a probability drawn from ``[0, max_fraction]`` (outside the volume counts as background). Eroded
     voxels become 0; dilated ones take the mean of their brain neighbours (3x3x3 box), the idea of ``CentredGridd``'s
     normalised edge. This is what re-drawing the brain mask by nearest neighbour on another grid does to a scan,
-    which the clean training scans (all on the template grid) never show. It works on raw or z-scored float images
-    (the background must be exactly 0); follow it with ``NormalizeIntensityd(nonzero=True)``, as it changes which
+    which the clean training scans (all on the template grid) never show. It works on raw or normalised float images
+    (the background must be exactly 0); follow it with the normalisation (``Normalisedd``), as it changes which
     voxels are brain. Each key gets its own draw: use it on intensity images, not on a mask that must stay paired."""
 
     def __init__(self, keys: KeysCollection, prob: float = 0.3, max_fraction: float = 0.5,
@@ -283,7 +284,7 @@ class RandAcquiredGridd(RandomizableTransform, MapTransform):
     axes after ``Orientationd``, drawn at random) -- then
     ``CentredGridd(pixdim, spatial_size, mask_nonzero=True)``, the deployed preprocessing's step. The image must be a
     MetaTensor with its affine (after ``CentredGridd``), skull-stripped (background exactly 0) and in raw intensities,
-    before ``NormalizeIntensityd(nonzero=True)``: interpolation mixes the background into the brain's edge as it does
+    before the normalisation (``Normalisedd``): interpolation mixes the background into the brain's edge as it does
     for a scan. The draw uses the transform's RandomState (MONAI's set_determinism / set_random_state seed it)."""
 
     def __init__(self, keys: KeysCollection, pixdim: Sequence[float], spatial_size: Sequence[int], prob: float = 0.5,

@@ -44,7 +44,8 @@ def plural(count: int, noun: str, nouns: str | None = None) -> str:
 
 
 def brain_mask(image: np.ndarray) -> np.ndarray:
-    """Brain voxels of a network input: the z-scored brain is non-zero, background and padding are exactly 0."""
+    """Brain voxels of a network input: the normalised brain is non-zero, background and padding are exactly 0
+    (both normalisations, scripts/runtime/normalisation.py, keep them so)."""
     image = np.asarray(image)
     return np.isfinite(image) & (image != 0)
 
