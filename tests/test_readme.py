@@ -17,7 +17,8 @@ Order: the files are read in order (README.md first, then docs/README.md, then t
 their blocks top to bottom. A block that is not run (``bash`` or ``python``) is checked instead: every file or
 folder it names by a path inside the repository (``configs/``, ``data/``, ``docs/``, ``eval/``, ``models/``,
 ``scripts/``, ``benchmarks/``, ``tests/``) must exist at that point, unless the path is what the command writes
-(after ``-o``, ``--output``, ``--output_dir``, ``--work_dir``, ``--filepath`` or ``>``): an example that reads
+(after ``-o``, ``--output``, ``--output_dir``, ``--work_dir``, ``--filepath`` or ``>``) or what an earlier line of the
+block wrote: an example that reads
 ``data/...`` needs an earlier cheap block that writes it. Comments (``# ...``) are not read.
 """
 
@@ -55,12 +56,15 @@ def code_blocks(path: Path) -> list[dict]:
 
 
 def paths_read(text: str) -> list[str]:
-    """The repository paths a block names, less the ones its commands write and those in comments."""
-    found = []
+    """The repository paths a block names, less the ones its commands write (and what a later line reads of them)
+    and those in comments."""
+    found, written = [], set()
     for line in text.splitlines():
         line = re.split(r"(?:^|\s)#", line, maxsplit=1)[0]
         for match in REPO_PATH.finditer(line):
-            if not WRITTEN.search(line[:match.start()]):
+            if WRITTEN.search(line[:match.start()]):
+                written.add(match.group(1))
+            elif match.group(1) not in written:
                 found.append(match.group(1))
     return found
 
@@ -111,3 +115,11 @@ def test_readme_commands_run_in_order_on_a_fresh_clone(tmp_path):
                                               f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
                 ran.append(where)
     assert ran, f"no block is marked {MARKER}"
+
+
+def test_a_path_written_by_an_earlier_line_of_the_block_is_not_missing():
+    block = ("python -m tool --input eval/a.pt\n"
+             "git show HEAD:models/model.pt > eval/a.pt   # writes it\n"
+             "python -m tool --weights eval/a.pt --config configs/x.json\n")
+    # the first line reads eval/a.pt before the second writes it; the third reads what the second wrote
+    assert paths_read(block) == ["eval/a.pt", "models/model.pt", "configs/x.json"]

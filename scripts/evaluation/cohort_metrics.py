@@ -196,13 +196,14 @@ def main(argv=None) -> int:
     # this command only measures: the evaluation cohort is allowed (tuning=False); the report says which cohort
     items = load_split(args.datalist, args.split, -1)
     data = json.loads(Path(args.datalist).read_text())
-    cohort = f"{describe(data)}; datalist `{args.datalist}`, split `{args.split}`"
+    cohort = f"{describe(data)}; datalist `{_shown(Path(args.datalist))}`, split `{args.split}`"
     if data.get("role") == "evaluation":
         cohort += "; the evaluation cohort is read only to report: nothing may be chosen from these numbers"
     rows = measure(items, weights, args.override, args.config_file)
     metrics, comparisons = summarise(rows, list(weights), reference, args.margin, args.resamples, args.seed)
+    given = sys.argv[1:] if argv is None else list(argv)  # a path inside the bundle is shown relative to it
     command = shlex.join(["python", "-m", "scripts.evaluation.cohort_metrics",
-                          *(sys.argv[1:] if argv is None else argv)])
+                          *(_shown(Path(a)) if Path(a).is_absolute() else a for a in given)])
     text = report(rows, metrics, comparisons, name=args.name, command=command, cohort=cohort, weights=weights,
                   reference=reference, margin=args.margin, resamples=args.resamples, seed=args.seed)
     output = Path(args.output)

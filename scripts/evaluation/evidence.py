@@ -21,8 +21,9 @@ Medians over the preterm subjects with percentile-bootstrap 95 % intervals. Per-
 ``--work`` and reused, so an interrupted run resumes. The evaluation cohort is read only with ``--report-evaluation``
 (it reports, it never chooses).
 
-    python -m scripts.evaluation.evidence --cohort tuning --weights shipped=models/model.pt \\
-        --weights previous=eval/previous/model.pt --output docs/results
+    git show caa40c7:models/model.pt > eval/previous.pt   # the previous, plain-trained weights
+    python -m scripts.evaluation.evidence --cohort tuning --output docs/results --weights shipped=models/model.pt \\
+        --weights previous=eval/previous.pt
 """
 
 from __future__ import annotations
