@@ -313,7 +313,7 @@ def main(argv=None) -> int:
                       f"{cohort.preterm_fraction}, role {cohort.role})"}
     write_csv(rows, output / f"evidence{suffix}.csv")
     write_csv(maps, output / f"evidence{suffix}_maps.csv")
-    atomic_write_text(summary_markdown(rows, maps, info) + "\n", output / f"evidence{suffix}.md")
+    atomic_write_text(summary_markdown(rows, maps, info).rstrip("\n") + "\n", output / f"evidence{suffix}.md")
     print(output / f"evidence{suffix}.md")
     return 0
 
