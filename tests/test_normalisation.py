@@ -31,7 +31,6 @@ from scripts.runtime.normalisation import (
     NORMALISATIONS,
     Normalisedd,
     WhitePeakNormalised,
-    WhitePeakNormalisedd,
     white_matter_peak,
 )
 from scripts.runtime.reference import REFERENCE, TEMPLATE_IMAGE, TEMPLATE_MASK, QCReference, Template
@@ -105,9 +104,9 @@ def test_empty_brain_and_constant_image_are_one_clear_error():
 def test_dictionary_version_keeps_meta_and_shares_the_statistics(twins):
     image, twin = twins[0], twins[1]
     x = MetaTensor(torch.as_tensor(image)[None], affine=torch.eye(4))
-    d = WhitePeakNormalisedd("image")({"image": x})
+    d = Normalisedd("image", method="white_peak")({"image": x})
     assert isinstance(d["image"], MetaTensor) and torch.equal(d["image"].affine, x.affine)
-    norm = WhitePeakNormalisedd("image")
+    norm = Normalisedd("image", method="white_peak")
     hybrid = norm.apply(torch.as_tensor(twin)[None], norm.statistics(x))  # the twin on the subject's scale
     assert torch.allclose(hybrid, torch.as_tensor(twin)[None] / white_matter_peak(image), rtol=2 * EPS32)
 

@@ -108,9 +108,9 @@ class Twins:
             self.networks[name] = network.eval()
         self.template = builtin_template()
 
-    def measure(self, draw: Draw, presets: list[str], work: Path) -> dict[str, dict]:
-        """Per weights name: the margins, probabilities and gap shares of one preterm subject, and its maps'
-        localisation (trained and randomised network) per preset."""
+    def measure(self, draw: Draw, presets: list[str], work: Path, names: list[str] | None = None) -> dict[str, dict]:
+        """Per weights name (``names``, default all): the margins, probabilities and gap shares of one preterm
+        subject, and its maps' localisation (trained and randomised network) per preset."""
         ph = draw.phenotype
         phenotypes = {"subject": ph, "twin": ph.term_equivalent(),
                       **{f"without_{c}": without_components(ph, c) for c in COMPONENTS},
@@ -139,16 +139,17 @@ class Twins:
         inputs["global_only"] = normalise_with(raw["twin"], raw["subject"], self.normaliser)
         inputs["local_only"] = normalise_with(raw["subject"], raw["twin"], self.normaliser)
         batch = torch.stack([torch.as_tensor(inputs[v]).as_subclass(torch.Tensor).float() for v in inputs])
-        names = list(inputs)
+        variants = list(inputs)
         results = {}
-        for weights, network in self.networks.items():
+        for weights in names or list(self.networks):
+            network = self.networks[weights]
             with torch.no_grad():
                 logits = network(batch)
-            margins = {v: float(logits[i, 1] - logits[i, 0]) for i, v in enumerate(names)}
+            margins = {v: float(logits[i, 1] - logits[i, 0]) for i, v in enumerate(variants)}
             probs = torch.softmax(logits, dim=1)[:, 1]
             row = {"subject": draw.subject, "weights": weights, "birth_age": ph.birth_age,
-                   **{f"p_{v}": float(probs[i]) for i, v in enumerate(names)},
-                   **{f"margin_{v}": margins[v] for v in names}, **gap_shares(margins)}
+                   **{f"p_{v}": float(probs[i]) for i, v in enumerate(variants)},
+                   **{f"margin_{v}": margins[v] for v in variants}, **gap_shares(margins)}
             maps = []
             x = batch[:1]
             random_network = randomised(network, len(randomisable_layers(network)))
@@ -293,8 +294,7 @@ def main(argv=None) -> int:
             else:
                 missing.append(name)
         if missing:
-            twins_now = twins if len(missing) == len(weights) else _subset(twins, missing)
-            for name, result in twins_now.measure(draw, args.presets, work).items():
+            for name, result in twins.measure(draw, args.presets, work, missing).items():
                 result.update(version=RESULT_VERSION, config=args.override, presets=args.presets)
                 path = work / f"{name}_{sha[name][:12]}" / f"{draw.subject}.json"
                 atomic_write_text(json.dumps(result), path)
@@ -316,13 +316,6 @@ def main(argv=None) -> int:
     atomic_write_text(summary_markdown(rows, maps, info).rstrip("\n") + "\n", output / f"evidence{suffix}.md")
     print(output / f"evidence{suffix}.md")
     return 0
-
-
-def _subset(twins: Twins, names: list[str]) -> Twins:
-    subset = object.__new__(Twins)
-    subset.__dict__.update(twins.__dict__)
-    subset.networks = {n: twins.networks[n] for n in names}
-    return subset
 
 
 if __name__ == "__main__":

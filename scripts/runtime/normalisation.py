@@ -13,7 +13,7 @@ Training records its normalisation in the QC reference beside the weights (``qc_
 folder of the weights: inference.json passes ``ckpt_dir``) ``Normalisedd`` refuses a method other than the recorded
 one, so weights never silently get another normalisation than the one they were trained with.
 
-``WhitePeakNormalised`` / ``WhitePeakNormalisedd``: divide a skull-stripped T2w scan by the white-matter peak of its
+``WhitePeakNormalised``: divide a skull-stripped T2w scan by the white-matter peak of its
 brain, the mode of the brain's intensity histogram (the largest tissue of the neonatal brain in T2w), as WhiteStripe
 and KDE normalisation do; the background stays 0. Why not the z-score inside the brain
 (``NormalizeIntensityd(nonzero=True)``): the preterm phenotype (more bright CSF) raises the brain's mean and SD, so
@@ -48,7 +48,7 @@ from scipy import ndimage
 from scripts.runtime.checks import check_choice
 from scripts.runtime.reference import REFERENCE, recorded_normalisation
 
-__all__ = ["BINS", "MIN_BRAIN_VOXELS", "NORMALISATIONS", "Normalisedd", "WhitePeakNormalised", "WhitePeakNormalisedd",
+__all__ = ["BINS", "MIN_BRAIN_VOXELS", "NORMALISATIONS", "Normalisedd", "WhitePeakNormalised",
            "ZScoreNormalised", "check_normalisation", "check_recorded", "white_matter_peak"]
 
 NORMALISATIONS = ("zscore", "white_peak")  # the choices of config key ``normalisation``; the first is the default
@@ -104,26 +104,6 @@ class WhitePeakNormalised(Transform):
 
     def __call__(self, image):
         return self.apply(image, self.statistics(image))
-
-
-class WhitePeakNormalisedd(MapTransform):
-    """Dictionary version of ``WhitePeakNormalised``."""
-
-    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.normaliser = WhitePeakNormalised()
-
-    def statistics(self, image) -> dict[str, float]:
-        return self.normaliser.statistics(image)
-
-    def apply(self, image, statistics: Mapping[str, float]):
-        return self.normaliser.apply(image, statistics)
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.normaliser(d[key])
-        return d
 
 
 class ZScoreNormalised(Transform):
