@@ -30,6 +30,7 @@ from scripts.runtime.normalisation import (
     BINS,
     NORMALISATIONS,
     Normalisedd,
+    RandBrainStatisticsd,
     WhitePeakNormalised,
     white_matter_peak,
 )
@@ -168,6 +169,33 @@ def test_statistics_and_apply_round_trip(twins, method):
         expected = torch.where(twin != 0, twin / stats["peak"], torch.zeros_like(twin))
     assert torch.allclose(hybrid, expected, rtol=4 * EPS32, atol=4 * EPS32 * float(expected.abs().max()))
     assert torch.equal(twin, _scan(twins[1]))  # never in place
+
+
+def test_augmented_statistics_are_a_zscore_with_statistics_that_are_off(twins):
+    """``RandBrainStatisticsd`` after the z-score is the z-score with the mean moved by ``a`` SDs and the SD times
+    ``b``, each key with its own (a, b) within the ranges; the background stays 0; seeded, it repeats."""
+    x = _scan(twins[0])
+    z = Normalisedd("image")({"image": x})["image"]
+    aug = RandBrainStatisticsd(["image", "view"], shift=0.5, scale=(0.8, 1.3)).set_random_state(0)
+    out = aug({"image": z, "view": z.clone()})
+    inside = x[x != 0].double()
+    mean, sd = float(inside.mean()), float(inside.std(unbiased=False))
+    for key in ("image", "view"):
+        a, b = aug.draws[key]
+        assert -0.5 <= a <= 0.5 and 0.8 <= b <= 1.3
+        expected = NormalizeIntensity(subtrahend=mean + a * sd, divisor=sd * b, nonzero=True)(x.clone())
+        assert isinstance(out[key], MetaTensor) and torch.equal(out[key].affine, x.affine)
+        assert torch.allclose(out[key], expected, rtol=8 * EPS32, atol=8 * EPS32 * float(expected.abs().max()))
+        assert float(out[key][x == 0].abs().max()) == 0
+    assert aug.draws["image"] != aug.draws["view"]  # independent draws: the two views disagree on the statistics
+    assert not torch.equal(out["image"], out["view"])
+    again = RandBrainStatisticsd(["image", "view"]).set_random_state(0)
+    assert torch.equal(again({"image": z, "view": z.clone()})["view"], out["view"])
+    assert torch.equal(z, Normalisedd("image")({"image": x})["image"])  # the input untouched
+    with pytest.raises(ValueError, match="scale"):
+        RandBrainStatisticsd("image", scale=(1.3, 0.8))
+    with pytest.raises(ValueError, match="shift"):
+        RandBrainStatisticsd("image", shift=-1)
 
 
 def _record(folder, **fields):

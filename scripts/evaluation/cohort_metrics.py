@@ -22,7 +22,6 @@ cohort, each weights file with its sha256, the tables).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import re
@@ -38,7 +37,7 @@ from scripts.evaluation.robustness import Measurer
 from scripts.evaluation.tables import fmt_ci, markdown_table
 from scripts.runtime.datalist import load_split
 from scripts.runtime.errors import report_input_errors
-from scripts.runtime.outputs import atomic_write_text, write_csv
+from scripts.runtime.outputs import atomic_write_text, file_sha256, write_csv
 from scripts.runtime.progress import progress
 
 __all__ = ["build_parser", "main", "measure", "parse_weights", "report", "summarise"]
@@ -63,10 +62,6 @@ def parse_weights(specs: list[str]) -> dict[str, Path]:
             raise FileNotFoundError(f"--weights {spec}: weights file {path} not found")
         out[name] = Path(path)
     return out
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _shown(path: Path) -> str:
@@ -125,7 +120,7 @@ def report(rows: list[dict], metrics: list[dict], comparisons: list[dict], *, na
     preterm = sum(r["label"] for r in rows)
     table = [{"weights": m["weights"], **{k: fmt_ci(m[k], m[f"{k}_low"], m[f"{k}_high"], 3) for k in METRIC_NAMES}}
              for m in metrics]
-    files = [{"weights": name, "file": f"`{_shown(path)}`", "sha256": f"`{_sha256(path)}`"}
+    files = [{"weights": name, "file": f"`{_shown(path)}`", "sha256": f"`{file_sha256(path)}`"}
              for name, path in weights.items()]
     lines = [
         "# Classification metrics on one cohort", "",

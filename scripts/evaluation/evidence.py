@@ -29,7 +29,6 @@ Medians over the preterm subjects with percentile-bootstrap 95 % intervals. Per-
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import shlex
@@ -39,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
 from monai.transforms import Compose
 
 from scripts import BUNDLE_ROOT
@@ -47,11 +45,12 @@ from scripts.data.cohorts import COHORTS
 from scripts.data.synthetic import COMPONENTS, Draw, only_components, without_components
 from scripts.data.synthetic_anatomy import builtin_template
 from scripts.evaluation.cli import add_output_option, json_object
+from scripts.evaluation.robustness import Measurer
 from scripts.evaluation.sanity import randomisable_layers, randomised
 from scripts.lrp.composites import PRESETS
 from scripts.runtime.explain import APP_PRESET, explain
 from scripts.runtime.localisation import CSF_VENTRICLES, OUTSIDE_BRAIN, localisation, median_ci, paired_median_ci
-from scripts.runtime.outputs import atomic_write_text, save_nifti, write_csv
+from scripts.runtime.outputs import atomic_write_text, file_sha256, save_nifti, write_csv
 from scripts.runtime.progress import progress
 
 __all__ = ["MAP_REGIONS", "Twins", "build_parser", "gap_shares", "main", "normalise_with"]
@@ -90,22 +89,23 @@ def gap_shares(margins: dict[str, float]) -> dict[str, float]:
 
 
 class Twins:
-    """The deployed preprocessing and network of ``config`` (CPU), with each weights file of ``weights``."""
+    """The deployed path of ``config`` (CPU) for each weights file of ``weights`` (``robustness.Measurer``: its
+    network, and its preprocessing ending with the normalisation the weights record, so z-score and white-peak
+    weights are compared each on its own input). Synthetic subjects are on the template grid: the steps before the
+    normalisation do the same for all weights, and the first weights' are used."""
 
     def __init__(self, weights: dict[str, Path], config: str | Path = INFERENCE_CONFIG, overrides: dict | None = None):
-        parser = ConfigParser()
-        parser.read_config(str(config))
-        parser.update({"bundle_root": str(BUNDLE_ROOT), **(overrides or {}), "device": "$torch.device('cpu')",
-                       "label_keys": ["tissue", "phenotype", *(f"footprint_{c}" for c in COMPONENTS)]})
-        preprocessing = parser.get_parsed_content("preprocessing")
-        self.raw = Compose(preprocessing.transforms[:-1])
-        self.normaliser = preprocessing.transforms[-1]
-        self.labels = parser.get_parsed_content("label_preprocessing")
-        self.networks = {}
-        for name, path in weights.items():
-            network = parser.get_parsed_content("network_def", lazy=False)  # a new network for each
-            network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            self.networks[name] = network.eval()
+        labels = ["tissue", "phenotype", *(f"footprint_{c}" for c in COMPONENTS)]
+        overrides = {**(overrides or {}), "label_keys": labels}
+        measurers = {name: Measurer(Path(path).parent, overrides, config, ckpt=path) for name, path in weights.items()}
+        if not measurers:
+            raise ValueError("Twins: no weights to measure")
+        first = next(iter(measurers.values()))
+        self.raw = Compose(first.preprocessing.transforms[:-1])
+        self.labels = first.parser.get_parsed_content("label_preprocessing")
+        self.networks = {name: m.network for name, m in measurers.items()}
+        self.normalisers = {name: m.preprocessing.transforms[-1] for name, m in measurers.items()}
+        self.normalisation = {name: m.normalisation for name, m in measurers.items()}
         self.template = builtin_template()
 
     def measure(self, draw: Draw, presets: list[str], work: Path, names: list[str] | None = None) -> dict[str, dict]:
@@ -135,19 +135,23 @@ class Twins:
         tissue = np.asarray(grids["tissue"])[0]
         regions = {name: np.asarray(grids[name])[0] > 0.5 for name in ("phenotype", *(f"footprint_{c}"
                                                                                      for c in COMPONENTS))}
-        inputs = {variant: self.normaliser({"image": raw[variant].clone()})["image"] for variant in raw}
-        inputs["global_only"] = normalise_with(raw["twin"], raw["subject"], self.normaliser)
-        inputs["local_only"] = normalise_with(raw["subject"], raw["twin"], self.normaliser)
-        batch = torch.stack([torch.as_tensor(inputs[v]).as_subclass(torch.Tensor).float() for v in inputs])
-        variants = list(inputs)
+        batches = {}  # per normalisation: the variants' network inputs
         results = {}
         for weights in names or list(self.networks):
-            network = self.networks[weights]
+            network, normaliser = self.networks[weights], self.normalisers[weights]
+            if self.normalisation[weights] not in batches:
+                inputs = {variant: normaliser({"image": raw[variant].clone()})["image"] for variant in raw}
+                inputs["global_only"] = normalise_with(raw["twin"], raw["subject"], normaliser)
+                inputs["local_only"] = normalise_with(raw["subject"], raw["twin"], normaliser)
+                batches[self.normalisation[weights]] = (list(inputs), torch.stack(
+                    [torch.as_tensor(inputs[v]).as_subclass(torch.Tensor).float() for v in inputs]))
+            variants, batch = batches[self.normalisation[weights]]
             with torch.no_grad():
                 logits = network(batch)
             margins = {v: float(logits[i, 1] - logits[i, 0]) for i, v in enumerate(variants)}
             probs = torch.softmax(logits, dim=1)[:, 1]
-            row = {"subject": draw.subject, "weights": weights, "birth_age": ph.birth_age,
+            row = {"subject": draw.subject, "weights": weights, "normalisation": self.normalisation[weights],
+                   "birth_age": ph.birth_age,
                    **{f"p_{v}": float(probs[i]) for i, v in enumerate(variants)},
                    **{f"margin_{v}": margins[v] for v in variants}, **gap_shares(margins)}
             maps = []
@@ -172,10 +176,6 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
                       *("| " + " | ".join(row) + " |" for row in rows)])
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _fmt(summary, digits: int = 2) -> str:
     median, low, high, n = summary
     if not np.isfinite(median):
@@ -186,9 +186,11 @@ def _fmt(summary, digits: int = 2) -> str:
 def summary_markdown(rows: list[dict], maps: list[dict], info: dict) -> str:
     """docs/results/evidence.md: the gap shares and the maps' enrichment per weights, medians [95 % CI]."""
     weights = list(dict.fromkeys(r["weights"] for r in rows))
+    method = {r["weights"]: r.get("normalisation", "zscore") for r in rows}
     lines = ["# Twin counterfactuals: where the preterm decision comes from", "",
              f"Generated by `{info['command']}` on {info['cohort']}. Preterm subjects: {info['subjects']}. "
-             "Weights: " + "; ".join(f"{w} `{info['sha256'][w][:12]}`" for w in weights) + ".", "",
+             "Weights (normalisation): " + "; ".join(f"{w} `{info['sha256'][w][:12]}` ({method[w]})" for w in weights)
+             + ".", "",
              "Each preterm subject is compared with its term-equivalent twin (the same baby without the preterm "
              "effect; `scripts/data/synthetic.py`, `Draw`). Gap = logit margin (preterm minus term) of the subject "
              "minus the twin's. Medians over subjects with percentile-bootstrap 95 % intervals. What each share "
@@ -281,7 +283,7 @@ def main(argv=None) -> int:
     draws = [d for d in (Draw.of(cohort.seed, i, cohort.preterm_fraction) for i in range(cohort.subjects))
              if d.phenotype.label == 1][: args.subjects or None]
     twins = Twins(weights, args.config_file, args.override)
-    sha = {name: _sha256(path) for name, path in weights.items()}
+    sha = {name: file_sha256(path) for name, path in weights.items()}
     rows, maps = [], []
     for draw in progress(draws, len(draws), "twins", "subject"):
         cached, missing = {}, []
@@ -289,7 +291,9 @@ def main(argv=None) -> int:
             path = work / f"{name}_{sha[name][:12]}" / f"{draw.subject}.json"
             result = json.loads(path.read_text()) if path.is_file() else None
             if (result and result.get("version") == RESULT_VERSION and result.get("config") == args.override
-                    and sorted(result.get("presets", [])) == sorted(args.presets)):
+                    and sorted(result.get("presets", [])) == sorted(args.presets)
+                    and result["row"].get("normalisation", "zscore") == twins.normalisation[name]):
+                result["row"]["normalisation"] = twins.normalisation[name]  # results from before it was recorded
                 cached[name] = result
             else:
                 missing.append(name)

@@ -24,7 +24,6 @@ input shift), both naming the command, the weights (path + sha256 prefix) and th
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import shlex
@@ -48,7 +47,7 @@ from scripts.evaluation.cli import add_model_options, add_output_option
 from scripts.evaluation.tables import markdown_table
 from scripts.runtime.datalist import ensure_datalist, load_split
 from scripts.runtime.errors import report_input_errors
-from scripts.runtime.outputs import atomic_write_text, save_nifti, subject_name, write_csv
+from scripts.runtime.outputs import atomic_write_text, file_sha256, save_nifti, subject_name, write_csv
 from scripts.runtime.transforms import acquire_on_grid
 
 __all__ = ["GOAL", "PERTURBATIONS", "RESAMPLING", "Measurer", "centroid", "evaluate", "perturb", "resample_scan",
@@ -146,25 +145,31 @@ def centroid(image) -> np.ndarray:
 class Measurer:
     """The deployed path from a NIfTI file to p(preterm): inference.json's ``preprocessing`` and ``network_def``
     with the weights of ``ckpt_dir/model.pt`` (or of the file ``ckpt``) and the input-QC reference and registration
-    template beside them when present, on the CPU."""
+    template beside them when present, on the CPU. The intensity normalisation is the one the weights record
+    (``scripts.runtime.reference.recorded_normalisation``; none recorded: ``zscore``) unless ``overrides`` names
+    one, so weights trained with either are measured on their own input. ``parser``: the parsed config, for more of
+    its content."""
 
     def __init__(self, ckpt_dir: str | Path, overrides: dict | None = None,
                  config: str | Path = BUNDLE_ROOT / "configs" / "inference.json", ckpt: str | Path | None = None):
+        from scripts.runtime.reference import QCReference, recorded_normalisation  # noqa: PLC0415 (optional)
+
         parser = ConfigParser()
         parser.read_config(str(config))
-        parser.update({"bundle_root": str(BUNDLE_ROOT), "ckpt_dir": str(ckpt_dir), **(overrides or {}),
+        parser.update({"bundle_root": str(BUNDLE_ROOT), "ckpt_dir": str(ckpt_dir),
+                       "normalisation": recorded_normalisation(ckpt_dir) or "zscore", **(overrides or {}),
                        "device": "$torch.device('cpu')"})
+        self.parser = parser
+        self.normalisation = parser.get_parsed_content("normalisation")
         self.preprocessing = parser.get_parsed_content("preprocessing")
         self.network = parser.get_parsed_content("network_def")
         self.ckpt = Path(ckpt) if ckpt is not None else Path(ckpt_dir) / "model.pt"
         self.network.load_state_dict(torch.load(self.ckpt, map_location="cpu", weights_only=True))
         self.network.eval()
-        from scripts.runtime.reference import QCReference  # noqa: PLC0415 (the reference is optional)
-
         self.qc = QCReference.load(Path(ckpt_dir))
 
     def sha256(self) -> str:
-        return hashlib.sha256(self.ckpt.read_bytes()).hexdigest()
+        return file_sha256(self.ckpt)
 
     def input(self, path: str | Path):
         return self.preprocessing({"image": str(path)})["image"]

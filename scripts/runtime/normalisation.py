@@ -30,6 +30,12 @@ any positive constant gives the same output (tests/test_normalisation.py).
 
 Each normaliser exposes ``statistics(image)`` and ``apply(image, statistics)``: the twin counterfactuals
 (``scripts.evaluation.evidence``) normalise one image with another's statistics.
+
+``RandBrainStatisticsd`` (training only): each key's brain as if normalised with statistics that are off, drawn
+independently per key: ``(x - shift * SD) / scale`` on the brain, shift ~ U(-0.5, 0.5) brain SDs, scale ~ U(0.8, 1.3).
+On a z-scored input that is exactly the z-score with the mean moved by ``shift`` SDs and the SD times ``scale``. In
+the two views of consistency training it makes the brain-wide statistics a cue that changes between two views of the
+same scan, which the consistency term penalises (issue 38's second lever).
 """
 
 from __future__ import annotations
@@ -42,13 +48,13 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, NormalizeIntensity, Transform
+from monai.transforms import MapTransform, NormalizeIntensity, RandomizableTransform, Transform
 from scipy import ndimage
 
 from scripts.runtime.checks import check_choice
 from scripts.runtime.reference import REFERENCE, recorded_normalisation
 
-__all__ = ["BINS", "MIN_BRAIN_VOXELS", "NORMALISATIONS", "Normalisedd", "WhitePeakNormalised",
+__all__ = ["BINS", "MIN_BRAIN_VOXELS", "NORMALISATIONS", "Normalisedd", "RandBrainStatisticsd", "WhitePeakNormalised",
            "ZScoreNormalised", "check_normalisation", "check_recorded", "white_matter_peak"]
 
 NORMALISATIONS = ("zscore", "white_peak")  # the choices of config key ``normalisation``; the first is the default
@@ -184,4 +190,48 @@ class Normalisedd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self.normaliser(d[key])
+        return d
+
+
+class RandBrainStatisticsd(RandomizableTransform, MapTransform):
+    """With probability ``prob``, each key's brain (its non-zero voxels) becomes ``(x - a * s) / b``, where ``s`` is
+    that brain's SD (population, all channels), ``a ~ U(-shift, shift)`` and ``b ~ U(*scale)``, drawn independently
+    for each key; the background stays 0 (MONAI's ``RandShiftIntensityd`` would shift it too). Put it after
+    ``Normalisedd``: on a z-scored brain this is the z-score with a mean ``a`` SDs off and an SD ``b`` times the
+    true one. Meta data kept, the input untouched."""
+
+    def __init__(self, keys: KeysCollection, shift: float = 0.5, scale: tuple[float, float] = (0.8, 1.3),
+                 prob: float = 1.0, allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        if not float(shift) >= 0:
+            raise ValueError(f"RandBrainStatisticsd: shift must be >= 0 (brain SDs), got {shift!r}")
+        low, high = (float(v) for v in scale)
+        if not 0 < low <= high:
+            raise ValueError(f"RandBrainStatisticsd: scale must be (low, high) with 0 < low <= high, got {scale!r}")
+        self.shift, self.scale = float(shift), (low, high)
+        self.draws: dict[Hashable, tuple[float, float]] = {}
+
+    def randomize(self, keys) -> None:
+        super().randomize(None)
+        self.draws = {key: (float(self.R.uniform(-self.shift, self.shift)), float(self.R.uniform(*self.scale)))
+                      for key in keys}
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        self.randomize(keys)
+        if not self._do_transform:
+            return d
+        for key in keys:
+            a, b = self.draws[key]
+            image = d[key]
+            x = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+            brain = x != 0
+            if not bool(brain.any()):
+                continue
+            sd = torch.std(x[brain].float(), unbiased=False)
+            out = torch.where(brain, (x - a * sd) / b, torch.zeros_like(x))
+            d[key] = MetaTensor(out, meta=image.meta, applied_operations=image.applied_operations) \
+                if isinstance(image, MetaTensor) else out
         return d

@@ -41,7 +41,7 @@ import torch
 
 __all__ = [
     "NIFTI_SUFFIXES", "SKIPPED_COLUMNS", "CrashSafeTable", "atomic_target_for", "atomic_write_text", "claim_lock",
-    "exclusive_lock", "expected_outputs", "input_path", "release_lock",
+    "exclusive_lock", "expected_outputs", "file_sha256", "input_path", "release_lock",
     "output_path", "pending_subjects", "read_rows", "read_volume", "relevance_path", "remove_stale_temporaries",
     "report_image", "report_index", "report_page", "run_key", "save_nifti", "scores_and_labels", "source_file",
     "subject_name", "write_csv",
@@ -396,12 +396,20 @@ class CrashSafeTable:
 # resuming an interrupted inference
 
 
+def file_sha256(path: str | os.PathLike, digest=None) -> str:
+    """The SHA-256 of a file's bytes (hex), read in blocks; ``digest`` (a ``hashlib`` object) is updated instead of a
+    new one, for a hash of the file and more."""
+    digest = hashlib.sha256() if digest is None else digest
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def run_key(ckpt_path: str, **settings) -> str:
     """Short hash of the checkpoint's bytes and the settings that change the outputs."""
     digest = hashlib.sha256()
-    with open(ckpt_path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    file_sha256(ckpt_path, digest)
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
 

@@ -19,7 +19,6 @@ wide window (long names and paths wrap).
 
 from __future__ import annotations
 
-import hashlib
 import html
 import json
 import logging
@@ -40,6 +39,7 @@ from ignite.engine import Engine, Events
 from scripts.runtime.localisation import CSF_VENTRICLES, OUTSIDE_BRAIN, Localisation, localisation
 from scripts.runtime.outputs import (
     atomic_write_text,
+    file_sha256,
     input_path,
     read_rows,
     read_volume,
@@ -139,16 +139,6 @@ def qc_flag(row: Mapping[str, str]) -> bool | None:
     if value in ("true", "1", "yes", "pass", "passed"):
         return False
     return None
-
-
-def _sha256(path: str | os.PathLike | None) -> str:
-    if not path or not Path(path).is_file():
-        return ""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _float(value, default=float("nan")) -> float:
@@ -485,7 +475,7 @@ def build_report(output_dir: str | os.PathLike, presets: Sequence[str] | None = 
     key = run_key or next((r.get("run_key", "") for r in predictions if r.get("run_key")), "")
     table: dict[str, str] = {
         "model file": html.escape(str(ckpt_path or "-")),
-        "model SHA-256": f"<code>{_sha256(ckpt_path) or '-'}</code>",
+        "model SHA-256": f"<code>{file_sha256(ckpt_path) if ckpt_path and Path(ckpt_path).is_file() else '-'}</code>",
         "run key": f"<code>{html.escape(key or '-')}</code>",
         "LRP presets": html.escape(", ".join(presets) or "-") + (f" (mosaics: {html.escape(preset)})" if preset
                                                                    else ""),
