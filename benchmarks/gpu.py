@@ -172,7 +172,10 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="a2b1")
     ap.add_argument("--repeats", type=int, default=5, help="timed LRP calls per batch size")
     ap.add_argument("--tiny", action="store_true", help=f"tiny network and grid {json.dumps(TINY)}")
-    ap.add_argument("--override", type=json.loads, default={}, help="more train.json overrides as JSON")
+    from scripts.evaluation.cli import json_object  # noqa: PLC0415 (after the bundle is on sys.path)
+
+    ap.add_argument("--override", type=json_object, default={},
+                    help='more train.json overrides as a JSON object, e.g. \'{"num_epochs": 2}\' (default: {}, none)')
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     args.subjects = args.subjects or (16 if args.tiny else 160)

@@ -293,7 +293,9 @@ def generate_cohort(
 ) -> Path:
     """Write ``subjects`` synthetic subjects under ``output`` (images/, labels/, phenotype/), a
     ``participants.tsv`` and a MONAI datalist ``datalist.json`` with a stratified test split and folds.
-    Returns the datalist path. Subjects already on disk are not regenerated (same seed -> same data).
+    Returns the datalist path. Every subject is rendered and written on each call (the same seed gives the same
+    data, bit for bit); callers that reuse a cohort check for its datalist first (``ensure_datalist``,
+    ``scripts.data.cohorts.generate``).
 
     ``only_test``: write only the test split's volumes (the same subjects, bit for bit, as in the whole cohort; the
     split is drawn from every subject's phenotype, which is cheap) and a datalist holding only ``test``: enough to

@@ -167,7 +167,8 @@ class QCReference:
         save_nifti(self.region.astype(np.uint8), self.affine @ np.diag([REDUCTION] * 3 + [1]), folder / REGION,
                    dtype=np.uint8)
         content = {
-            "description": "Input QC reference of the weights beside it (scripts/runtime/qc.py); a subject fails "
+            "description": "Input QC reference of the weights beside it (scripts/runtime/reference.py; applied and "
+                           "its measures documented in scripts/runtime/qc.py); a subject fails "
                            "a measure when it exceeds thresholds[measure]; thresholds = training_max x margins",
             "fingerprint": self.fingerprint, "subjects": self.subjects, "normalisation": self.normalisation,
             "input_affine": self.affine.tolist(),
