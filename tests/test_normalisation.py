@@ -34,7 +34,14 @@ from scripts.runtime.normalisation import (
     WhitePeakNormalised,
     white_matter_peak,
 )
-from scripts.runtime.reference import REFERENCE, TEMPLATE_IMAGE, TEMPLATE_MASK, QCReference, Template
+from scripts.runtime.reference import (
+    REFERENCE,
+    TEMPLATE_IMAGE,
+    TEMPLATE_MASK,
+    QCReference,
+    Template,
+    weights_normalisation,
+)
 from scripts.runtime.tissues import CGM, CSF, DGM, VENTRICLES, WM
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -229,10 +236,13 @@ def test_weights_without_a_record_are_zscore_weights(tmp_path):
     message = str(info.value)
     assert "\n" not in message and f"{tmp_path / REFERENCE} not found" in message and "z-score" in message
     assert "--normalisation zscore" in message
+    assert weights_normalisation(tmp_path) == "zscore"  # the evaluation tools' rule (robustness.Measurer) too
     _record(tmp_path)  # a reference from before the field
-    assert Normalisedd("image", record_dir=tmp_path).method == "zscore"
+    assert Normalisedd("image", record_dir=tmp_path).method == "zscore" == weights_normalisation(tmp_path)
     with pytest.raises(ValueError, match="records normalisation 'zscore'"):
         Normalisedd("image", method="white_peak", record_dir=tmp_path)
+    _record(tmp_path, normalisation="white_peak")
+    assert weights_normalisation(tmp_path) == "white_peak"
 
 
 def test_a_bad_method_names_the_key_and_the_choices(tmp_path):

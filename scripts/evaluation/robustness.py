@@ -146,18 +146,18 @@ class Measurer:
     """The deployed path from a NIfTI file to p(preterm): inference.json's ``preprocessing`` and ``network_def``
     with the weights of ``ckpt_dir/model.pt`` (or of the file ``ckpt``) and the input-QC reference and registration
     template beside them when present, on the CPU. The intensity normalisation is the one the weights record
-    (``scripts.runtime.reference.recorded_normalisation``; none recorded: ``zscore``) unless ``overrides`` names
+    (``scripts.runtime.reference.weights_normalisation``; none recorded: ``zscore``) unless ``overrides`` names
     one, so weights trained with either are measured on their own input. ``parser``: the parsed config, for more of
     its content."""
 
     def __init__(self, ckpt_dir: str | Path, overrides: dict | None = None,
                  config: str | Path = BUNDLE_ROOT / "configs" / "inference.json", ckpt: str | Path | None = None):
-        from scripts.runtime.reference import QCReference, recorded_normalisation  # noqa: PLC0415 (optional)
+        from scripts.runtime.reference import QCReference, weights_normalisation  # noqa: PLC0415 (optional)
 
         parser = ConfigParser()
         parser.read_config(str(config))
         parser.update({"bundle_root": str(BUNDLE_ROOT), "ckpt_dir": str(ckpt_dir),
-                       "normalisation": recorded_normalisation(ckpt_dir) or "zscore", **(overrides or {}),
+                       "normalisation": weights_normalisation(ckpt_dir), **(overrides or {}),
                        "device": "$torch.device('cpu')"})
         self.parser = parser
         self.normalisation = parser.get_parsed_content("normalisation")

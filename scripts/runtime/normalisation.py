@@ -52,7 +52,7 @@ from monai.transforms import MapTransform, NormalizeIntensity, RandomizableTrans
 from scipy import ndimage
 
 from scripts.runtime.checks import check_choice
-from scripts.runtime.reference import REFERENCE, recorded_normalisation
+from scripts.runtime.reference import REFERENCE, recorded_normalisation, weights_normalisation
 
 __all__ = ["BINS", "MIN_BRAIN_VOXELS", "NORMALISATIONS", "Normalisedd", "RandBrainStatisticsd", "WhitePeakNormalised",
            "ZScoreNormalised", "check_normalisation", "check_recorded", "white_matter_peak"]
@@ -146,10 +146,9 @@ def check_recorded(record_dir: str | os.PathLike, method: str) -> str:
     beside the weights; a reference without the field, or no reference at all, means z-score weights (trained
     before the normalisation was a choice, or a user's own weights without a reference)."""
     path = Path(record_dir) / REFERENCE
-    recorded = recorded_normalisation(record_dir)
-    if recorded == method or (recorded is None and method == NORMALISATIONS[0]):
+    recorded, own = recorded_normalisation(record_dir), weights_normalisation(record_dir)
+    if own == method:
         return method
-    own = recorded or NORMALISATIONS[0]
     fix = (f"set it to the weights' own, {own!r} (run with --normalisation {own}), or point ckpt_dir at weights "
            f"trained with {method!r}")
     if recorded is None:

@@ -29,7 +29,8 @@ from scripts.runtime.outputs import atomic_write_text, save_nifti
 
 __all__ = ["MARGINS", "MEASURES", "MEAN_IMAGE", "REDUCTION", "REFERENCE", "REGION", "SIMILARITY_REDUCTION",
            "TEMPLATE_IMAGE", "TEMPLATE_MASK", "QCReference", "Template", "fingerprint", "intensity_stats",
-           "missing_template", "network_features", "penultimate", "recorded_normalisation", "reduce", "save_template"]
+           "UNRECORDED", "missing_template", "network_features", "penultimate", "recorded_normalisation", "reduce",
+           "save_template", "weights_normalisation"]
 
 logger = logging.getLogger(__name__)
 MEASURES = ("similarity", "outside_brain", "missing_brain", "intensity", "feature_distance")
@@ -214,6 +215,13 @@ def recorded_normalisation(folder: str | os.PathLike) -> str | None:
     except (OSError, ValueError, AttributeError) as err:
         raise ValueError(f"{path}: not a readable QC reference ({type(err).__name__}: {err}); recreate it with "
                          "the training command or delete it (QC is then off)") from err
+
+
+def weights_normalisation(folder: str | os.PathLike) -> str:
+    """The normalisation of the weights in ``folder``: the one their QC reference records
+    (``recorded_normalisation``), else ``UNRECORDED`` (``zscore``: weights trained before the normalisation was a
+    choice, or a user's own weights without a reference). The one home of that rule."""
+    return recorded_normalisation(folder) or UNRECORDED
 
 
 def missing_template(missing: Sequence[str]) -> str:
