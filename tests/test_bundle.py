@@ -21,8 +21,9 @@ def _workflow(workflow_type, config_file, **overrides):
 
 
 @pytest.mark.parametrize("kind,config", [("train", "configs/train.json"), ("infer", "configs/inference.json")])
-def test_config_workflow_properties_complete(kind, config, tmp_path, trained):
-    wf = _workflow(kind, str(ROOT / config), bundle_root=str(ROOT), output_dir=str(tmp_path), ckpt_dir=str(trained[0]))
+def test_config_workflow_properties_complete(kind, config, tmp_path, cohort, trained):
+    wf = _workflow(kind, str(ROOT / config), bundle_root=str(ROOT), output_dir=str(tmp_path), ckpt_dir=str(trained[0]),
+                   dataset_dir=str(cohort))  # the session's cohort (the default would generate data/synthetic)
     wf.initialize()
     missing = wf.check_properties()
     assert not missing, missing

@@ -35,8 +35,8 @@ def _rows(path: Path) -> dict[str, dict]:
 def _network(ckpt_dir: Path):
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "inference.json"))
-    parser.update({"bundle_root": str(ROOT), **TINY_OVERRIDES, "ckpt_dir": str(ckpt_dir),
-                   "device": "$torch.device('cpu')"})
+    parser.update({"bundle_root": str(ROOT), **TINY_OVERRIDES, "ckpt_dir": str(ckpt_dir), "preprocess": "off",
+                   "device": "$torch.device('cpu')"})  # the input as given, as the inference runs below take it
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(ckpt_dir / "model.pt", weights_only=True))
     return network.eval(), parser.get_parsed_content("preprocessing")
