@@ -18,6 +18,7 @@ from scripts.evaluation.composite_search import (
     baselines,
     candidate_grid,
     fold_models,
+    localisation_verdict,
     make_candidate,
     rule_from_name,
     select_winner,
@@ -118,9 +119,9 @@ def test_contrastive_map_conserves_the_logit_difference_on_a_bias_free_network(f
         assert torch.allclose(result.conservation, torch.ones(2, dtype=torch.float64), atol=1e-5), result.conservation
 
 
-def _row(name, score, randomisation="pass", klass="pass", final=True, baseline=False):
+def _row(name, score, randomisation="pass", klass="pass", final=True, baseline=False, localisation="pass"):
     return {"candidate": name, "score": score, "randomisation": randomisation, "class": klass, "final": final,
-            "baseline": baseline}
+            "baseline": baseline, "localisation": localisation}
 
 
 def test_the_winner_passes_both_sanity_checks_whatever_its_abpc():
@@ -130,6 +131,18 @@ def test_the_winner_passes_both_sanity_checks_whatever_its_abpc():
     assert select_winner(rows) == "sane"
     assert select_winner([_row("a", 1.0, "FAIL"), _row("b", 2.0, klass="FAIL")]) is None
     assert select_winner([_row("nan", float("nan")), _row("low", -3.0)]) == "low"
+    # the localisation criterion (issue 38 stage 4): a candidate that localises worse than gradient x input or a2b1
+    # never wins; not measured ("-", no tissue and phenotype maps) does not exclude
+    assert select_winner([_row("faithful but off the anatomy", 5.0, localisation="FAIL"), _row("local", 1.0)]) == \
+        "local"
+    assert select_winner([_row("unmeasured", 2.0, localisation="-"), _row("local", 1.0)]) == "unmeasured"
+    assert select_winner([_row("off", 5.0, localisation="FAIL")]) is None
+
+
+def test_localisation_verdict_needs_both_references():
+    assert localisation_verdict(0.0, 0.3) == "pass" and localisation_verdict(0.4, 0.0) == "pass"
+    assert localisation_verdict(-0.01, 0.5) == "FAIL" and localisation_verdict(0.5, -0.01) == "FAIL"
+    assert localisation_verdict(float("nan"), 0.5) == "-" and localisation_verdict(0.5, float("nan")) == "-"
 
 
 def test_fold_models_from_a_study_layout(tmp_path):
@@ -223,9 +236,12 @@ def test_search_end_to_end_on_two_folds(tmp_path, cohort, trained, monkeypatch, 
     assert {r["label"] for r in rows} == {"0", "1"}  # preterm first in fold 0, term first in fold 1
     folds = {it["subject"]: it["fold"] for it in data["training"]}
     assert all(folds[s] == int(f) for f, s in subjects)  # each fold's own validation subject
-    assert len(rows) == 2 * (9 + 2)  # every candidate and baseline screened on both subjects
+    # every candidate and baseline screened on both subjects; the a2b1 reference in the final stage only
+    assert len(rows) == 2 * (9 + 2) + 2
     final = [r for r in rows if r["final"] == "1"]
-    assert len(final) == 2 * (3 + 2) and all(r["abpc_16"] and r["random_rank_abs"] for r in final)
+    assert len(final) == 2 * (3 + 2 + 1) and all(r["abpc_16"] and r["random_rank_abs"] for r in final)
+    assert {r["subject"] for r in rows if r["candidate"] == "preset=a2b1,target=class" and r["final"] == "1"} == {
+        s for _, s in subjects}
     assert all(r["abpc_8"] and not r["abpc_16"] for r in rows if r["final"] == "0")
     for r in rows:  # localisation (scripts.runtime.localisation) of the preterm subject's maps; none for the term one
         if r["label"] == "1":
@@ -247,7 +263,79 @@ def test_search_end_to_end_on_two_folds(tmp_path, cohort, trained, monkeypatch, 
     else:
         assert "**No winner**" in table
     assert "| gradient_x_input,target=diff |" in table and "| gradient_x_input,target=class |" in table
-    assert "| enrichment phenotype | enrichment CSF+ventricles |" in table
+    assert "| preset=a2b1,target=class |" in table
+    assert "| enrichment phenotype | enrichment CSF+ventricles | CSF+V vs gradient x input | CSF+V vs a2b1 | " \
+           "localisation |" in table
+    # the localisation columns: the preterm subject's paired differences, recomputed from search.csv
+    preterm = next(s for f, s in subjects if any(r["subject"] == s and r["label"] == "1" for r in rows))
+    enrichment = {r["candidate"]: float(r["enrichment_csf_ventricles"]) for r in rows
+                  if r["subject"] == preterm and r["final"] == "1"}
+    checked = 0
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) > 14 and cells[2] in enrichment and cells[2].startswith("first="):
+            checked += 1
+            target = cells[2].rsplit("target=", 1)[1]
+            vs_gradient = enrichment[cells[2]] - enrichment[f"gradient_x_input,target={target}"]
+            vs_a2b1 = enrichment[cells[2]] - enrichment["preset=a2b1,target=class"]
+            assert cells[12] == f"{vs_gradient:+.2f}" and cells[13] == f"{vs_a2b1:+.2f}", cells
+            assert cells[14] == ("pass" if vs_gradient >= 0 and vs_a2b1 >= 0 else "FAIL"), cells
+            if cells[14] == "FAIL" and "FAIL" not in cells[8:10]:
+                assert cells[1] == "excluded: localisation"
+    assert checked == 3  # the top 3 of the final stage
+
+
+def _as_cohort(cohort, dest, role):
+    """A copy of the session cohort (links) whose datalist is marked with ``role``."""
+    for path in cohort.rglob("*"):
+        rel = path.relative_to(cohort)
+        if path.is_file() and rel.as_posix() != "datalist.json":
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dest / rel).symlink_to(path)
+    data = json.loads((cohort / "datalist.json").read_text())
+    (dest / "datalist.json").write_text(json.dumps({**data, "role": role}))
+    return data
+
+
+def test_one_model_on_a_whole_tuning_cohort(tmp_path, cohort, trained, capsys):
+    """--model: one model explains subjects of the whole datalist (split all, test items included: a tuning
+    cohort's test split is part of the tuning data), preterm first; every file it checked or read is listed."""
+    data = _as_cohort(cohort, tmp_path / "tuning", "tuning")
+    out = tmp_path / "search"
+    assert composite_search.main(["--model", str(trained[0] / "model.pt"), "--datalist",
+                                  str(tmp_path / "tuning" / "datalist.json"), "--grid", "small", "--top", "2",
+                                  "--steps", "2", "--screen-subjects", "1", "--subjects", "3", "--sanity-subjects", "1",
+                                  "--override", json.dumps(TINY), "--output", str(out)]) == 0
+    capsys.readouterr()
+    rows = list(csv.DictReader((out / "search.csv").open()))
+    items = {it["subject"]: it for it in data["training"] + data["test"]}
+    chosen = [r["subject"] for r in rows if r["candidate"] == "gradient_x_input,target=class"]
+    assert len(chosen) == 3 and {r["fold"] for r in rows} == {"-1"}
+    assert [items[s]["label"] for s in chosen] == [1, 0, 1]  # preterm and term in turn, preterm first
+    opened = set((out / "opened.txt").read_text().split())  # every file of the split is checked before the search
+    assert opened == {str(tmp_path / "tuning" / it[k]) for it in items.values() for k in ("image", "tissue",
+                                                                                     "phenotype")}
+    table = (out / "search.md").read_text()
+    assert table.startswith("# LRP composite search on the tuning cohort")
+    assert f"one model (`{trained[0] / 'model.pt'}`) on split all of `{tmp_path / 'tuning' / 'datalist.json'}`" \
+        in table
+    assert "| preset=a2b1,target=class |" in table and "localisation" in table
+
+
+@pytest.mark.parametrize("role", [None, "evaluation"])
+def test_one_model_refuses_a_datalist_that_is_not_a_tuning_cohort(tmp_path, cohort, trained, capsys, role):
+    """The default cohort (no role: its training subjects trained the model, its test split is held out) and the
+    evaluation cohort are refused before any image is read."""
+    datalist = cohort / "datalist.json"
+    if role:
+        _as_cohort(cohort, tmp_path / role, role)
+        datalist = tmp_path / role / "datalist.json"
+    out = tmp_path / "search"
+    assert composite_search.main(["--model", str(trained[0] / "model.pt"), "--datalist", str(datalist),
+                                  "--reduced", "--override", json.dumps(TINY), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"datalist {datalist} is not a tuning cohort (its \"role\" is {role!r}" in err
+    assert "python -m scripts.data.cohorts --cohort tuning" in err and not out.exists()
 
 
 def test_plan_only_explains_nothing(tmp_path, cohort, trained, monkeypatch, capsys):

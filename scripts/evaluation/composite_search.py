@@ -1,10 +1,14 @@
-"""Search LRP composites for the most faithful one that passes both sanity checks, on the cross-validation folds'
-own validation subjects: each fold's model explains the subjects held out from its training; the test split is
-never opened.
+"""Search LRP composites for the most faithful one that passes both sanity checks and localises at least as well as
+gradient x input and a2b1. Two ways to get subjects no model trained on: the cross-validation folds' own validation
+subjects (each fold's model explains the subjects held out from its training), or one model on a whole tuning cohort
+(``--model``: every subject of a datalist marked ``"role": "tuning"``, ``scripts/data/cohorts.py``). The test split
+is never opened, the evaluation cohort is refused.
 
     python -m scripts.evaluation.composite_search --runs eval/study/cv/<setting> --plan   # the planned cost only
     python -m scripts.evaluation.composite_search --runs eval/study/cv/<setting> --output eval/composite_search
     python -m scripts.evaluation.composite_search --fold-model 0=f0/model.pt --fold-model 1=f1/model.pt ...
+    python -m scripts.evaluation.composite_search --model models/model.pt \
+        --datalist "$(python -m scripts.data.cohorts --cohort tuning)"                      # one model, whole cohort
     python -m scripts.evaluation.composite_search --reduced ...                            # small settings (CI)
 
 Candidates (``--grid``): one rule per layer group -- the first convolution (``box``: z^B with each volume's own
@@ -12,23 +16,27 @@ minimum and maximum as bounds; ``flat``; ``wsquare``; ``gamma<g>``), the other c
 ``a<alpha>b<beta>``), the dense layers (``eps<e>``) -- and the target: ``class`` (the subject's own class logit) or
 ``diff`` (contrastive: its class logit minus the other class's logit). Names read
 ``first=box,mid=gamma0.25,top=eps1e-06,target=diff``; ``first=box,mid=gamma0.25,top=eps1e-06,target=class`` is the
-preset ``epsilon_gamma_box``. Gradient x input with each of the two targets is the baseline.
+preset ``epsilon_gamma_box``. Gradient x input with each of the two targets is the baseline; the preset ``a2b1``
+(class target) is the localisation reference.
 
 1. Screening: every candidate on the first ``--screen-subjects`` validation subjects of each fold (the two classes
    in turn, preterm first in every other fold, term first in the others), ABPC with blocks of 8^3 voxels -- region
    perturbation exactly as ``explain_eval`` (a contrastive map is scored on the logit difference, the class map on
    the class logit).
-2. The ``--top`` candidates of the screening and the baselines: ABPC 8^3 and 16^3 on ``--subjects`` subjects per
-   fold, and the two sanity checks of ``sanity`` (cascading randomisation, class sensitivity: same functions, same
-   thresholds) on the first ``--sanity-subjects`` of them.
+2. The ``--top`` candidates of the screening, the baselines and the reference: ABPC 8^3 and 16^3 on ``--subjects``
+   subjects per fold, and the two sanity checks of ``sanity`` (cascading randomisation, class sensitivity: same
+   functions, same thresholds) on the first ``--sanity-subjects`` of them.
 
-Score: the gain over gradient x input with the same target, paired over subjects: median over subjects of
-(ABPC candidate - ABPC baseline) / |median ABPC baseline|. The screening ranks by the 8^3 gain; the final ranking by
-the smaller of the 8^3 and 16^3 gains (winning means both block sizes). The winner is the best-ranked candidate that
-passes both sanity checks; if none does, there is no winner. Each subject is traced once by its fold's model and
-every candidate costs one backward pass from that trace; the randomisation check traces each randomised copy of the
-network anew. The planned cost (forward passes, hours at the measured forward time) is printed before anything is
-explained; ``--plan`` stops there.
+Score: the gain over gradient x input with the same target, paired over subjects: median over subjects of (ABPC
+candidate - ABPC baseline) / |median ABPC baseline|. The screening ranks by the 8^3 gain; the final ranking by the
+smaller of the 8^3 and 16^3 gains (winning means both block sizes). Localisation: the preterm subjects' enrichment
+of CSF + ventricles against the brain (``scripts.runtime.localisation``); a candidate passes when its paired median
+difference to gradient x input with the same target and to ``a2b1`` is >= 0 for both ("-" where the subjects have no
+tissue and phenotype maps: not measured, not required). The winner is the best-ranked candidate that passes both
+sanity checks and the localisation criterion; if none does, there is no winner. Each subject is traced once by its
+fold's model and every candidate costs one backward pass from that trace; the randomisation check traces each
+randomised copy of the network anew. The planned cost (forward passes, hours at the measured forward time) is
+printed before anything is explained; ``--plan`` stops there.
 
 Writes ``search.csv`` (one row per candidate and subject), ``search.md`` (the ranking) and ``opened.txt`` (every
 subject file the search read, one path per line) into ``--output``.
@@ -53,6 +61,7 @@ from monai.bundle import ConfigParser
 from torch import nn
 
 from scripts import BUNDLE_ROOT
+from scripts.data.cohorts import describe
 from scripts.evaluation.cli import add_model_options, add_output_option
 from scripts.evaluation.explain_eval import (
     load_model,
@@ -76,13 +85,14 @@ from scripts.evaluation.sanity import (
 )
 from scripts.evaluation.tables import markdown_table
 from scripts.lrp import LRP, AlphaBeta, Composite, Epsilon, Flat, Gamma, Rule, Trace, WSquare, ZBox
+from scripts.lrp.composites import PRESETS
 from scripts.runtime.datalist import load_split
 from scripts.runtime.errors import report_input_errors
 from scripts.runtime.localisation import CSF_VENTRICLES, OUTSIDE_BRAIN, localisation, tissue_regions
 from scripts.runtime.outputs import atomic_write_text, write_csv
 
-__all__ = ["GRIDS", "Candidate", "baselines", "candidate_grid", "make_candidate", "planned_cost", "rule_from_name",
-           "search", "select_winner"]
+__all__ = ["GRIDS", "Candidate", "baselines", "candidate_grid", "localisation_verdict", "make_candidate",
+           "planned_cost", "references", "rule_from_name", "search", "select_winner"]
 
 logger = logging.getLogger(__name__)
 ROOT = BUNDLE_ROOT
@@ -95,6 +105,8 @@ GRIDS = {
              "top": ("eps1e-06", "eps0.1", "eps1")},
 }
 BASELINE = "gradient_x_input"
+REFERENCE_PRESET = "a2b1"  # the localisation reference (issue 38 stage 4): the winner must localise at least as well
+ONE_MODEL = -1  # the "fold" of every subject in the one-model mode (--model)
 # cost model in forward passes (issue 27, idle machine: trace 1.13x, further presets from a trace 0.3-1.7x): a trace,
 # one map from a trace (upper bound of the goal), one gradient x input map (forward + backward)
 TRACE_FORWARDS, MAP_FORWARDS, GRADIENT_FORWARDS = 1.2, 2.0, 2.0
@@ -130,6 +142,7 @@ class Candidate:
     name: str
     composite: Composite | None
     target: str
+    reference: bool = False  # measured in the final stage for comparison, never a winner
 
     def target_for(self, target):
         """The engine's target for the map of class ``target`` (0 or 1) or of ``"difference"`` (preterm - term):
@@ -171,11 +184,21 @@ def baselines() -> list[Candidate]:
     return [Candidate(f"{BASELINE},target={t}", None, t) for t in TARGETS]
 
 
+def references() -> list[Candidate]:
+    """The preset ``REFERENCE_PRESET`` with the class target (as the bundle's maps are made)."""
+    return [Candidate(f"preset={REFERENCE_PRESET},target=class", PRESETS[REFERENCE_PRESET](), "class", True)]
+
+
 # -- folds and subjects ---------------------------------------------------------------------------------------------
 def fold_models(args) -> list[tuple[int, str, dict]]:
     """(fold, checkpoint, config overrides) per fold, ascending: ``--fold-model K=PATH`` with ``--override``, or
     the fold runs of ``--runs`` (``fold<K>/models/model.pt``; config from the run's ``result.json``, then
-    ``--override``)."""
+    ``--override``); for ``--model PATH`` one entry, fold ``ONE_MODEL``."""
+    model = getattr(args, "model", None)
+    if model:
+        if not Path(model).is_file():
+            raise FileNotFoundError(f"--model {model} not found")
+        return [(ONE_MODEL, str(model), dict(args.override))]
     out = []
     if args.runs:
         known = set(ConfigParser.load_config_files(args.config_file))
@@ -225,6 +248,7 @@ class Fold:
     subjects: list[dict]  # the final stage's; the screening's and the sanity checks' are the first of them
     screen: int
     sanity: int
+    datalist: str = ""
 
 
 @dataclass
@@ -242,24 +266,53 @@ class Subject:
     intact: dict = field(default_factory=dict)
 
 
+def _tuning_cohort(datalist: str) -> None:
+    """The one-model mode reads a whole cohort: only a tuning cohort's (a datalist marked ``"role": "tuning"``, whose
+    subjects no model of this bundle trained on); anything else is refused before an image is read."""
+    path = Path(datalist)
+    role = None
+    if path.is_file():
+        try:
+            role = json.loads(path.read_text()).get("role")
+        except (OSError, ValueError, AttributeError) as err:
+            raise ValueError(f"datalist {path}: not readable JSON ({err})") from err
+    if role != "tuning":
+        raise ValueError(f"datalist {path} is not a tuning cohort (its \"role\" is {role!r}, not 'tuning'): --model "
+                         "explains every subject of the datalist, so it reads only a cohort that no model trained on "
+                         "and no report reads; generate one with: python -m scripts.data.cohorts --cohort tuning")
+
+
 def load_fold(fold: int, ckpt: str, overrides: dict, args, opened: dict, first: int = 1) -> Fold:
     """Fold ``fold``'s model and its validation subjects (class ``first`` and the other in turn), refusing any that
     the datalist's test split also lists; every file of the fold's validation split is checked, so recorded in
-    ``opened``."""
+    ``opened``. Fold ``ONE_MODEL``: the model of ``--model`` and every subject of ``--split`` of a tuning cohort."""
     parser, network, datalist = load_model(args.config_file, overrides, ckpt)
-    listed = load_split(datalist, "validation", fold, tuning=True)  # the datalist only, before any image is read
-    shared = sorted({str(Path(p).resolve()) for it in listed for p in _files(it)} & _test_files(datalist))
-    if shared:
-        raise ValueError(f"datalist {datalist}: fold {fold}'s validation split and the test split share files "
-                         f"{shared}; the search never reads the test split")
+    datalist = getattr(args, "datalist", None) or datalist
+    if fold == ONE_MODEL:
+        _tuning_cohort(datalist)
+        split, listed = args.split, load_split(datalist, args.split, -1, tuning=True)
+    else:
+        split, listed = "validation", load_split(datalist, "validation", fold, tuning=True)  # before any image
+        shared = sorted({str(Path(p).resolve()) for it in listed for p in _files(it)} & _test_files(datalist))
+        if shared:
+            raise ValueError(f"datalist {datalist}: fold {fold}'s validation split and the test split share files "
+                             f"{shared}; the search never reads the test split")
     maps = all("tissue" in it and "phenotype" in it for it in listed)
-    items = load_subjects(datalist, "validation", parser, need_maps=maps, fold=fold)
+    items = load_subjects(datalist, split, parser, need_maps=maps, fold=fold)
     opened.update(dict.fromkeys(p for it in items for p in _files(it)))
     chosen = select_subjects(items, args.subjects, first)
     image = parser.get_parsed_content("preprocessing")
     transform = subject_transform(parser) if maps else (lambda item: image({"image": item["image"]}))
     return Fold(fold, network, transform, chosen, min(args.screen_subjects, len(chosen)),
-                min(args.sanity_subjects, len(chosen)))
+                min(args.sanity_subjects, len(chosen)), str(datalist))
+
+
+def _cohort_words(datalist: str) -> str:
+    """What the datalist is (``scripts.data.cohorts.describe``), for the report."""
+    try:
+        return describe(json.loads(Path(datalist).read_text()))
+    except (OSError, ValueError, AttributeError):
+        return "a folder of images"
 
 
 def load_subject(fold: Fold, item: dict, opened: dict) -> Subject:
@@ -298,7 +351,8 @@ def planned_cost(candidates: int, top: int, screen: int, final: int, sanity: int
 def _plan_text(cost: dict, forward: float, counts: dict) -> str:
     hours = cost["total"] * forward / 3600
     return (f"planned cost: {counts['candidates']} candidates x {counts['screen']} screening subjects (ABPC 8^3), "
-            f"top {counts['top']} + {len(TARGETS)} baselines x {counts['final']} subjects (ABPC 8^3 and 16^3), "
+            f"top {counts['top']} + {len(TARGETS)} baselines + the {REFERENCE_PRESET} reference x {counts['final']} "
+            "subjects (ABPC 8^3 and 16^3), "
             f"sanity checks on {counts['sanity']} subjects ({counts['layers']} randomised layers each): "
             + ", ".join(f"{k} {v:.0f}" for k, v in cost.items() if k != "total")
             + f" = {cost['total']:.0f} forward passes x {forward:.3f} s (measured) = {hours:.2f} h "
@@ -373,12 +427,19 @@ def _nan_low(value: float) -> float:
     return -np.inf if value != value else value
 
 
+def _eligible(s: dict) -> bool:
+    """A final-stage LRP candidate (not a baseline or the reference) that passes both sanity checks and does not fail
+    the localisation criterion (``-``, not measured, does not exclude)."""
+    return bool(s.get("final") and not s.get("baseline") and s.get("randomisation") == "pass"
+                and s.get("class") == "pass" and s.get("localisation", "-") != "FAIL")
+
+
 def select_winner(summary: list[dict]) -> str | None:
     """The candidate with the highest ``score`` among the final stage's LRP candidates that pass both sanity checks
-    (``randomisation`` and ``class`` both ``pass``); None when none passes. Ties go to the earlier row."""
-    sane = [s for s in summary if s.get("final") and not s.get("baseline")
-            and s.get("randomisation") == "pass" and s.get("class") == "pass"]
-    return max(sane, key=lambda s: _nan_low(s["score"]))["candidate"] if sane else None
+    (``randomisation`` and ``class`` both ``pass``) and the localisation criterion (``localisation`` not ``FAIL``);
+    None when none does. Ties go to the earlier row."""
+    eligible = [s for s in summary if _eligible(s)]
+    return max(eligible, key=lambda s: _nan_low(s["score"]))["candidate"] if eligible else None
 
 
 def search(args, folds_spec: list[tuple[int, str, dict]]) -> tuple[list[dict], list[dict], dict, list[str]]:
@@ -388,16 +449,18 @@ def search(args, folds_spec: list[tuple[int, str, dict]]) -> tuple[list[dict], l
     # preterm first in every other fold, term first in the others: one subject per fold still sees both classes
     folds = [load_fold(fold, ckpt, overrides, args, opened, 1 - i % 2)
              for i, (fold, ckpt, overrides) in enumerate(folds_spec)]
-    candidates, base = candidate_grid(args.grid), baselines()
+    candidates, base, refs = candidate_grid(args.grid), baselines(), references()
     first = load_subject(folds[0], folds[0].subjects[0], opened)
     forward = forward_seconds(folds[0].network, first.x)
     counts = {"candidates": len(candidates), "top": min(args.top, len(candidates)),
               "screen": sum(f.screen for f in folds), "final": sum(len(f.subjects) for f in folds),
               "sanity": sum(f.sanity for f in folds), "layers": len(randomisable_layers(folds[0].network))}
-    cost = planned_cost(counts["candidates"], counts["top"], counts["screen"], counts["final"], counts["sanity"],
-                        args.steps, counts["layers"])
+    # the reference costs what a top candidate costs (a map from the trace)
+    cost = planned_cost(counts["candidates"], counts["top"] + len(refs), counts["screen"], counts["final"],
+                        counts["sanity"], args.steps, counts["layers"])
     timing = {"forward": forward, "planned_forwards": cost["total"], "plan": _plan_text(cost, forward, counts),
-              **counts, "folds": [f.fold for f in folds]}
+              **counts, "folds": [f.fold for f in folds], "model": folds_spec[0][1], "split": args.split,
+              "datalist": folds[0].datalist, "cohort": _cohort_words(folds[0].datalist)}
     print(timing["plan"], flush=True)
     if args.plan:
         return [], [], timing, list(opened)
@@ -426,19 +489,19 @@ def search(args, folds_spec: list[tuple[int, str, dict]]) -> tuple[list[dict], l
                     for c in candidates}
     order = sorted(range(len(candidates)), key=lambda i: -_nan_low(screen_score[candidates[i].name]))
     top = [candidates[i] for i in order[:args.top]]
-    # 2. final: the top candidates and the baselines, ABPC 8^3 and 16^3, sanity checks
+    # 2. final: the top candidates, the baselines and the reference, ABPC 8^3 and 16^3, sanity checks
     random_rows, class_rows_, finals = [], [], []
     for fold in folds:
         for n, item in enumerate(fold.subjects):
             key = (fold.fold, item["subject"])
             subject = cache.pop(key, None) or load_subject(fold, item, opened)
             _prepare(subject, fold.network, PATCHES, args)
-            for candidate in top + base:
+            for candidate in top + base + refs:
                 row = rows.setdefault((candidate.name, key), _row(candidate, subject))
                 _measure(candidate, subject, fold.network, [p for p in PATCHES if f"abpc_{p}" not in row], args, row)
                 row["final"] = 1
             if n < fold.sanity:
-                explain = _explainer(top + base, fold.network, subject.trace)
+                explain = _explainer(top + base + refs, fold.network, subject.trace)
                 mine = randomisation_rows(fold.network, subject.x, subject.label, subject.sanity_brain, explain,
                                           args.seed, item["subject"])
                 classes = class_rows(fold.network, subject.x, subject.sanity_brain, explain, item["subject"])
@@ -456,16 +519,32 @@ def search(args, folds_spec: list[tuple[int, str, dict]]) -> tuple[list[dict], l
                         time.perf_counter() - start)
     verdicts = {"randomisation": {v["method"]: v for v in randomisation_verdicts(random_rows)} if random_rows else {},
                 "class": {v["method"]: v for v in class_verdicts(class_rows_)} if class_rows_ else {}}
-    summary = summarise(rows, candidates, top, base, screen_score, screened, finals, verdicts)
+    summary = summarise(rows, candidates, top, base + refs, screen_score, screened, finals, verdicts)
     timing["seconds"] = time.perf_counter() - start
     timing["map_forwards"] = median_quartiles(r["seconds"] for r in rows.values()
                                               if r["candidate"] in {c.name for c in candidates})[0] / forward
     return list(rows.values()), summary, timing, list(opened)
 
 
+def _paired_median(rows: dict, name: str, other: str, key: str, subjects) -> float:
+    """Median over ``subjects`` of ``key`` of ``name`` minus ``other`` on the same subject (NaN pairs left out)."""
+    pairs = [rows[(name, s)].get(key, float("nan")) - rows[(other, s)].get(key, float("nan")) for s in subjects
+             if (name, s) in rows and (other, s) in rows]
+    pairs = [d for d in pairs if d == d]
+    return float(np.median(pairs)) if pairs else float("nan")
+
+
+def localisation_verdict(vs_gradient: float, vs_reference: float) -> str:
+    """``pass`` when the paired median enrichment differences to gradient x input and to the reference are both >= 0,
+    ``FAIL`` when either is below, ``-`` when not measured (no subject with tissue and phenotype maps)."""
+    if vs_gradient != vs_gradient or vs_reference != vs_reference:
+        return "-"
+    return "pass" if vs_gradient >= 0 and vs_reference >= 0 else "FAIL"
+
+
 def summarise(rows, candidates, top, base, screen_score, screened, finals, verdicts) -> list[dict]:
-    """One row per candidate: the final stage's (ranked; the winner marked), the baselines, then the screened-out
-    ones by screening score."""
+    """One row per candidate: the final stage's (ranked; the winner marked), the baselines and the reference, then
+    the screened-out ones by screening score."""
     final_names = {c.name for c in top + base}
     rest = sorted((c for c in candidates if c.name not in final_names), key=lambda c: -_nan_low(screen_score[c.name]))
     out = []
@@ -474,7 +553,8 @@ def summarise(rows, candidates, top, base, screen_score, screened, finals, verdi
         subjects = finals if final else screened
         mine = [rows[(candidate.name, s)] for s in subjects if (candidate.name, s) in rows]
         baseline = f"{BASELINE},target={candidate.target}"
-        row = {"candidate": candidate.name, "final": final, "baseline": candidate.composite is None,
+        row = {"candidate": candidate.name, "final": final,
+               "baseline": candidate.composite is None or candidate.reference,
                "subjects": len(mine), "screen_gain": screen_score.get(candidate.name, float("nan"))}
         for patch in PATCHES:
             values = [r[f"abpc_{patch}"] for r in mine if f"abpc_{patch}" in r]
@@ -485,17 +565,25 @@ def summarise(rows, candidates, top, base, screen_score, screened, finals, verdi
         row["score"] = min(row[f"gain_{p}"] for p in PATCHES) if final else float("nan")
         for key in (f"enrichment_{r}" for r in REGIONS):  # the preterm subjects' (the others are NaN)
             row[key] = median_quartiles(r.get(key, float("nan")) for r in mine)[0]
+        enrichment = f"enrichment_{CSF_VENTRICLES}"
+        reference = f"preset={REFERENCE_PRESET},target=class"
+        row["loc_vs_gradient"] = (_paired_median(rows, candidate.name, baseline, enrichment, subjects)
+                                  if candidate.composite is not None else float("nan"))
+        row["loc_vs_reference"] = (_paired_median(rows, candidate.name, reference, enrichment, subjects)
+                                   if candidate.composite is not None and not candidate.reference else float("nan"))
+        row["localisation"] = (localisation_verdict(row["loc_vs_gradient"], row["loc_vs_reference"])
+                               if final and not row["baseline"] else "-")
         for check in ("randomisation", "class"):
             row[check] = verdicts[check].get(candidate.name, {}).get("verdict", "-") if final else "-"
         out.append(row)
     winner = select_winner(out)
-    sane = sorted((s for s in out if s["final"] and not s["baseline"] and s["randomisation"] == "pass"
-                   and s["class"] == "pass"), key=lambda s: -_nan_low(s["score"]))
-    ranks = {s["candidate"]: k + 1 for k, s in enumerate(sane)}
+    eligible = sorted((s for s in out if _eligible(s)), key=lambda s: -_nan_low(s["score"]))
+    ranks = {s["candidate"]: k + 1 for k, s in enumerate(eligible)}
     for row in out:
         row["winner"] = "**winner**" if row["candidate"] == winner else ""
-        row["rank"] = (ranks.get(row["candidate"], "excluded: sanity") if row["final"] and not row["baseline"]
-                       else "-")
+        excluded = "excluded: sanity" if "FAIL" in (row["randomisation"], row["class"]) or "-" in (
+            row["randomisation"], row["class"]) else "excluded: localisation"
+        row["rank"] = ranks.get(row["candidate"], excluded) if row["final"] and not row["baseline"] else "-"
     return sorted(out, key=lambda s: (not s["final"], s["baseline"], not isinstance(s["rank"], int),
                                       s["rank"] if isinstance(s["rank"], int) else 0))  # stable: the rest in order
 
@@ -509,32 +597,41 @@ def write_outputs(rows, summary, timing, opened, output: Path, command: str) -> 
     atomic_write_text("".join(f"{p}\n" for p in opened), output / "opened.txt")
     write_csv(rows, output / "search.csv", COLUMNS)
     winner = next((s for s in summary if s["winner"]), None)
+    one_model = timing["folds"] == [ONE_MODEL]
+    where = "on the tuning cohort" if one_model else "on the validation folds"
     if winner is None:
-        verdict = ("**No winner**: no candidate of the final stage passed both sanity checks; keep the best sane "
-                   "LRP preset.")
+        verdict = ("**No winner**: no candidate of the final stage passed both sanity checks and the localisation "
+                   "criterion; keep the best sane LRP preset.")
     else:
         both = all(winner[f"gain_{p}"] > 0 for p in PATCHES)
         verdict = (f"**Winner**: `{winner['candidate']}`, gain over gradient x input with the same target "
-                   f"{_pct(winner['gain_8'])} (8^3) and {_pct(winner['gain_16'])} (16^3) on the validation folds: "
+                   f"{_pct(winner['gain_8'])} (8^3) and {_pct(winner['gain_16'])} (16^3) {where}: "
                    + ("better on both block sizes." if both else "**not** better than gradient x input on both "
                       "block sizes."))
-    table = [{**s, "gain_8": _pct(s["gain_8"]), "gain_16": _pct(s["gain_16"]),
-              "screen_gain": _pct(s["screen_gain"])} for s in summary]
+    table = [{**s, "gain_8": _pct(s["gain_8"]), "gain_16": _pct(s["gain_16"]), "screen_gain": _pct(s["screen_gain"]),
+              **{k: "-" if s[k] != s[k] else f"{s[k]:+.2f}" for k in ("loc_vs_gradient", "loc_vs_reference")}}
+             for s in summary]
+    if one_model:
+        subjects = (f"one model (`{timing['model']}`) on split {timing['split']} of `{timing['datalist']}` "
+                    f"({timing['cohort']})")
+    else:
+        subjects = (f"folds {', '.join(map(str, timing['folds']))}, each explained by its own model (trained without "
+                    "it)")
     lines = [
-        "# LRP composite search on the validation folds", "",
-        f"Generated by `{command}`: folds {', '.join(map(str, timing['folds']))}, each explained by its own model "
-        f"(trained without it); {timing['screen']} subjects screened, {timing['final']} in the final stage, "
-        f"{timing['sanity']} in the sanity checks. The test split was not opened (`opened.txt` lists every subject "
-        f"file read). {timing['candidates']} candidates, top {timing['top']} to the final stage; "
+        f"# LRP composite search {where}", "",
+        f"Generated by `{command}`: {subjects}; {timing['screen']} subjects screened, {timing['final']} in the final "
+        f"stage, {timing['sanity']} in the sanity checks. The test split was not opened (`opened.txt` lists every "
+        f"subject file read). {timing['candidates']} candidates, top {timing['top']} to the final stage; "
         f"{timing['seconds'] / 60:.1f} min on this machine = {timing['seconds'] / timing['forward']:.0f} forward "
         f"passes of {timing['forward']:.3f} s (planned: {timing['planned_forwards']:.0f}); one map from a cached "
         f"trace took {timing['map_forwards']:.2f} forward passes (median).", "",
         verdict, "",
         markdown_table(table, ["rank", "candidate", "subjects", "abpc_8", "abpc_16", "gain_8", "gain_16",
                                "randomisation", "class", "enrichment_phenotype", "enrichment_csf_ventricles",
-                               "screen_gain", "winner"],
+                               "loc_vs_gradient", "loc_vs_reference", "localisation", "screen_gain", "winner"],
                        ["rank", "candidate", "subjects", "ABPC 8^3", "ABPC 16^3", "gain 8^3", "gain 16^3",
                         "randomisation", "class sensitivity", "enrichment phenotype", "enrichment CSF+ventricles",
+                        "CSF+V vs gradient x input", f"CSF+V vs {REFERENCE_PRESET}", "localisation",
                         "screening gain 8^3", "winner"]),
         "ABPC: median [interquartile range] over the subjects (final stage; screened-out candidates: the screening "
         "subjects, 8^3 only) of the area between the region-perturbation curves, on the class logit (target=class) "
@@ -545,7 +642,11 @@ def write_outputs(rows, summary, timing, opened, output: Path, command: str) -> 
         f"preterm map) below {CLASS_THRESHOLD} (`python -m scripts.evaluation.sanity`). Enrichment: median over the "
         "preterm subjects of the region's share of the map's positive relevance (relevance outside the brain "
         "included) divided by its share of the brain (1 = no preference within the brain; "
-        "`scripts/runtime/localisation.py`); `search.csv` has every subject's shares and outside-brain share.", "",
+        "`scripts/runtime/localisation.py`); `search.csv` has every subject's shares and outside-brain share. "
+        "CSF+V vs gradient x input / vs a2b1: paired median over the preterm subjects of the candidate's "
+        "CSF+ventricles enrichment minus that of gradient x input with the same target / of the preset a2b1; "
+        "localisation: pass = "
+        "both >= 0 (a FAIL excludes the candidate; - = not measured).", "",
         timing["plan"], "",
     ]
     text = "\n".join(lines)
@@ -565,21 +666,30 @@ def build_parser() -> argparse.ArgumentParser:
     models = ap.add_mutually_exclusive_group(required=True)
     models.add_argument("--runs", default=None,
                         help="a setting's folder of the study's cross-validation (<work_dir>/cv/<setting>, holding "
-                             "fold<K>/models/model.pt and fold<K>/result.json); one of --runs and --fold-model is "
-                             "needed (default: none)")
+                             "fold<K>/models/model.pt and fold<K>/result.json); one of --runs, --fold-model and "
+                             "--model is needed (default: none)")
     models.add_argument("--fold-model", action="append", default=None, metavar="K=PATH",
                         help="the model trained without fold K, repeated once per fold (default: none)")
+    models.add_argument("--model", default=None, metavar="PATH",
+                        help="one model explaining every subject of --split of a tuning cohort's datalist (--datalist; "
+                             "a datalist marked \"role\": \"tuning\", python -m scripts.data.cohorts --cohort "
+                             "tuning) (default: none)")
+    ap.add_argument("--datalist", default=None,
+                    help="the datalist to read (default: the config's, dataset_dir/datalist.json)")
+    ap.add_argument("--split", default="all",
+                    help="with --model: the datalist split whose subjects are explained (default: %(default)s; the "
+                         "fold modes read each fold's validation split)")
     ap.add_argument("--grid", choices=sorted(GRIDS), default="full",
                     help="candidate grid: small (8 candidates, tests) or full (168) (default: %(default)s)")
     ap.add_argument("--top", type=int, default=5,
                     help="candidates of the screening that go to the final stage (default: %(default)s)")
     ap.add_argument("--screen-subjects", type=int, default=2,
-                    help="validation subjects per fold in the screening (default: %(default)s)")
+                    help="subjects per fold (per model) in the screening (default: %(default)s)")
     ap.add_argument("--subjects", type=int, default=0,
-                    help="validation subjects per fold in the final stage, the two classes in turn (default: "
-                         "%(default)s = all of the fold)")
+                    help="subjects per fold (per model) in the final stage, the two classes in turn (default: "
+                         "%(default)s = all of the fold or split)")
     ap.add_argument("--sanity-subjects", type=int, default=2,
-                    help="validation subjects per fold in the sanity checks (default: %(default)s)")
+                    help="subjects per fold (per model) in the sanity checks (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=5, help="perturbation steps per curve (default: %(default)s)")
     ap.add_argument("--fraction", type=float, default=0.25,
                     help="share of the brain's blocks replaced at the end (default: %(default)s)")
@@ -608,7 +718,8 @@ def main(argv=None) -> int:
         return 0
     defaults = ap.parse_args(["--runs", "-"])
     changed = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-               if k in ("grid", "top", "screen_subjects", "subjects", "sanity_subjects", "steps", "fraction", "seed")
+               if k in ("grid", "top", "screen_subjects", "subjects", "sanity_subjects", "steps", "fraction", "seed",
+                        "model", "datalist")
                and v != getattr(defaults, k)]
     print(write_outputs(rows, summary, timing, opened, Path(args.output),
                         " ".join(["python -m scripts.evaluation.composite_search", *changed])))
