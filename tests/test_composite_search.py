@@ -316,7 +316,7 @@ def test_one_model_on_a_whole_tuning_cohort(tmp_path, cohort, trained, capsys):
     assert opened == {str(tmp_path / "tuning" / it[k]) for it in items.values() for k in ("image", "tissue",
                                                                                      "phenotype")}
     table = (out / "search.md").read_text()
-    assert table.startswith("# LRP composite search on the tuning cohort")
+    assert table.startswith(f"# LRP composite search on `{tmp_path / 'tuning' / 'datalist.json'}`")
     assert f"one model (`{trained[0] / 'model.pt'}`) on split all of `{tmp_path / 'tuning' / 'datalist.json'}`" \
         in table
     assert "| preset=a2b1,target=class |" in table and "localisation" in table
@@ -336,6 +336,38 @@ def test_one_model_refuses_a_datalist_that_is_not_a_tuning_cohort(tmp_path, coho
     err = capsys.readouterr().err
     assert f"datalist {datalist} is not a tuning cohort (its \"role\" is {role!r}" in err
     assert "python -m scripts.data.cohorts --cohort tuning" in err and not out.exists()
+
+
+def test_score_reports_one_candidate_on_a_held_out_split_only(tmp_path, cohort, trained, capsys):
+    """--score: the candidate chosen before, the baselines and the a2b1 reference on the evaluation cohort's test
+    split (a report: allowed there), no screening; any other split of a datalist that is not a tuning cohort is
+    refused before an image is read."""
+    data = _as_cohort(cohort, tmp_path / "evaluation", "evaluation")
+    datalist = str(tmp_path / "evaluation" / "datalist.json")
+    name = "first=box,mid=gamma0.25,top=eps1e-06,target=class"
+    out = tmp_path / "score"
+    common = ["--model", str(trained[0] / "model.pt"), "--datalist", datalist, "--score", name, "--steps", "2",
+              "--subjects", "2", "--sanity-subjects", "1", "--override", json.dumps(TINY)]
+    assert composite_search.main([*common, "--split", "all", "--output", str(out)]) == 2
+    assert "reads only its held-out split: use --split test, got --split all" in capsys.readouterr().err
+    assert not out.exists()
+    assert composite_search.main([*common, "--split", "test", "--output", str(out)]) == 0
+    capsys.readouterr()
+    rows = list(csv.DictReader((out / "search.csv").open()))
+    assert sorted({r["candidate"] for r in rows}) == sorted([name, "gradient_x_input,target=class",
+                                                            "gradient_x_input,target=diff", "preset=a2b1,target=class"])
+    assert all(r["screen"] == "0" and r["final"] == "1" and r["abpc_16"] for r in rows)
+    test = {it["subject"]: it for it in data["test"]}
+    assert {r["subject"] for r in rows} <= set(test) and len({r["subject"] for r in rows}) == 2
+    opened = set((out / "opened.txt").read_text().split())
+    assert opened == {str(tmp_path / "evaluation" / it[k]) for it in test.values() for k in ("image", "tissue",
+                                                                                              "phenotype")}
+    table = (out / "search.md").read_text()
+    assert table.startswith(f"# LRP composite score on `{datalist}`") and f"**Scored**: `{name}`" in table
+    assert "**winner**" not in table or name in next(ln for ln in table.splitlines() if "**winner**" in ln)
+    with pytest.raises(SystemExit):  # a name that is no candidate: argparse-style error before anything is read
+        composite_search.main([*common, "--score", "box+gamma", "--split", "test", "--output", str(out / "x")])
+    assert "--score takes a candidate name" in capsys.readouterr().err
 
 
 def test_plan_only_explains_nothing(tmp_path, cohort, trained, monkeypatch, capsys):

@@ -9,6 +9,8 @@ is never opened, the evaluation cohort is refused.
     python -m scripts.evaluation.composite_search --fold-model 0=f0/model.pt --fold-model 1=f1/model.pt ...
     python -m scripts.evaluation.composite_search --model models/model.pt \
         --datalist "$(python -m scripts.data.cohorts --cohort tuning)"                      # one model, whole cohort
+    python -m scripts.evaluation.composite_search --model models/model.pt --score NAME \
+        --datalist "$(python -m scripts.data.cohorts --cohort evaluation)" --split test    # score one candidate once
     python -m scripts.evaluation.composite_search --reduced ...                            # small settings (CI)
 
 Candidates (``--grid``): one rule per layer group -- the first convolution (``box``: z^B with each volume's own
@@ -37,6 +39,11 @@ sanity checks and the localisation criterion; if none does, there is no winner. 
 fold's model and every candidate costs one backward pass from that trace; the randomisation check traces each
 randomised copy of the network anew. The planned cost (forward passes, hours at the measured forward time) is
 printed before anything is explained; ``--plan`` stops there.
+
+``--score NAME`` (with ``--model``) reports one candidate, chosen before, with no screening: the final stage's
+measures for it, the baselines and the reference on ``--split`` of the datalist. It is how a winner is scored once on
+the evaluation cohort or a held-out test split: a datalist that is not a tuning cohort is read only at split
+``test``.
 
 Writes ``search.csv`` (one row per candidate and subject), ``search.md`` (the ranking) and ``opened.txt`` (every
 subject file the search read, one path per line) into ``--output``.
@@ -91,7 +98,8 @@ from scripts.runtime.errors import report_input_errors
 from scripts.runtime.localisation import CSF_VENTRICLES, OUTSIDE_BRAIN, localisation, tissue_regions
 from scripts.runtime.outputs import atomic_write_text, write_csv
 
-__all__ = ["GRIDS", "Candidate", "baselines", "candidate_grid", "localisation_verdict", "make_candidate",
+__all__ = ["GRIDS", "Candidate", "baselines", "candidate_from_name", "candidate_grid", "localisation_verdict",
+           "make_candidate",
            "planned_cost", "references", "rule_from_name", "search", "select_winner"]
 
 logger = logging.getLogger(__name__)
@@ -162,6 +170,15 @@ class Candidate:
             sign = 1.0 if engine_target == (1, 0) else -1.0
             return sign * compute_map(BASELINE, network, x, "difference")[0], float("nan")
         return compute_map(BASELINE, network, x, engine_target)[0], float("nan")
+
+
+def candidate_from_name(name: str) -> Candidate:
+    """The candidate named ``first=<rule>,mid=<rule>,top=<rule>,target=<class|diff>`` (as ``search.md`` names it)."""
+    parts = dict(part.partition("=")[::2] for part in name.split(","))
+    if sorted(parts) != ["first", "mid", "target", "top"] or not all(parts.values()):
+        raise ValueError(f"--score takes a candidate name such as first=box,mid=gamma0.25,top=eps1e-06,target=class "
+                         f"(search.md's candidate column), got {name!r}")
+    return make_candidate(parts["first"], parts["mid"], parts["top"], parts["target"])
 
 
 def make_candidate(first: str, mid: str, top: str, target: str) -> Candidate:
@@ -266,16 +283,21 @@ class Subject:
     intact: dict = field(default_factory=dict)
 
 
+def _role(datalist: str) -> str | None:
+    """The datalist's ``role`` (None for a folder or a datalist without one)."""
+    path = Path(datalist)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("role")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"datalist {path}: not readable JSON ({err})") from err
+
+
 def _tuning_cohort(datalist: str) -> None:
     """The one-model mode reads a whole cohort: only a tuning cohort's (a datalist marked ``"role": "tuning"``, whose
     subjects no model of this bundle trained on); anything else is refused before an image is read."""
-    path = Path(datalist)
-    role = None
-    if path.is_file():
-        try:
-            role = json.loads(path.read_text()).get("role")
-        except (OSError, ValueError, AttributeError) as err:
-            raise ValueError(f"datalist {path}: not readable JSON ({err})") from err
+    path, role = Path(datalist), _role(datalist)
     if role != "tuning":
         raise ValueError(f"datalist {path} is not a tuning cohort (its \"role\" is {role!r}, not 'tuning'): --model "
                          "explains every subject of the datalist, so it reads only a cohort that no model trained on "
@@ -288,7 +310,13 @@ def load_fold(fold: int, ckpt: str, overrides: dict, args, opened: dict, first: 
     ``opened``. Fold ``ONE_MODEL``: the model of ``--model`` and every subject of ``--split`` of a tuning cohort."""
     parser, network, datalist = load_model(args.config_file, overrides, ckpt)
     datalist = getattr(args, "datalist", None) or datalist
-    if fold == ONE_MODEL:
+    scoring = bool(getattr(args, "score", None))
+    if fold == ONE_MODEL and scoring:  # a report: a tuning cohort, or a held-out test split (evaluation cohort too)
+        if _role(datalist) != "tuning" and args.split != "test":
+            raise ValueError(f"--score on datalist {datalist} (not a tuning cohort) reads only its held-out split: "
+                             f"use --split test, got --split {args.split}")
+        split, listed = args.split, load_split(datalist, args.split, -1)
+    elif fold == ONE_MODEL:
         _tuning_cohort(datalist)
         split, listed = args.split, load_split(datalist, args.split, -1, tuning=True)
     else:
@@ -298,7 +326,7 @@ def load_fold(fold: int, ckpt: str, overrides: dict, args, opened: dict, first: 
             raise ValueError(f"datalist {datalist}: fold {fold}'s validation split and the test split share files "
                              f"{shared}; the search never reads the test split")
     maps = all("tissue" in it and "phenotype" in it for it in listed)
-    items = load_subjects(datalist, split, parser, need_maps=maps, fold=fold)
+    items = load_subjects(datalist, split, parser, need_maps=maps, fold=fold, tuning=not scoring)
     opened.update(dict.fromkeys(p for it in items for p in _files(it)))
     chosen = select_subjects(items, args.subjects, first)
     image = parser.get_parsed_content("preprocessing")
@@ -449,7 +477,9 @@ def search(args, folds_spec: list[tuple[int, str, dict]]) -> tuple[list[dict], l
     # preterm first in every other fold, term first in the others: one subject per fold still sees both classes
     folds = [load_fold(fold, ckpt, overrides, args, opened, 1 - i % 2)
              for i, (fold, ckpt, overrides) in enumerate(folds_spec)]
-    candidates, base, refs = candidate_grid(args.grid), baselines(), references()
+    scoring = bool(getattr(args, "score", None))
+    candidates = [candidate_from_name(args.score)] if scoring else candidate_grid(args.grid)
+    base, refs = baselines(), references()
     first = load_subject(folds[0], folds[0].subjects[0], opened)
     forward = forward_seconds(folds[0].network, first.x)
     counts = {"candidates": len(candidates), "top": min(args.top, len(candidates)),
@@ -460,7 +490,7 @@ def search(args, folds_spec: list[tuple[int, str, dict]]) -> tuple[list[dict], l
                         counts["sanity"], args.steps, counts["layers"])
     timing = {"forward": forward, "planned_forwards": cost["total"], "plan": _plan_text(cost, forward, counts),
               **counts, "folds": [f.fold for f in folds], "model": folds_spec[0][1], "split": args.split,
-              "datalist": folds[0].datalist, "cohort": _cohort_words(folds[0].datalist)}
+              "datalist": folds[0].datalist, "cohort": _cohort_words(folds[0].datalist), "score": scoring}
     print(timing["plan"], flush=True)
     if args.plan:
         return [], [], timing, list(opened)
@@ -597,9 +627,19 @@ def write_outputs(rows, summary, timing, opened, output: Path, command: str) -> 
     atomic_write_text("".join(f"{p}\n" for p in opened), output / "opened.txt")
     write_csv(rows, output / "search.csv", COLUMNS)
     winner = next((s for s in summary if s["winner"]), None)
-    one_model = timing["folds"] == [ONE_MODEL]
-    where = "on the tuning cohort" if one_model else "on the validation folds"
-    if winner is None:
+    one_model, scoring = timing["folds"] == [ONE_MODEL], timing.get("score", False)
+    named = timing["cohort"].split(" (")[0] if timing["cohort"].startswith("the ") else f"`{timing['datalist']}`"
+    where = f"on {named}" if one_model else "on the validation folds"
+    if scoring:
+        scored = next(s for s in summary if not s["baseline"])
+        both = all(scored[f"gain_{p}"] > 0 for p in PATCHES)
+        verdict = (f"**Scored**: `{scored['candidate']}`, gain over gradient x input with the same target "
+                   f"{_pct(scored['gain_8'])} (8^3) and {_pct(scored['gain_16'])} (16^3) {where}, split "
+                   f"{timing['split']}: " + ("better on both block sizes" if both else "**not** better than gradient "
+                                             "x input on both block sizes")
+                   + f"; sanity checks {scored['randomisation']} / {scored['class']}, localisation "
+                   f"{scored['localisation']}.")
+    elif winner is None:
         verdict = ("**No winner**: no candidate of the final stage passed both sanity checks and the localisation "
                    "criterion; keep the best sane LRP preset.")
     else:
@@ -618,7 +658,7 @@ def write_outputs(rows, summary, timing, opened, output: Path, command: str) -> 
         subjects = (f"folds {', '.join(map(str, timing['folds']))}, each explained by its own model (trained without "
                     "it)")
     lines = [
-        f"# LRP composite search {where}", "",
+        f"# LRP composite {'score' if scoring else 'search'} {where}", "",
         f"Generated by `{command}`: {subjects}; {timing['screen']} subjects screened, {timing['final']} in the final "
         f"stage, {timing['sanity']} in the sanity checks. The test split was not opened (`opened.txt` lists every "
         f"subject file read). {timing['candidates']} candidates, top {timing['top']} to the final stage; "
@@ -676,6 +716,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "tuning) (default: none)")
     ap.add_argument("--datalist", default=None,
                     help="the datalist to read (default: the config's, dataset_dir/datalist.json)")
+    ap.add_argument("--score", default=None, metavar="NAME",
+                    help="score this one candidate (a name from search.md's candidate column) with --model, without "
+                         "screening; a datalist that is not a tuning cohort is read only at --split test (default: "
+                         "none, search)")
     ap.add_argument("--split", default="all",
                     help="with --model: the datalist split whose subjects are explained (default: %(default)s; the "
                          "fold modes read each fold's validation split)")
@@ -710,6 +754,14 @@ def main(argv=None) -> int:
         args.grid, args.steps, args.screen_subjects, args.subjects, args.sanity_subjects = "small", 2, 1, 1, 1
     if min(args.top, args.screen_subjects, args.sanity_subjects, args.steps) < 1 or args.subjects < 0:
         ap.error("--top, --screen-subjects, --sanity-subjects and --steps must be >= 1, --subjects >= 0")
+    if args.score:
+        if not args.model:
+            ap.error("--score scores one candidate with one model: give --model")
+        try:
+            candidate_from_name(args.score)
+        except ValueError as err:
+            ap.error(str(err))
+        args.screen_subjects = 0  # no screening: the candidate was chosen before
     if not 0 < args.fraction <= 1:
         ap.error("--fraction must be in (0, 1]")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -719,7 +771,7 @@ def main(argv=None) -> int:
     defaults = ap.parse_args(["--runs", "-"])
     changed = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                if k in ("grid", "top", "screen_subjects", "subjects", "sanity_subjects", "steps", "fraction", "seed",
-                        "model", "datalist")
+                        "model", "datalist", "split", "score") and not (args.score and k in ("grid", "screen_subjects"))
                and v != getattr(defaults, k)]
     print(write_outputs(rows, summary, timing, opened, Path(args.output),
                         " ".join(["python -m scripts.evaluation.composite_search", *changed])))

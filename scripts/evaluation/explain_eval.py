@@ -85,12 +85,13 @@ def load_model(config_file: str, overrides: dict, ckpt: str | None):
     return parser, network, datalist
 
 
-def load_subjects(datalist: str, split: str, parser, need_maps: bool = True, fold: int = -1) -> list[dict]:
+def load_subjects(datalist: str, split: str, parser, need_maps: bool = True, fold: int = -1,
+                  tuning: bool = True) -> list[dict]:
     """The labelled subjects of ``split`` (``fold``: the cross-validation fold of the ``validation`` split), checked:
     images readable and of the network's shape, and with ``need_maps`` the synthetic cohort's tissue and phenotype
-    maps."""
+    maps. ``tuning`` (default): the evaluation cohort is refused (``load_split``); only a report passes False."""
     spatial = check_shape(parser.get_parsed_content("spatial_shape"), "spatial_shape")
-    items = load_split(datalist, split, fold, tuning=True)  # labels checked there; the evaluation cohort refused
+    items = load_split(datalist, split, fold, tuning=tuning)  # labels checked there
     if not items:
         raise ValueError(f"datalist {datalist}: split {split!r} has no subject to explain")
     validate_items(items, keys=("image",), spatial_shape=spatial, pixdim=parser.get_parsed_content("pixdim"))
