@@ -177,6 +177,40 @@ def test_each_weights_get_the_normalisation_they_record(tmp_path):
     assert abs(result["z"]["row"]["margin_subject"] - result["wp"]["row"]["margin_subject"]) > 0.1
 
 
+def test_each_map_is_localised_by_the_relevance_that_supports_its_logit(tmp_path):
+    """The randomised baseline: the preset's map of the preterm logit on the network with every conv/linear layer
+    re-initialised. Where that logit is negative the map is signed by it, so that what is localised is the relevance
+    supporting it, the bulk of the map, not a remnant of < 1 % (tested: the signed map's positive part is at least
+    half its absolute relevance, for the trained and the randomised network); the enrichment in the table is that
+    signed map's (recomputed here with scripts.runtime.localisation)."""
+    from scripts.evaluation.sanity import randomisable_layers, randomised
+    from scripts.runtime.explain import explain
+    from scripts.runtime.localisation import CSF_VENTRICLES, localisation
+
+    twins = evidence.Twins({"shipped": ROOT / "models" / "model.pt"})
+    draw = _preterm_draw()
+    result = twins.measure(draw, ["a2b1"], tmp_path)
+    rows = {m["network"]: m for m in result["shipped"]["maps"]}
+    image, labels, _ = draw.render(builtin_template())
+    from scripts.runtime.outputs import save_nifti
+
+    path = save_nifti(image, builtin_template().affine, tmp_path / "subject.nii.gz")
+    tissue_path = save_nifti(labels, builtin_template().affine, tmp_path / "tissue.nii.gz", dtype=np.uint8)
+    x = twins.normalisers["shipped"](twins.raw({"image": str(path)}))["image"].as_tensor()[None].float()
+    tissue = np.asarray(twins.labels({"tissue": str(tissue_path)})["tissue"])[0]
+    network = twins.networks["shipped"]
+    for kind, net in (("trained", network), ("randomised", randomised(network, len(randomisable_layers(network))))):
+        explained = explain(net, x, ["a2b1"], target=1)
+        logit = float(explained.logits[0, 1])
+        # the same input through the same network as in measure(): equal up to float32 rounding
+        assert rows[kind]["preterm_logit"] == pytest.approx(logit, rel=1e-5, abs=1e-6)
+        signed = np.sign(logit) * explained.relevance(0, "a2b1")[0].numpy()
+        assert np.clip(signed, 0, None).sum() >= 0.5 * np.abs(signed).sum(), kind
+        expected = localisation(signed, tissue, {CSF_VENTRICLES: np.isin(np.rint(tissue), (1, 5))})
+        assert rows[kind][f"enrichment_{CSF_VENTRICLES}"] == pytest.approx(expected[CSF_VENTRICLES]["enrichment"],
+                                                                           rel=1e-5)
+
+
 def test_evidence_refuses_the_evaluation_cohort_without_the_report_flag(tmp_path):
     with pytest.raises(SystemExit, match="evaluation cohort"):
         evidence.main(["--cohort", "evaluation", "--output", str(tmp_path), "--work", str(tmp_path)])

@@ -15,7 +15,9 @@ command splits that gap, for each set of weights, through the deployed preproces
 - **relevance enrichment** of each LRP preset's map of the preterm logit on the subject
   (``scripts.runtime.localisation``: against the brain) in CSF + ventricles, the ventricles, the phenotype and each
   component's footprint, with the same preset on the same network with fully randomised weights as its baseline
-  (bright tissue is enriched in any input-times-something map even without a network).
+  (bright tissue is enriched in any input-times-something map even without a network). Each map is signed by the
+  logit it explains, so that its positive part is the relevance supporting that logit: the randomised network's
+  preterm logit is negative (about -0.1), and its unsigned maps have almost no positive relevance to localise.
 
 Medians over the preterm subjects with percentile-bootstrap 95 % intervals. Per-subject results are kept under
 ``--work`` and reused, so an interrupted run resumes. The evaluation cohort is read only with ``--report-evaluation``
@@ -60,7 +62,7 @@ logger = logging.getLogger(__name__)
 INFERENCE_CONFIG = BUNDLE_ROOT / "configs" / "inference.json"
 VARIANTS = ("subject", "twin", *(f"without_{c}" for c in COMPONENTS), *(f"only_{c}" for c in COMPONENTS))
 MAP_REGIONS = (CSF_VENTRICLES, "ventricles", "phenotype", *(f"footprint_{c}" for c in COMPONENTS))
-RESULT_VERSION = 1  # bump when a per-subject result's content changes: older ones are recomputed
+RESULT_VERSION = 2  # bump when a per-subject result's content changes: older ones are recomputed
 
 
 def normalise_with(raw: torch.Tensor, reference: torch.Tensor, normaliser) -> torch.Tensor:
@@ -160,11 +162,17 @@ class Twins:
             random_network = randomised(network, len(randomisable_layers(network)))
             for kind, net in (("trained", network), ("randomised", random_network)):
                 explained = explain(net, x, presets, target=1)
+                # the relevance that supports the explained score: its positive part for a positive preterm logit
+                # (a trained network on a preterm subject), its negative part for a negative one (the randomised
+                # network's preterm logit is about -0.1 on any input; unsigned, its maps have < 1 % positive mass)
+                logit = float(explained.logits[0, 1])
+                sign = 1.0 if logit >= 0 else -1.0
                 for preset in presets:
-                    measure = localisation(explained.relevance(0, preset)[0].numpy(), tissue,
+                    measure = localisation(sign * explained.relevance(0, preset)[0].numpy(), tissue,
                                            {CSF_VENTRICLES: np.isin(np.rint(tissue), (1, 5)),
                                             "ventricles": np.rint(tissue) == 5, **regions})
                     maps.append({"subject": draw.subject, "weights": weights, "preset": preset, "network": kind,
+                                 "preterm_logit": logit,
                                  **{f"enrichment_{r}": measure[r]["enrichment"] for r in MAP_REGIONS},
                                  **{f"share_{r}": measure[r]["share"] for r in MAP_REGIONS},
                                  "share_outside_brain": measure[OUTSIDE_BRAIN]["share"]})
@@ -208,7 +216,9 @@ def summary_markdown(rows: list[dict], maps: list[dict], info: dict) -> str:
     lines += ["## Relevance enrichment of the preterm maps (against the brain)", "",
               "Enrichment = share of the positive relevance in the region / the region's share of the brain "
               "(`scripts/runtime/localisation.py`); 1 = no preference. Random: the same preset on the network with "
-              "every conv/linear layer re-initialised. Difference: paired, trained minus random.", ""]
+              "every conv/linear layer re-initialised. Each map is signed by the preterm logit it explains (the "
+              "randomised network's is negative: its map's negative part supports it). Difference: paired, trained "
+              "minus random.", ""]
     presets = list(dict.fromkeys(m["preset"] for m in maps))
     for w in weights:
         table = []
