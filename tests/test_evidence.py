@@ -186,14 +186,13 @@ def test_each_map_is_localised_by_the_relevance_that_supports_its_logit(tmp_path
     from scripts.evaluation.sanity import randomisable_layers, randomised
     from scripts.runtime.explain import explain
     from scripts.runtime.localisation import CSF_VENTRICLES, localisation
+    from scripts.runtime.outputs import save_nifti
 
     twins = evidence.Twins({"shipped": ROOT / "models" / "model.pt"})
     draw = _preterm_draw()
     result = twins.measure(draw, ["a2b1"], tmp_path)
     rows = {m["network"]: m for m in result["shipped"]["maps"]}
     image, labels, _ = draw.render(builtin_template())
-    from scripts.runtime.outputs import save_nifti
-
     path = save_nifti(image, builtin_template().affine, tmp_path / "subject.nii.gz")
     tissue_path = save_nifti(labels, builtin_template().affine, tmp_path / "tissue.nii.gz", dtype=np.uint8)
     x = twins.normalisers["shipped"](twins.raw({"image": str(path)}))["image"].as_tensor()[None].float()

@@ -93,14 +93,13 @@ from scripts.evaluation.sanity import (
 from scripts.evaluation.tables import markdown_table
 from scripts.lrp import LRP, AlphaBeta, Composite, Epsilon, Flat, Gamma, Rule, Trace, WSquare, ZBox
 from scripts.lrp.composites import PRESETS
-from scripts.runtime.datalist import load_split
+from scripts.runtime.datalist import load_split, read_datalist_json
 from scripts.runtime.errors import report_input_errors
 from scripts.runtime.localisation import CSF_VENTRICLES, OUTSIDE_BRAIN, localisation, tissue_regions
 from scripts.runtime.outputs import atomic_write_text, write_csv
 
 __all__ = ["GRIDS", "Candidate", "baselines", "candidate_from_name", "candidate_grid", "localisation_verdict",
-           "make_candidate",
-           "planned_cost", "references", "rule_from_name", "search", "select_winner"]
+           "make_candidate", "planned_cost", "references", "rule_from_name", "search", "select_winner"]
 
 logger = logging.getLogger(__name__)
 ROOT = BUNDLE_ROOT
@@ -114,6 +113,7 @@ GRIDS = {
 }
 BASELINE = "gradient_x_input"
 REFERENCE_PRESET = "a2b1"  # the localisation reference (issue 38 stage 4): the winner must localise at least as well
+REFERENCE = f"preset={REFERENCE_PRESET},target=class"  # its candidate name (class target, as the bundle's maps)
 ONE_MODEL = -1  # the "fold" of every subject in the one-model mode (--model)
 # cost model in forward passes (issue 27, idle machine: trace 1.13x, further presets from a trace 0.3-1.7x): a trace,
 # one map from a trace (upper bound of the goal), one gradient x input map (forward + backward)
@@ -203,7 +203,7 @@ def baselines() -> list[Candidate]:
 
 def references() -> list[Candidate]:
     """The preset ``REFERENCE_PRESET`` with the class target (as the bundle's maps are made)."""
-    return [Candidate(f"preset={REFERENCE_PRESET},target=class", PRESETS[REFERENCE_PRESET](), "class", True)]
+    return [Candidate(REFERENCE, PRESETS[REFERENCE_PRESET](), "class", True)]
 
 
 # -- folds and subjects ---------------------------------------------------------------------------------------------
@@ -266,6 +266,7 @@ class Fold:
     screen: int
     sanity: int
     datalist: str = ""
+    cohort: str = ""  # what the datalist is, in words (scripts.data.cohorts.describe), for the report
 
 
 @dataclass
@@ -283,21 +284,10 @@ class Subject:
     intact: dict = field(default_factory=dict)
 
 
-def _role(datalist: str) -> str | None:
-    """The datalist's ``role`` (None for a folder or a datalist without one)."""
-    path = Path(datalist)
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text()).get("role")
-    except (OSError, ValueError, AttributeError) as err:
-        raise ValueError(f"datalist {path}: not readable JSON ({err})") from err
-
-
-def _tuning_cohort(datalist: str) -> None:
+def _tuning_cohort(datalist: str, role: str | None) -> None:
     """The one-model mode reads a whole cohort: only a tuning cohort's (a datalist marked ``"role": "tuning"``, whose
     subjects no model of this bundle trained on); anything else is refused before an image is read."""
-    path, role = Path(datalist), _role(datalist)
+    path = Path(datalist)
     if role != "tuning":
         raise ValueError(f"datalist {path} is not a tuning cohort (its \"role\" is {role!r}, not 'tuning'): --model "
                          "explains every subject of the datalist, so it reads only a cohort that no model trained on "
@@ -310,14 +300,15 @@ def load_fold(fold: int, ckpt: str, overrides: dict, args, opened: dict, first: 
     ``opened``. Fold ``ONE_MODEL``: the model of ``--model`` and every subject of ``--split`` of a tuning cohort."""
     parser, network, datalist = load_model(args.config_file, overrides, ckpt)
     datalist = getattr(args, "datalist", None) or datalist
+    data = read_datalist_json(Path(datalist)) if Path(datalist).is_file() else {}  # {}: a folder of images
     scoring = bool(getattr(args, "score", None))
     if fold == ONE_MODEL and scoring:  # a report: a tuning cohort, or a held-out test split (evaluation cohort too)
-        if _role(datalist) != "tuning" and args.split != "test":
+        if data.get("role") != "tuning" and args.split != "test":
             raise ValueError(f"--score on datalist {datalist} (not a tuning cohort) reads only its held-out split: "
                              f"use --split test, got --split {args.split}")
         split, listed = args.split, load_split(datalist, args.split, -1)
     elif fold == ONE_MODEL:
-        _tuning_cohort(datalist)
+        _tuning_cohort(datalist, data.get("role"))
         split, listed = args.split, load_split(datalist, args.split, -1, tuning=True)
     else:
         split, listed = "validation", load_split(datalist, "validation", fold, tuning=True)  # before any image
@@ -332,15 +323,8 @@ def load_fold(fold: int, ckpt: str, overrides: dict, args, opened: dict, first: 
     image = parser.get_parsed_content("preprocessing")
     transform = subject_transform(parser) if maps else (lambda item: image({"image": item["image"]}))
     return Fold(fold, network, transform, chosen, min(args.screen_subjects, len(chosen)),
-                min(args.sanity_subjects, len(chosen)), str(datalist))
-
-
-def _cohort_words(datalist: str) -> str:
-    """What the datalist is (``scripts.data.cohorts.describe``), for the report."""
-    try:
-        return describe(json.loads(Path(datalist).read_text()))
-    except (OSError, ValueError, AttributeError):
-        return "a folder of images"
+                min(args.sanity_subjects, len(chosen)), str(datalist),
+                describe(data) if data else "a folder of images")
 
 
 def load_subject(fold: Fold, item: dict, opened: dict) -> Subject:
@@ -490,7 +474,7 @@ def search(args, folds_spec: list[tuple[int, str, dict]]) -> tuple[list[dict], l
                         counts["sanity"], args.steps, counts["layers"])
     timing = {"forward": forward, "planned_forwards": cost["total"], "plan": _plan_text(cost, forward, counts),
               **counts, "folds": [f.fold for f in folds], "model": folds_spec[0][1], "split": args.split,
-              "datalist": folds[0].datalist, "cohort": _cohort_words(folds[0].datalist), "score": scoring}
+              "datalist": folds[0].datalist, "cohort": folds[0].cohort, "score": scoring}
     print(timing["plan"], flush=True)
     if args.plan:
         return [], [], timing, list(opened)
@@ -596,10 +580,9 @@ def summarise(rows, candidates, top, base, screen_score, screened, finals, verdi
         for key in (f"enrichment_{r}" for r in REGIONS):  # the preterm subjects' (the others are NaN)
             row[key] = median_quartiles(r.get(key, float("nan")) for r in mine)[0]
         enrichment = f"enrichment_{CSF_VENTRICLES}"
-        reference = f"preset={REFERENCE_PRESET},target=class"
         row["loc_vs_gradient"] = (_paired_median(rows, candidate.name, baseline, enrichment, subjects)
                                   if candidate.composite is not None else float("nan"))
-        row["loc_vs_reference"] = (_paired_median(rows, candidate.name, reference, enrichment, subjects)
+        row["loc_vs_reference"] = (_paired_median(rows, candidate.name, REFERENCE, enrichment, subjects)
                                    if candidate.composite is not None and not candidate.reference else float("nan"))
         row["localisation"] = (localisation_verdict(row["loc_vs_gradient"], row["loc_vs_reference"])
                                if final and not row["baseline"] else "-")
@@ -611,8 +594,8 @@ def summarise(rows, candidates, top, base, screen_score, screened, finals, verdi
     ranks = {s["candidate"]: k + 1 for k, s in enumerate(eligible)}
     for row in out:
         row["winner"] = "**winner**" if row["candidate"] == winner else ""
-        excluded = "excluded: sanity" if "FAIL" in (row["randomisation"], row["class"]) or "-" in (
-            row["randomisation"], row["class"]) else "excluded: localisation"
+        sane = (row["randomisation"], row["class"]) == ("pass", "pass")
+        excluded = "excluded: localisation" if sane else "excluded: sanity"
         row["rank"] = ranks.get(row["candidate"], excluded) if row["final"] and not row["baseline"] else "-"
     return sorted(out, key=lambda s: (not s["final"], s["baseline"], not isinstance(s["rank"], int),
                                       s["rank"] if isinstance(s["rank"], int) else 0))  # stable: the rest in order
@@ -685,8 +668,7 @@ def write_outputs(rows, summary, timing, opened, output: Path, command: str) -> 
         "`scripts/runtime/localisation.py`); `search.csv` has every subject's shares and outside-brain share. "
         "CSF+V vs gradient x input / vs a2b1: paired median over the preterm subjects of the candidate's "
         "CSF+ventricles enrichment minus that of gradient x input with the same target / of the preset a2b1; "
-        "localisation: pass = "
-        "both >= 0 (a FAIL excludes the candidate; - = not measured).", "",
+        "localisation: pass = both >= 0 (a FAIL excludes the candidate; - = not measured).", "",
         timing["plan"], "",
     ]
     text = "\n".join(lines)

@@ -14,7 +14,7 @@ from scripts.runtime.checks import check_bool, check_bool_or_auto, validate_item
 from scripts.runtime.outputs import NIFTI_SUFFIXES, pending_subjects, subject_name
 
 __all__ = ["EVALUATION_ROLE", "EvaluationCohortError", "check_study_datalist", "checked_split", "ensure_datalist",
-           "folder_items", "inference_items", "load_split", "refuse_evaluation"]
+           "folder_items", "inference_items", "load_split", "read_datalist_json", "refuse_evaluation"]
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test", "training", "all")
@@ -120,7 +120,8 @@ def _check_generate(value):
     raise ValueError(f"config key 'generate_synthetic' must be auto, true or false, got {value!r}")
 
 
-def _read_json(path: Path) -> dict:
+def read_datalist_json(path: Path) -> dict:
+    """The datalist JSON at ``path`` as a dict, or a ValueError naming the file (not JSON, not an object)."""
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -169,7 +170,7 @@ def load_split(
     path = Path(datalist)
     if path.is_dir():
         if tuning and (path / "datalist.json").is_file():
-            refuse_evaluation(path / "datalist.json", _read_json(path / "datalist.json"))
+            refuse_evaluation(path / "datalist.json", read_datalist_json(path / "datalist.json"))
         items = folder_items(path)
         if tuning:
             _refuse_evaluation_homes(items, path / "datalist.json", path)
@@ -178,7 +179,7 @@ def load_split(
         return items
     if not path.is_file():
         raise FileNotFoundError(f"datalist {path} not found")
-    data = _read_json(path)
+    data = read_datalist_json(path)
     if tuning:
         refuse_evaluation(path, data)
     base = path.parent
@@ -272,7 +273,7 @@ def check_study_datalist(datalist: str) -> dict:
         raise ValueError(f"{path} is a folder of images; the study needs a datalist JSON with labels and folds")
     if not path.is_file():
         raise FileNotFoundError(f"datalist {path} not found")
-    data = _read_json(path)
+    data = read_datalist_json(path)
     refuse_evaluation(path, data)
     fix = f"python -m scripts.data.splits --datalist {path}"
     training, test = data.get("training"), data.get("test")

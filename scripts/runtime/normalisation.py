@@ -145,10 +145,10 @@ def check_recorded(record_dir: str | os.PathLike, method: str) -> str:
     record, both normalisations and the fix. The record is the ``normalisation`` field of ``qc_reference.json``
     beside the weights; a reference without the field, or no reference at all, means z-score weights (trained
     before the normalisation was a choice, or a user's own weights without a reference)."""
-    path = Path(record_dir) / REFERENCE
-    recorded, own = recorded_normalisation(record_dir), weights_normalisation(record_dir)
+    own = weights_normalisation(record_dir)
     if own == method:
         return method
+    path, recorded = Path(record_dir) / REFERENCE, recorded_normalisation(record_dir)  # for the message
     fix = (f"set it to the weights' own, {own!r} (run with --normalisation {own}), or point ckpt_dir at weights "
            f"trained with {method!r}")
     if recorded is None:
