@@ -146,6 +146,7 @@ def test_rank_zero_only_handlers_are_last():
         ROOT / "configs" / "multi_gpu_train.json")["train#trainer#train_handlers"]
     for handlers in (read_json(ROOT / "configs" / "train.json")["train"]["handlers"],
                      read_json(ROOT / "configs" / "train_full.json")["train#handlers"]):
-        targets = [h["_target_"].split(".")[-1] for h in handlers]
+        targets = [h if isinstance(h, str) else h["_target_"].split(".")[-1] for h in handlers]
         assert targets[-3:] == ["StatsHandler", "TensorBoardStatsHandler", "TrainingProgress"]
         assert "LrScheduleHandler" in targets[:-3] and "ResumableTraining" in targets[:-3]
+        assert "@qc_reference_writer" in targets[:-3]  # the QC reference: one item, also the run id qc_reference

@@ -50,6 +50,9 @@ def _bad_files(folder, good):
     p = folder / "empty.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros_like(data), affine), p)
     cases["all_zero"] = (p, "every voxel is zero")
+    p = folder / "constant.nii.gz"  # a scan that does not vary: no intensity normalisation is defined on it
+    nib.save(nib.Nifti1Image(np.full_like(data, data[data > 0].mean()), affine), p)
+    cases["constant"] = (p, "a constant image, not a scan")
     cases["missing"] = (folder / "missing.nii.gz", "not found")
     return cases
 
@@ -60,12 +63,23 @@ def bad_cases(tmp_path_factory, cohort):
 
 
 @pytest.mark.parametrize("case", ["2d", "4d", "nan", "inf", "truncated", "zero_bytes", "not_nifti", "all_zero",
-                                  "missing"])
+                                  "constant", "missing"])
 def test_each_bad_image_names_the_file(bad_cases, case):
     path, message = bad_cases[case]
     with pytest.raises((ValueError, FileNotFoundError)) as err:
         validate_items([{"image": str(path), "subject": case}])
     assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_a_mask_may_be_constant_a_scan_may_not(tmp_path, cohort):
+    """Only a scan (key ``image``) must vary: a binary mask under another key passes the same checks."""
+    good = nib.load(cohort / "images" / "sub-0001.nii.gz")
+    mask = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image((good.get_fdata() > 0).astype(np.uint8), good.affine), mask)
+    item = {"image": str(cohort / "images" / "sub-0001.nii.gz"), "phenotype": str(mask), "subject": "sub-0001"}
+    assert validate_items([item], keys=("image", "phenotype")) == [item]
+    with pytest.raises(ValueError, match="a constant image, not a scan"):
+        validate_items([{"image": str(mask), "subject": "mask"}])
 
 
 def _datalist(tmp_path, cohort, items):

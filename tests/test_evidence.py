@@ -132,7 +132,7 @@ def test_evidence_command_on_one_subject_resumes(tmp_path, monkeypatch):
     rows = list(csv.DictReader((out / "evidence.csv").open()))
     maps = list(csv.DictReader((out / "evidence_maps.csv").open()))
     assert len(rows) == 1 and rows[0]["weights"] == "shipped"
-    assert rows[0]["normalisation"] == "zscore"  # the shipped weights' QC reference records none: z-score weights
+    assert rows[0]["normalisation"] == "white_peak"  # what the shipped weights' QC reference records (since 0.9.0)
     row = {k: float(v) for k, v in rows[0].items() if k not in ("subject", "weights", "normalisation")}
     assert row["p_subject"] > row["p_twin"] and row["gap"] > 0  # the shipped weights see the phenotype
     assert row["gap"] == pytest.approx(row["margin_subject"] - row["margin_twin"], rel=1e-6)
@@ -151,25 +151,25 @@ def test_evidence_command_on_one_subject_resumes(tmp_path, monkeypatch):
 
 def test_each_weights_get_the_normalisation_they_record(tmp_path):
     """Twins compares z-score and white-peak weights each on its own input: the normalisation recorded beside the
-    weights (here the shipped weights with a reference saying white_peak) is the last step of their input, as the
-    deployed path (``robustness.Measurer``) builds it for them alone."""
+    weights (here the shipped white-peak weights, and the same weights with a reference saying zscore) is the last
+    step of their input, as the deployed path (``robustness.Measurer``) builds it for them alone."""
     from scripts.evaluation.robustness import Measurer
     from scripts.runtime.outputs import save_nifti
 
-    folder = tmp_path / "white_peak"
+    folder = tmp_path / "zscore"
     folder.mkdir()
     for name in ("model.pt", "qc_mean_image.nii.gz", "qc_brain_region.nii.gz"):
         shutil.copy(ROOT / "models" / name, folder / name)
     reference = json.loads((ROOT / "models" / "qc_reference.json").read_text())
-    (folder / "qc_reference.json").write_text(json.dumps({**reference, "normalisation": "white_peak"}))
-    twins = evidence.Twins({"z": ROOT / "models" / "model.pt", "wp": folder / "model.pt"})
+    (folder / "qc_reference.json").write_text(json.dumps({**reference, "normalisation": "zscore"}))
+    twins = evidence.Twins({"z": folder / "model.pt", "wp": ROOT / "models" / "model.pt"})
     assert twins.normalisation == {"z": "zscore", "wp": "white_peak"}
     draw = _preterm_draw()
     result = twins.measure(draw, ["epsilon_gamma_box"], tmp_path)
     assert result["z"]["row"]["normalisation"] == "zscore" and result["wp"]["row"]["normalisation"] == "white_peak"
     image, _, _ = draw.render(builtin_template())
     path = save_nifti(image, builtin_template().affine, tmp_path / "subject.nii.gz")
-    for name, ckpt in (("z", ROOT / "models" / "model.pt"), ("wp", folder / "model.pt")):
+    for name, ckpt in (("z", folder / "model.pt"), ("wp", ROOT / "models" / "model.pt")):
         alone = Measurer(ckpt.parent, ckpt=ckpt)
         assert alone.normalisation == twins.normalisation[name]
         # one subject through the network alone vs in a batch of variants: float32 reductions in another order

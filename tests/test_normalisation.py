@@ -107,6 +107,10 @@ def test_empty_brain_and_constant_image_are_one_clear_error():
         norm(torch.zeros(1, 16, 16, 16))
     with pytest.raises(ValueError, match="constant image has no white-matter peak"):
         norm(torch.where(torch.rand(1, 32, 32, 32) > 0.5, 7.0, 0.0))
+    # in a config's preprocessing the error names the file the image was read from
+    constant = MetaTensor(torch.where(torch.rand(1, 32, 32, 32) > 0.5, 7.0, 0.0), meta={"filename_or_obj": "x.nii"})
+    with pytest.raises(ValueError, match="^x.nii: the brain's intensities do not vary"):
+        Normalisedd("image", method="white_peak")({"image": constant})
 
 
 def test_dictionary_version_keeps_meta_and_shares_the_statistics(twins):
@@ -253,25 +257,25 @@ def test_a_bad_method_names_the_key_and_the_choices(tmp_path):
 
 @pytest.mark.parametrize(("configs", "key"), [(["inference.json"], "preprocessing"),
                                              (["train.json", "evaluate.json"], "validate#preprocessing")])
-def test_inference_refuses_the_shipped_zscore_weights_with_white_peak(configs, key):
-    """configs/inference.json (and the evaluation, train.json + evaluate.json) with ``normalisation`` white_peak on the
-    shipped models/ (whose QC reference has no field: z-score weights) fails where the preprocessing is built, with
-    the one clear line the command prints."""
+def test_inference_refuses_the_shipped_weights_with_the_other_normalisation(configs, key):
+    """configs/inference.json (and the evaluation, train.json + evaluate.json) with ``normalisation`` zscore on the
+    shipped models/ (whose QC reference records white_peak, since 0.9.0) fails where the preprocessing is built,
+    with the one clear line the command prints."""
     record = ROOT / "models" / REFERENCE
-    assert "normalisation" not in json.loads(record.read_text())
+    assert json.loads(record.read_text())["normalisation"] == "white_peak"
     parser = ConfigParser()
     parser.read_config([str(ROOT / "configs" / name) for name in configs])
     parser.update({"bundle_root": str(ROOT), "device": "$torch.device('cpu')"})
     assert "Normalisedd" in [type(t).__name__ for t in parser.get_parsed_content(key).transforms]
-    parser.update({"normalisation": "white_peak"})
+    parser.update({"normalisation": "zscore"})
     parser.parse(reset=True)
     with pytest.raises(Exception) as info:
         parser.get_parsed_content(key)
     cause = bundle_input_error(info.value)
     assert cause is not None, f"not a clear input error: {info.value!r}"
-    assert str(cause) == (f"{record} records normalisation 'zscore' for the weights beside it, but config key "
-                          "'normalisation' is 'white_peak': set it to the weights' own, 'zscore' (run with "
-                          "--normalisation zscore), or point ckpt_dir at weights trained with 'white_peak'")
+    assert str(cause) == (f"{record} records normalisation 'white_peak' for the weights beside it, but config key "
+                          "'normalisation' is 'zscore': set it to the weights' own, 'white_peak' (run with "
+                          "--normalisation white_peak), or point ckpt_dir at weights trained with 'zscore'")
 
 
 def _inference_preprocessing(ckpt_dir, method):

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -25,7 +26,14 @@ from scripts.evaluation.qc_eval import CORRUPTIONS, write_variants
 from scripts.runtime.datalist import load_split
 from scripts.runtime.outputs import report_index, report_page
 from scripts.runtime.qc import advice, evaluate_input
-from scripts.runtime.reference import MEASURES, REFERENCE, QCReference, fingerprint
+from scripts.runtime.reference import (
+    INTENSITY_EROSION,
+    MEASURES,
+    REFERENCE,
+    QCReference,
+    fingerprint,
+    intensity_stats,
+)
 
 
 def _rows(path: Path) -> dict[str, dict]:
@@ -65,13 +73,64 @@ def test_training_writes_a_reference_that_round_trips(trained, tmp_path):
     np.testing.assert_allclose(again.precision, reference.precision)
     assert again.thresholds == reference.thresholds and again.fingerprint == reference.fingerprint
     # the weights' normalisation (train.json's key), which inference checks (tests/test_normalisation.py)
-    assert json.loads((ckpt_dir / REFERENCE).read_text())["normalisation"] == "zscore" == again.normalisation
+    normalisation = json.loads((ROOT / "configs" / "train.json").read_text())["normalisation"]
+    assert json.loads((ckpt_dir / REFERENCE).read_text())["normalisation"] == normalisation == again.normalisation
+    # the intensity measure's interior, recorded; a reference written before it read with the whole brain
+    assert again.intensity_erosion == INTENSITY_EROSION == json.loads((ckpt_dir / REFERENCE).read_text())[
+        "intensity_erosion"]
     # the policy changes by editing the JSON, without retraining
     content = json.loads((tmp_path / REFERENCE).read_text())
     content["thresholds"]["similarity"] = 0.0
     (tmp_path / REFERENCE).write_text(json.dumps(content))
     assert QCReference.load(tmp_path).verdict({**dict.fromkeys(MEASURES, 0.0), "similarity": 0.01}) == (
         False, ["similarity"])
+    del content["intensity_erosion"]
+    (tmp_path / REFERENCE).write_text(json.dumps(content))
+    assert QCReference.load(tmp_path).intensity_erosion == 0
+
+
+def test_the_intensity_statistics_are_the_brain_interiors():
+    """A hand-made brain (three tissues in an ellipsoid) whose two outer voxel layers are dimmed, as partial volume
+    with the background dims them after a resampling: the interior's statistics are exactly the undimmed brain's,
+    the whole brain's 1st percentile drops; ``erosion=0`` reads every non-zero voxel."""
+    from scipy import ndimage
+
+    grid = np.mgrid[:40, :32, :32].astype(np.float32)
+    radius = np.sqrt(((grid[0] - 20) / 16) ** 2 + ((grid[1] - 16) / 12) ** 2 + ((grid[2] - 16) / 12) ** 2)
+    brain = radius < 1
+    volume = np.where(radius < 0.4, 1.6, np.where(radius < 0.7, 1.0, 0.6)).astype(np.float32) * brain
+    volume += 0.01 * np.random.default_rng(0).standard_normal(volume.shape).astype(np.float32) * brain
+    edge = brain & ~ndimage.binary_erosion(brain, iterations=INTENSITY_EROSION)
+    dimmed = np.where(edge, 0.1 * volume, volume)
+    np.testing.assert_array_equal(intensity_stats(dimmed), intensity_stats(volume))
+    assert intensity_stats(dimmed, 0)[1] < 0.5 * intensity_stats(volume, 0)[1]
+    values = volume[brain].astype(np.float64)
+    np.testing.assert_allclose(intensity_stats(volume, 0)[1:], np.percentile(values, [1, 99]))
+    assert not intensity_stats(np.zeros_like(volume)).any()  # an empty input
+
+
+def test_shipped_qc_passes_resampled_scans_and_fails_an_inverted_one(tmp_path, cohort):
+    """The shipped weights' QC on the deployed path (``robustness.Measurer``, as docs/results/robustness.md
+    measures it): a test scan resampled onto another grid (1.2 mm; 0.8 mm leaving a dim rim at the brain's edge, as
+    a user's tool writes it) passes the intensity measure; the same scan with its contrast inverted fails it."""
+    from scripts.evaluation.robustness import Measurer, perturb
+
+    measurer = Measurer(ROOT / "models")
+    reference = measurer.qc
+    assert reference.intensity_erosion == INTENSITY_EROSION  # the shipped reference reads the interior
+    rng = np.random.default_rng(0)
+    for item in load_split(str(cohort / "datalist.json"), "test", -1)[:3]:
+        image = nib.load(item["image"])
+        data = np.asarray(image.dataobj, dtype=np.float32)
+        for name in ("resampled_1.2mm", "resampled_0.8mm_rim", "inverted"):
+            if name == "inverted":
+                array, affine = CORRUPTIONS[name](data, image.affine, rng), image.affine
+            else:
+                array, affine = perturb(name, data, image.affine, rng)
+            path = tmp_path / f"{Path(item['image']).name.split('.')[0]}__{name}.nii.gz"
+            nib.save(nib.Nifti1Image(array, affine), str(path))
+            score = evaluate_input(reference, measurer.network, measurer.input(path))["scores"]["intensity"]
+            assert (score > reference.thresholds["intensity"]) == (name == "inverted"), (path, score)
 
 
 def test_flag_passes_the_test_split_and_flags_every_corruption(tmp_path, variants, trained):
@@ -91,8 +150,11 @@ def test_flag_passes_the_test_split_and_flags_every_corruption(tmp_path, variant
             assert predictions[subject]["qc_pass"] == "true", (subject, predictions[subject])
             assert predictions[subject]["qc_advice"] == ""
             continue
-        if subject in skipped:  # refused before QC by the input checks (the tiny network's small field of view)
-            assert corruption == "upsampled_2x" and "field of view" in skipped[subject]["reason"]
+        if subject in skipped:  # refused before QC by the input checks: the tiny network's small field of view; a
+            # constant volume, on which no intensity normalisation is defined
+            reason = skipped[subject]["reason"]
+            assert (corruption, True) in (("upsampled_2x", "field of view" in reason),
+                                          ("constant", "a constant image, not a scan" in reason)), (corruption, reason)
             continue
         row = predictions[subject]
         assert row["qc_pass"] == "false", (corruption, row)
@@ -148,8 +210,10 @@ def test_weights_without_a_reference_run_with_qc_off(tmp_path, cohort, trained):
     old.mkdir()
     shutil.copy(ckpt_dir / "model.pt", old)
     out = tmp_path / "out"
+    # weights from before QC are z-score weights (no record: scripts/runtime/normalisation.py), run as the refusal
+    # of the default white_peak tells their user to
     proc = run_bundle("inference", "configs/inference.json", "--dataset_dir", str(cohort), "--ckpt_dir", str(old),
-                      "--output_dir", str(out), "--lrp_presets", "['a2b1']", *TINY)
+                      "--output_dir", str(out), "--lrp_presets", "['a2b1']", "--normalisation", "zscore", *TINY)
     notices = [line for line in (proc.stdout + proc.stderr).splitlines() if "no QC reference" in line]
     assert len(notices) == 1 and "input QC is off" in notices[0]
     assert all(r["qc_pass"] == "" for r in _rows(out / "predictions.csv").values())

@@ -104,7 +104,7 @@ def preprocess_subject(item: dict, reference: str, output: str, method: str, opt
         raise ValueError(f"{item['image']}: no brain mask in the datalist item (key 'mask')")
     for key in ("image", "mask", "tissue"):
         if key in item:
-            check_image(item[key])
+            check_image(item[key], scan=key == "image")
     folder.mkdir(parents=True, exist_ok=True)
     backend = get_backend(method, **options)
     image = sitk.ReadImage(str(item["image"]), sitk.sitkFloat32)

@@ -25,15 +25,17 @@ EXPORT_COMMAND = ("python -m monai.bundle ckpt_export network_def --filepath mod
 EXTENT_TOLERANCE = 2.5  # physical size may differ from spatial_shape * pixdim by at most this factor per axis
 
 
-def check_image(path: str, spatial_shape=None, pixdim=None) -> None:
+def check_image(path: str, spatial_shape=None, pixdim=None, scan: bool = True) -> None:
     """Raise ValueError/FileNotFoundError naming ``path`` unless it is a readable, finite, non-empty 3D NIfTI
-    (and, given the network's ``spatial_shape`` and ``pixdim``, covers about the same field of view)."""
+    (and, given the network's ``spatial_shape`` and ``pixdim``, covers about the same field of view); a ``scan``
+    (not a mask or label map) must also vary."""
     data, affine = read_volume(path)
-    check_volume(path, data, affine, spatial_shape, pixdim)
+    check_volume(path, data, affine, spatial_shape, pixdim, scan)
 
 
-def check_volume(path: str, data: np.ndarray, affine, spatial_shape=None, pixdim=None) -> None:
-    """The checks of ``check_image`` on a volume already read (e.g. an NRRD read by ITK): finite, non-empty and,
+def check_volume(path: str, data: np.ndarray, affine, spatial_shape=None, pixdim=None, scan: bool = True) -> None:
+    """The checks of ``check_image`` on a volume already read (e.g. an NRRD read by ITK): finite, non-empty, a
+    ``scan``'s non-zero voxels not all one value (no intensity normalisation is defined on a constant image) and,
     given ``spatial_shape`` and ``pixdim``, about the network's field of view. Errors name ``path``."""
     finite = np.isfinite(data)
     if not finite.all():
@@ -41,6 +43,11 @@ def check_volume(path: str, data: np.ndarray, affine, spatial_shape=None, pixdim
         raise ValueError(f"{path}: {bad} voxels are NaN or Inf")
     if not np.any(data):
         raise ValueError(f"{path}: every voxel is zero (empty image)")
+    if scan:
+        values = data[data != 0]
+        if values.min() == values.max():
+            raise ValueError(f"{path}: every non-zero voxel has the value {float(values[0]):g}: a constant image, "
+                             "not a scan")
     if spatial_shape is not None:
         voxel = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
         extent = np.sort(np.asarray(data.shape) * voxel)
@@ -65,7 +72,7 @@ def validate_items(items: list[dict], skip_bad: bool = False, report: str | None
         try:
             for key in keys:
                 if key in item:
-                    check_image(item[key], spatial_shape, pixdim)
+                    check_image(item[key], spatial_shape, pixdim, scan=key == "image")
         except (OSError, ValueError) as err:
             if not skip_bad:
                 raise

@@ -188,7 +188,11 @@ class Normalisedd(MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = self.normaliser(d[key])
+            try:
+                d[key] = self.normaliser(d[key])
+            except ValueError as err:  # name the file (a MetaTensor read from disk knows it)
+                source = getattr(d[key], "meta", {}).get("filename_or_obj")
+                raise ValueError(f"{source}: {err}" if source else str(err)) from err
         return d
 
 

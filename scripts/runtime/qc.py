@@ -7,17 +7,20 @@ each a *badness* (larger is worse):
 ``similarity``        1 - normalised cross-correlation with the mean training input (both at 8 mm)
 ``outside_brain``     share of the input's non-zero voxels that lie outside the training brain region (4 mm)
 ``missing_brain``     share of the training brain region the input leaves empty (4 mm)
-``intensity``         largest |z| of the skewness, 1st and 99th percentile of the brain intensities against the
-                      training subjects' values, in the units of the inputs' normalisation (the z-score fixes mean
-                      and spread, so they say nothing; the white-matter peak leaves them to the phenotype, so they
-                      are not measured either: the QC must not fail a subject for its CSF)
+``intensity``         largest |z| of the skewness, 1st and 99th percentile of the brain interior's intensities
+                      (``reference.intensity_stats``: the non-zero voxels at least ``INTENSITY_EROSION`` voxels from
+                      the background, whose partial-volume edge depends on the grid a scan was resampled to) against
+                      the training subjects' values, in the units of the inputs' normalisation (not the mean and
+                      spread: the z-score fixes them, and with the white-matter peak they follow the phenotype's
+                      CSF, for which QC must not fail a subject)
 ``feature_distance``  Mahalanobis distance of the penultimate-layer features to the nearest training class mean
                       with one shared covariance (Lee et al. 2018, "A simple unified framework for detecting
                       out-of-distribution samples and adversarial attacks")
 
 A subject fails a measure when it exceeds the threshold = (the training split's maximum) x (the measure's
 margin), so no training subject fails by construction. Training writes the reference next to the weights
-(``QCReferenceWriter``): ``qc_reference.json`` (statistics, thresholds, margins), ``qc_mean_image.nii.gz``
+(``QCReferenceWriter``, train.json's ``qc_reference_writer``; run id ``qc_reference`` rebuilds it for weights already
+trained): ``qc_reference.json`` (statistics, thresholds, margins), ``qc_mean_image.nii.gz``
 (8 mm) and ``qc_brain_region.nii.gz`` (4 mm); editing the margins or thresholds in the JSON changes the policy without
 retraining. The JSON also records the inputs' intensity normalisation (``normalisation``, train.json's key of that
 name), which inference checks (scripts/runtime/normalisation.py). Inference applies it with ``QCHandler`` (policy

@@ -24,19 +24,25 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from scipy import ndimage
 
 from scripts.runtime.outputs import atomic_write_text, save_nifti
 
-__all__ = ["MARGINS", "MEASURES", "MEAN_IMAGE", "REDUCTION", "REFERENCE", "REGION", "SIMILARITY_REDUCTION",
-           "TEMPLATE_IMAGE", "TEMPLATE_MASK", "QCReference", "Template", "fingerprint", "intensity_stats",
-           "UNRECORDED", "missing_template", "network_features", "penultimate", "recorded_normalisation", "reduce",
-           "save_template", "weights_normalisation"]
+__all__ = ["INTENSITY_EROSION", "MARGINS", "MEASURES", "MEAN_IMAGE", "REDUCTION", "REFERENCE", "REGION",
+           "SIMILARITY_REDUCTION", "TEMPLATE_IMAGE", "TEMPLATE_MASK", "QCReference", "Template", "fingerprint",
+           "intensity_stats", "UNRECORDED", "missing_template", "network_features", "penultimate",
+           "recorded_normalisation", "reduce", "save_template", "weights_normalisation"]
 
 logger = logging.getLogger(__name__)
 MEASURES = ("similarity", "outside_brain", "missing_brain", "intensity", "feature_distance")
 # threshold = training maximum x margin; documented in (docs/qc.md, thresholds)
 MARGINS = {"similarity": 1.2, "outside_brain": 2.0, "missing_brain": 2.0, "intensity": 1.5,
            "feature_distance": 1.5}
+# the intensity measure reads the brain's interior: the non-zero voxels at least this many voxels (6-connected) from the
+# zero background. The edge's partial-volume voxels depend on the grid the scan was resampled to and on the skull
+# stripping, not on its contrast: with them, a scan resampled to 1.2 mm and back moved the 1st percentile of a
+# white-peak input by 6-9 training SDs (docs/qc.md, the intensity measure)
+INTENSITY_EROSION = 2
 REDUCTION = 4  # voxels per side of the grid of the brain-region measures (4 mm at 1 mm)
 SIMILARITY_REDUCTION = 8  # and of the similarity (8 mm: anatomy, not subject-specific detail)
 REFERENCE = "qc_reference.json"
@@ -62,9 +68,14 @@ def _ncc(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / denominator) if denominator > 0 else 0.0
 
 
-def intensity_stats(volume: np.ndarray) -> np.ndarray:
-    """Skewness, 1st and 99th percentile of the non-zero voxels (zeros: an empty input)."""
-    values = volume[volume != 0].astype(np.float64)
+def intensity_stats(volume: np.ndarray, erosion: int = INTENSITY_EROSION) -> np.ndarray:
+    """Skewness, 1st and 99th percentile of the brain's interior: the non-zero voxels of the (D, H, W) ``volume``
+    after ``erosion`` 6-connected erosions of their mask (0: all of them); zeros when fewer than two voxels remain
+    or they do not vary (an empty input)."""
+    brain = volume != 0
+    if erosion:
+        brain = ndimage.binary_erosion(brain, iterations=erosion)
+    values = volume[brain].astype(np.float64)
     if values.size < 2 or values.std() == 0:
         return np.zeros(3)
     z = (values - values.mean()) / values.std()
@@ -116,6 +127,7 @@ class QCReference:
     fingerprint: str = ""
     subjects: int = 0
     normalisation: str = UNRECORDED  # of the network inputs (scripts/runtime/normalisation.py)
+    intensity_erosion: int = INTENSITY_EROSION  # of intensity_stats; a reference without the field: 0 (before 0.9.0)
 
     def fits(self, shape) -> bool:
         """Whether a network input of (D, H, W) ``shape`` is on the grid this reference was written for."""
@@ -140,7 +152,7 @@ class QCReference:
         """Every measure of one (D, H, W) network input and its (F,) features."""
         scores = self.registration_scores(volume)
         occupancy = reduce((volume != 0).astype(np.float32))
-        z = np.abs(intensity_stats(volume) - self.intensity_mean) / self.intensity_std
+        z = np.abs(intensity_stats(volume, self.intensity_erosion) - self.intensity_mean) / self.intensity_std
         diff = features[None, :] - self.class_means
         distance = np.sqrt(np.maximum(np.einsum("cf,fg,cg->c", diff, self.precision, diff), 0)).min()
         return {**scores,
@@ -172,6 +184,7 @@ class QCReference:
                            "its measures documented in scripts/runtime/qc.py); a subject fails "
                            "a measure when it exceeds thresholds[measure]; thresholds = training_max x margins",
             "fingerprint": self.fingerprint, "subjects": self.subjects, "normalisation": self.normalisation,
+            "intensity_erosion": self.intensity_erosion,
             "input_affine": self.affine.tolist(),
             "margins": self.margins, "training_max": self.training_max, "thresholds": self.thresholds,
             "intensity_mean": self.intensity_mean.tolist(), "intensity_std": self.intensity_std.tolist(),
@@ -197,7 +210,7 @@ class QCReference:
                        np.asarray(content["intensity_mean"]), np.asarray(content["intensity_std"]),
                        np.asarray(content["class_means"]), np.asarray(content["precision"]), training_max,
                        margins, thresholds, content.get("fingerprint", ""), int(content.get("subjects", 0)),
-                       str(content.get("normalisation", UNRECORDED)))
+                       str(content.get("normalisation", UNRECORDED)), int(content.get("intensity_erosion", 0)))
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{path}: not a readable QC reference ({type(err).__name__}: {err}); recreate it with "
                              "the training command or delete it (QC is then off)") from err
