@@ -38,8 +38,8 @@ def build(dataset_dir: str, subjects: int, epochs: int):
     # (and no references to the validation evaluator, whose fold is empty with fold=-1); nor the handlers that run
     # once when training completes (the QC reference over the training split, the final model.pt): with one epoch
     # per round they would be timed as if every epoch paid them
-    handlers = [h for h in parser["train"]["handlers"] if h != "@qc_reference_writer"
-                and h["_target_"] != "ValidationHandler" and "save_final" not in h]
+    once = ("ValidationHandler", "$@runtime.qc.QCReferenceWriter")
+    handlers = [h for h in parser["train"]["handlers"] if h["_target_"] not in once and "save_final" not in h]
     parser["train"]["handlers"] = [{k: v for k, v in h.items() if k not in ("evaluator", "key_metric_saver")}
                                    for h in handlers]
     return parser

@@ -112,6 +112,18 @@ GRID = "$@runtime.transforms.CentredGridd"
 NORMALISED = "$@runtime.normalisation.Normalisedd"
 
 
+def test_the_qc_reference_run_id_builds_the_training_handler():
+    """train.json's run id ``qc_reference`` calls ``qc_reference_writer``, an equal copy of the training's
+    QCReferenceWriter handler (not a reference to it: MONAI's ConfigWorkflow property check reads every handler as
+    a dict); tests/test_qc.py checks that it rewrites what training wrote."""
+    config = read_json(ROOT / "configs" / "train.json")
+    writers = [h for h in config["train"]["handlers"] if h["_target_"].endswith("QCReferenceWriter")]
+    assert writers == [config["qc_reference_writer"]] and config["qc_reference"] == ["$@qc_reference_writer()"]
+    full = [h for h in read_json(ROOT / "configs" / "train_full.json")["train#handlers"]
+            if h["_target_"].endswith("QCReferenceWriter")]
+    assert full == [config["qc_reference_writer"]]
+
+
 def test_shared_transforms_are_equal_copies():
     """train.json's deterministic transforms (``spatial_transforms`` + ``intensity_transforms``, split so that the
     training augmentation runs between them) and inference.json's preprocessing are the same steps (copies, not a
@@ -146,7 +158,6 @@ def test_rank_zero_only_handlers_are_last():
         ROOT / "configs" / "multi_gpu_train.json")["train#trainer#train_handlers"]
     for handlers in (read_json(ROOT / "configs" / "train.json")["train"]["handlers"],
                      read_json(ROOT / "configs" / "train_full.json")["train#handlers"]):
-        targets = [h if isinstance(h, str) else h["_target_"].split(".")[-1] for h in handlers]
+        targets = [h["_target_"].split(".")[-1] for h in handlers]
         assert targets[-3:] == ["StatsHandler", "TensorBoardStatsHandler", "TrainingProgress"]
         assert "LrScheduleHandler" in targets[:-3] and "ResumableTraining" in targets[:-3]
-        assert "@qc_reference_writer" in targets[:-3]  # the QC reference: one item, also the run id qc_reference

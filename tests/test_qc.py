@@ -28,8 +28,12 @@ from scripts.runtime.outputs import report_index, report_page
 from scripts.runtime.qc import advice, evaluate_input
 from scripts.runtime.reference import (
     INTENSITY_EROSION,
+    MEAN_IMAGE,
     MEASURES,
     REFERENCE,
+    REGION,
+    TEMPLATE_IMAGE,
+    TEMPLATE_MASK,
     QCReference,
     fingerprint,
     intensity_stats,
@@ -87,6 +91,20 @@ def test_training_writes_a_reference_that_round_trips(trained, tmp_path):
     del content["intensity_erosion"]
     (tmp_path / REFERENCE).write_text(json.dumps(content))
     assert QCReference.load(tmp_path).intensity_erosion == 0
+
+
+def test_run_id_qc_reference_rebuilds_what_training_wrote(tmp_path, cohort, trained):
+    """``run qc_reference`` (train.json) on weights alone writes the QC reference and the registration template that
+    training wrote beside them, the same statistics and thresholds and the same images."""
+    ckpt_dir, _ = trained
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(ckpt_dir / "model.pt", models)
+    run_bundle("qc_reference", "configs/train.json", "--dataset_dir", str(cohort), "--ckpt_dir", str(models), *TINY)
+    assert json.loads((models / REFERENCE).read_text()) == json.loads((ckpt_dir / REFERENCE).read_text())
+    for name in (MEAN_IMAGE, REGION, TEMPLATE_IMAGE, TEMPLATE_MASK):
+        np.testing.assert_array_equal(np.asarray(nib.load(models / name).dataobj),
+                                      np.asarray(nib.load(ckpt_dir / name).dataobj), err_msg=name)
 
 
 def test_the_intensity_statistics_are_the_brain_interiors():

@@ -19,9 +19,9 @@ each a *badness* (larger is worse):
 
 A subject fails a measure when it exceeds the threshold = (the training split's maximum) x (the measure's
 margin), so no training subject fails by construction. Training writes the reference next to the weights
-(``QCReferenceWriter``, train.json's ``qc_reference_writer``; run id ``qc_reference`` rebuilds it for weights already
-trained): ``qc_reference.json`` (statistics, thresholds, margins), ``qc_mean_image.nii.gz``
-(8 mm) and ``qc_brain_region.nii.gz`` (4 mm); editing the margins or thresholds in the JSON changes the policy without
+(``QCReferenceWriter``; train.json's run id ``qc_reference`` rebuilds it for weights already trained):
+``qc_reference.json`` (statistics, thresholds, margins), ``qc_mean_image.nii.gz`` (8 mm) and
+``qc_brain_region.nii.gz`` (4 mm); editing the margins or thresholds in the JSON changes the policy without
 retraining. The JSON also records the inputs' intensity normalisation (``normalisation``, train.json's key of that
 name), which inference checks (scripts/runtime/normalisation.py). Inference applies it with ``QCHandler`` (policy
 ``flag``, ``refuse`` or ``off``).
