@@ -29,6 +29,9 @@ def model_ts(tmp_path_factory, trained) -> Path:
                            "--ckpt_file", str(ckpt_dir / "model.pt"), "--meta_file", "configs/metadata.json",
                            "--config_file", "configs/inference.json", *TINY], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # beside it, as docs/dicom.md stages model.ts: the QC reference, which records the weights' normalisation
+    for name in ("qc_reference.json", "qc_mean_image.nii.gz", "qc_brain_region.nii.gz"):
+        shutil.copy(ckpt_dir / name, out.parent / name)
     return out
 
 

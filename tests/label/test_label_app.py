@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -117,7 +118,7 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_weights_load_weights_only(tmp_path, reference):
+def test_weights_load_weights_only(tmp_path, reference, trained):
     import torch
     from monailabel.interfaces.utils.app import app_instance
 
@@ -128,6 +129,9 @@ def test_weights_load_weights_only(tmp_path, reference):
         (bundle / name).symlink_to(ROOT / name, target_is_directory=True)
     marker = tmp_path / "code_ran"
     torch.save({"weights": _RunsCode(marker)}, bundle / "models" / "model.pt")
+    for name in ("qc_reference.json", "qc_mean_image.nii.gz", "qc_brain_region.nii.gz", "template_T2w.nii.gz",
+                 "template_mask.nii.gz"):  # what training writes beside weights: the normalisation record, checked
+        shutil.copy(trained[0] / name, bundle / "models" / name)  # when the preprocessing is built
     (tmp_path / "studies").mkdir()
     app = app_instance(str(APP_DIR), str(tmp_path / "studies"), {"bundle": str(bundle), **CONF})
     with pytest.raises(Exception, match="[Ww]eights only load failed"):

@@ -323,12 +323,16 @@ def test_uploads_that_are_not_scans_are_refused(server, reference, tmp_path):
     import nibabel as nib
 
     small = tmp_path / "small.nii.gz"  # readable, but nowhere near the template's field of view
-    nib.save(nib.Nifti1Image(np.ones((20, 20, 20), np.float32), np.eye(4)), small)
+    rng = np.random.default_rng(0)
+    nib.save(nib.Nifti1Image(rng.uniform(1, 2, (20, 20, 20)).astype(np.float32), np.eye(4)), small)
+    flat = tmp_path / "flat.nii.gz"  # the template's field of view, but one value everywhere: not a scan
+    nib.save(nib.Nifti1Image(np.ones((128, 96, 96), np.float32), np.eye(4)), flat)
     client = MONAILabelClient(server, tmpdir=str(tmp_path))
     cases = {"broken": (broken, "not a readable NIfTI image"),
              "empty": (tmp_path / "empty.nrrd", "not a readable NRRD"),
              "notes": (tmp_path / "notes.txt", "only these are accepted"),
-             "small": (small, "field of view")}
+             "small": (small, "field of view"),
+             "flat": (flat, "a constant image, not a scan")}
     for image_id, (path, reason) in cases.items():
         with pytest.raises(MONAILabelClientException) as caught:
             client.upload_image(str(path), image_id)
