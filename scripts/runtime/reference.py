@@ -41,7 +41,7 @@ MARGINS = {"similarity": 1.2, "outside_brain": 2.0, "missing_brain": 2.0, "inten
 # the intensity measure reads the brain's interior: the non-zero voxels at least this many voxels (6-connected) from the
 # zero background. The edge's partial-volume voxels depend on the grid the scan was resampled to and on the skull
 # stripping, not on its contrast: with them, a scan resampled to 1.2 mm and back moved the 1st percentile of a
-# white-peak input by 6-9 training SDs (docs/qc.md, the intensity measure)
+# white-peak input by 6-9 training SDs (docs/qc.md, Thresholds)
 INTENSITY_EROSION = 2
 REDUCTION = 4  # voxels per side of the grid of the brain-region measures (4 mm at 1 mm)
 SIMILARITY_REDUCTION = 8  # and of the similarity (8 mm: anatomy, not subject-specific detail)
