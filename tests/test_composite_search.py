@@ -192,7 +192,10 @@ def test_search_end_to_end_on_two_folds(tmp_path, cohort, trained, monkeypatch, 
     gen = torch.Generator().manual_seed(0)
     other = {k: v + 0.05 * v.std() * torch.randn(v.shape, generator=gen) if k.endswith("weight") else v
              for k, v in state.items()}
-    torch.save(other, tmp_path / "fold1.pt")
+    (tmp_path / "fold1").mkdir()
+    torch.save(other, tmp_path / "fold1" / "model.pt")
+    for name in ("qc_reference.json", "qc_mean_image.nii.gz", "qc_brain_region.nii.gz"):  # its QC reference: the
+        shutil.copy(trained[0] / name, tmp_path / "fold1")  # record of its normalisation
     # a candidate whose map is the input itself, made the best of all on ABPC: it must still never win
     blind = Candidate("first=input,mid=gamma0.25,top=eps1e-06,target=class",
                       Composite([("first", InputItself()), ("conv", Gamma(0.25)), ("linear", Epsilon(1e-6))]),
@@ -219,8 +222,8 @@ def test_search_end_to_end_on_two_folds(tmp_path, cohort, trained, monkeypatch, 
     out = tmp_path / "search"
     overrides = json.dumps({"dataset_dir": str(tmp_path / "cohort"), **TINY})
     assert composite_search.main(["--fold-model", f"0={trained[0] / 'model.pt'}", "--fold-model",
-                                  f"1={tmp_path / 'fold1.pt'}", "--reduced", "--top", "3", "--override", overrides,
-                                  "--output", str(out)]) == 0
+                                  f"1={tmp_path / 'fold1' / 'model.pt'}", "--reduced", "--top", "3", "--override",
+                                  overrides, "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "planned cost: 9 candidates x 2 screening subjects" in printed and " h (a map from a trace" in printed
 

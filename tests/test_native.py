@@ -157,7 +157,7 @@ def test_a_scan_registration_cannot_rescue_is_refused_by_qc_and_the_batch_goes_o
     affine = np.diag([0.9, 0.9, 0.9, 1.0])
     affine[:3, 3] = -50.0
     volume = np.zeros((120, 120, 120), np.float32)
-    volume[10:14, 10:14, 10:14] = 500.0
+    volume[10:14, 10:14, 10:14] = np.random.default_rng(0).uniform(400, 600, (4, 4, 4))  # not constant: a scan
     nib.save(nib.Nifti1Image(volume, affine), inputs / "sub-cube.nii.gz")
     out = tmp_path / "out"
     proc = _infer(inputs, out, ckpt_dir, "--qc", "refuse", check=False)

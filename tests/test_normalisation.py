@@ -113,6 +113,24 @@ def test_empty_brain_and_constant_image_are_one_clear_error():
         Normalisedd("image", method="white_peak")({"image": constant})
 
 
+def test_inference_divides_a_scan_without_a_peak_by_its_median_and_says_so(tmp_path, caplog):
+    """With the weights' folder (inference, evaluation) a scan without a white-matter peak -- here 64 voxels, what
+    registration made of a cube -- is divided by the median of its non-zero voxels, with one warning naming the
+    file, so that QC judges it and the run goes on (tests/test_native.py runs it end to end)."""
+    _record(tmp_path, normalisation="white_peak")
+    small = torch.zeros(1, 16, 16, 16)
+    small[0, 4:8, 4:8, 4:8] = torch.arange(1.0, 65.0).reshape(4, 4, 4)
+    x = MetaTensor(small, meta={"filename_or_obj": "cube.nii"})
+    with caplog.at_level("WARNING"):
+        out = Normalisedd("image", method="white_peak", record_dir=tmp_path)({"image": x})["image"]
+    median = float(small[small != 0].median())
+    assert torch.equal(out.as_tensor(), torch.where(small != 0, small / median, torch.zeros_like(small)))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith("cube.nii: the image has 64 brain (non-zero) voxels")
+    with pytest.raises(ValueError, match="^cube.nii: the image has 64"):  # training: an error
+        Normalisedd("image", method="white_peak")({"image": x})
+
+
 def test_dictionary_version_keeps_meta_and_shares_the_statistics(twins):
     image, twin = twins[0], twins[1]
     x = MetaTensor(torch.as_tensor(image)[None], affine=torch.eye(4))

@@ -5,6 +5,7 @@ import csv
 import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -234,7 +235,7 @@ def test_inference_killed_midway_leaves_complete_files_and_resumes(tmp_path, coh
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.json",
            "--dataset_dir", str(cohort), "--split", "all", "--ckpt_dir", str(ckpt), "--output_dir", str(out),
-           "--channels", "[4,8]", "--hidden", "8"]
+           "--channels", "[4,8]", "--hidden", "8", "--normalisation", "zscore"]  # weights without a record: z-score
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def finished():
@@ -381,6 +382,8 @@ def test_checkpoints_load_weights_only_and_strictly(case, tmp_path, cohort, trai
         state["payload"] = _Payload(marker)
         expected = ["Weights only load failed"]
     torch.save(state, ckpt / "model.pt")
+    for name in ("qc_reference.json", "qc_mean_image.nii.gz", "qc_brain_region.nii.gz"):  # the trained weights'
+        shutil.copy(trained[0] / name, ckpt)  # QC reference: the record of their normalisation
     proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file",
                            "configs/inference.json", "--dataset_dir", str(cohort), "--ckpt_dir", str(ckpt),
                            "--output_dir", str(tmp_path / "out"), *TINY], cwd=ROOT, capture_output=True, text=True)

@@ -40,6 +40,7 @@ same scan, which the consistency term penalises (issue 38's second lever).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Hashable, Mapping
 from pathlib import Path
@@ -57,6 +58,7 @@ from scripts.runtime.reference import REFERENCE, recorded_normalisation, weights
 __all__ = ["BINS", "MIN_BRAIN_VOXELS", "NORMALISATIONS", "Normalisedd", "RandBrainStatisticsd", "WhitePeakNormalised",
            "ZScoreNormalised", "check_normalisation", "check_recorded", "white_matter_peak"]
 
+logger = logging.getLogger(__name__)
 NORMALISATIONS = ("zscore", "white_peak")  # the choices of config key ``normalisation``; the first is the default
 
 BINS = 256  # histogram bins over [0, the brain's 99.5th percentile]
@@ -168,6 +170,12 @@ class Normalisedd(MapTransform):
     ``qc_reference.json``, or one without a ``normalisation`` field -- are z-score weights: only ``zscore`` runs on
     them. None (training, which writes the record) checks nothing.
 
+    A scan without a white-matter peak (fewer than ``MIN_BRAIN_VOXELS`` brain voxels, e.g. what registration made of
+    something that is no head, or a brain of one value) is an error naming the file in training (``record_dir``
+    None); in inference and evaluation it is divided by the median of its non-zero voxels instead, with one warning
+    naming the file, so that input QC judges it and the other subjects of the run go on, as a scan whose
+    registration fails is used as it is.
+
     ``statistics(image)`` / ``apply(image, statistics)``: the method's, for normalising one image with another's
     statistics (``scripts.evaluation.evidence.normalise_with``). The input is never changed in place."""
 
@@ -178,6 +186,7 @@ class Normalisedd(MapTransform):
         if record_dir is not None:
             check_recorded(record_dir, self.method)
         self.normaliser = ZScoreNormalised() if self.method == "zscore" else WhitePeakNormalised()
+        self.fallback = record_dir is not None  # inference and evaluation: see the class docstring
 
     def statistics(self, image) -> dict[str, float]:
         return self.normaliser.statistics(image)
@@ -191,8 +200,16 @@ class Normalisedd(MapTransform):
             try:
                 d[key] = self.normaliser(d[key])
             except ValueError as err:  # name the file (a MetaTensor read from disk knows it)
-                source = getattr(d[key], "meta", {}).get("filename_or_obj")
-                raise ValueError(f"{source}: {err}" if source else str(err)) from err
+                source = getattr(d[key], "meta", {}).get("filename_or_obj") or f"'{key}'"
+                if not self.fallback:
+                    raise ValueError(f"{source}: {err}") from err
+                image = d[key]
+                values = torch.as_tensor(image).as_subclass(torch.Tensor)
+                values = values[values != 0].float()
+                scale = float(values.abs().median()) if values.numel() else 1.0
+                logger.warning("%s: %s; divided by the median of its non-zero voxels (%g) instead, for input QC to "
+                               "judge", source, err, scale)
+                d[key] = WhitePeakNormalised().apply(image, {"peak": scale or 1.0})
         return d
 
 
