@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,15 @@ def cohort(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cohort")
     generate_cohort(out, subjects=24, seed=3, preterm_fraction=0.4, folds=4, test_fraction=0.25)
     return out
+
+
+def stage_qc_reference(source: Path, folder: Path, template: bool = False) -> None:
+    """Copy the QC reference beside the weights in ``source`` (the record of their normalisation, which inference
+    checks) into ``folder``, with the registration template when ``template``."""
+    from scripts.runtime.reference import MEAN_IMAGE, REFERENCE, REGION, TEMPLATE_IMAGE, TEMPLATE_MASK
+
+    for name in (REFERENCE, MEAN_IMAGE, REGION, *((TEMPLATE_IMAGE, TEMPLATE_MASK) if template else ())):
+        shutil.copy(Path(source) / name, Path(folder) / name)
 
 
 def run_bundle(run_id: str, config: str, *overrides: str, check: bool = True, timeout: int = 600):

@@ -10,6 +10,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from conftest import stage_qc_reference
 from torch import nn
 
 from scripts.evaluation import composite_search
@@ -194,8 +195,7 @@ def test_search_end_to_end_on_two_folds(tmp_path, cohort, trained, monkeypatch, 
              for k, v in state.items()}
     (tmp_path / "fold1").mkdir()
     torch.save(other, tmp_path / "fold1" / "model.pt")
-    for name in ("qc_reference.json", "qc_mean_image.nii.gz", "qc_brain_region.nii.gz"):  # its QC reference: the
-        shutil.copy(trained[0] / name, tmp_path / "fold1")  # record of its normalisation
+    stage_qc_reference(trained[0], tmp_path / "fold1")  # the record of its normalisation
     # a candidate whose map is the input itself, made the best of all on ABPC: it must still never win
     blind = Candidate("first=input,mid=gamma0.25,top=eps1e-06,target=class",
                       Composite([("first", InputItself()), ("conv", Gamma(0.25)), ("linear", Epsilon(1e-6))]),

@@ -5,7 +5,6 @@ import csv
 import gzip
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, stage_qc_reference
 
 from scripts.evaluation.cross_validation import run_bundle_workflow
 from scripts.runtime.errors import bundle_input_error
@@ -382,8 +381,7 @@ def test_checkpoints_load_weights_only_and_strictly(case, tmp_path, cohort, trai
         state["payload"] = _Payload(marker)
         expected = ["Weights only load failed"]
     torch.save(state, ckpt / "model.pt")
-    for name in ("qc_reference.json", "qc_mean_image.nii.gz", "qc_brain_region.nii.gz"):  # the trained weights'
-        shutil.copy(trained[0] / name, ckpt)  # QC reference: the record of their normalisation
+    stage_qc_reference(trained[0], ckpt)  # the trained weights' record of their normalisation
     proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file",
                            "configs/inference.json", "--dataset_dir", str(cohort), "--ckpt_dir", str(ckpt),
                            "--output_dir", str(tmp_path / "out"), *TINY], cwd=ROOT, capture_output=True, text=True)

@@ -209,7 +209,7 @@ class Normalisedd(MapTransform):
                 scale = float(values.abs().median()) if values.numel() else 1.0
                 logger.warning("%s: %s; divided by the median of its non-zero voxels (%g) instead, for input QC to "
                                "judge", source, err, scale)
-                d[key] = WhitePeakNormalised().apply(image, {"peak": scale or 1.0})
+                d[key] = self.normaliser.apply(image, {"peak": scale})  # only the white peak raises
         return d
 
 

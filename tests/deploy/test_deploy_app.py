@@ -15,10 +15,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, app_preset, run_bundle
+from conftest import ROOT, TINY, app_preset, run_bundle, stage_qc_reference
 from native_fixtures import native_input
-
-from scripts.runtime.reference import TEMPLATE_IMAGE, TEMPLATE_MASK
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +28,7 @@ def model_ts(tmp_path_factory, trained) -> Path:
                            "--config_file", "configs/inference.json", *TINY], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # beside it, as docs/dicom.md stages model.ts: the QC reference, which records the weights' normalisation
-    for name in ("qc_reference.json", "qc_mean_image.nii.gz", "qc_brain_region.nii.gz"):
-        shutil.copy(ckpt_dir / name, out.parent / name)
+    stage_qc_reference(ckpt_dir, out.parent)
     return out
 
 
@@ -96,8 +93,7 @@ def test_native_scan_is_registered_beside_model_ts(tmp_path, model_ts, cohort, t
     ckpt_dir, _ = trained
     models = tmp_path / "map" / "model"
     models.mkdir(parents=True)
-    for name in (TEMPLATE_IMAGE, TEMPLATE_MASK, "qc_reference.json", "qc_mean_image.nii.gz", "qc_brain_region.nii.gz"):
-        shutil.copy(ckpt_dir / name, models)
+    stage_qc_reference(ckpt_dir, models, template=True)
     shutil.copy(model_ts, models / "model.ts")
     item = json.loads((cohort / "datalist.json").read_text())["test"][1]
     subject = item["subject"]

@@ -7,13 +7,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, TINY_OVERRIDES, app_preset, run_bundle
+from conftest import ROOT, TINY, TINY_OVERRIDES, app_preset, run_bundle, stage_qc_reference
 from native_fixtures import native_input
 from scipy import ndimage
 
@@ -129,9 +128,8 @@ def test_weights_load_weights_only(tmp_path, reference, trained):
         (bundle / name).symlink_to(ROOT / name, target_is_directory=True)
     marker = tmp_path / "code_ran"
     torch.save({"weights": _RunsCode(marker)}, bundle / "models" / "model.pt")
-    for name in ("qc_reference.json", "qc_mean_image.nii.gz", "qc_brain_region.nii.gz", "template_T2w.nii.gz",
-                 "template_mask.nii.gz"):  # what training writes beside weights: the normalisation record, checked
-        shutil.copy(trained[0] / name, bundle / "models" / name)  # when the preprocessing is built
+    # what training writes beside weights: the normalisation record, checked when the preprocessing is built
+    stage_qc_reference(trained[0], bundle / "models", template=True)
     (tmp_path / "studies").mkdir()
     app = app_instance(str(APP_DIR), str(tmp_path / "studies"), {"bundle": str(bundle), **CONF})
     with pytest.raises(Exception, match="[Ww]eights only load failed"):
