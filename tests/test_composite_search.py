@@ -146,6 +146,24 @@ def test_localisation_verdict_needs_both_references():
     assert localisation_verdict(float("nan"), 0.5) == "-" and localisation_verdict(0.5, float("nan")) == "-"
 
 
+def test_the_gain_comes_with_its_paired_interval():
+    """The gain is the median paired ABPC difference over |median baseline ABPC|; its interval is the paired
+    bootstrap interval of that median over the same scale: equal differences give a point, varied ones an interval
+    around the gain that excludes 0 only when every resample's median does."""
+    subjects = [(-1, f"s{i}") for i in range(12)]
+    base = {("b", s): {"abpc_8": 2.0 + 0.1 * i} for i, s in enumerate(subjects)}
+    same = {**base, **{("c", s): {"abpc_8": 2.0 + 0.1 * i + 0.5} for i, s in enumerate(subjects)}}
+    scale = float(np.median([2.0 + 0.1 * i for i in range(12)]))
+    assert composite_search._gain(same, "c", "b", 8, subjects) == pytest.approx(0.5 / scale)
+    assert composite_search._gain_interval(same, "c", "b", 8, subjects) == pytest.approx((0.5 / scale, 0.5 / scale))
+    spread = {**base, **{("c", s): {"abpc_8": 2.0 + 0.1 * i + (-1) ** i * 0.3 + 0.05}
+                         for i, s in enumerate(subjects)}}
+    gain = composite_search._gain(spread, "c", "b", 8, subjects)
+    low, high = composite_search._gain_interval(spread, "c", "b", 8, subjects)
+    assert low < 0 < high and low <= gain <= high  # half the subjects worse: not a sure gain
+    assert composite_search._pct_ci(gain, (low, high)).startswith(f"{100 * gain:+.0f} % [")
+
+
 def test_fold_models_from_a_study_layout(tmp_path):
     run = tmp_path / "cv" / "learning_rate-0.001" / "fold3"
     (run / "models").mkdir(parents=True)
@@ -367,6 +385,8 @@ def test_score_reports_one_candidate_on_a_held_out_split_only(tmp_path, cohort, 
                                                                                               "phenotype")}
     table = (out / "search.md").read_text()
     assert table.startswith(f"# LRP composite score on `{datalist}`") and f"**Scored**: `{name}`" in table
+    assert "[paired 95 % intervals]" in table and "CSF+V enrichment vs gradient x input" in table
+    assert "Only split test of the datalist was read" in table and "test split was not opened" not in table
     assert "**winner**" not in table or name in next(ln for ln in table.splitlines() if "**winner**" in ln)
     with pytest.raises(SystemExit):  # a name that is no candidate: argparse-style error before anything is read
         composite_search.main([*common, "--score", "box+gamma", "--split", "test", "--output", str(out / "x")])

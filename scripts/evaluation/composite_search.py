@@ -95,7 +95,13 @@ from scripts.lrp import LRP, AlphaBeta, Composite, Epsilon, Flat, Gamma, Rule, T
 from scripts.lrp.composites import PRESETS
 from scripts.runtime.datalist import load_split, read_datalist_json
 from scripts.runtime.errors import report_input_errors
-from scripts.runtime.localisation import CSF_VENTRICLES, OUTSIDE_BRAIN, localisation, tissue_regions
+from scripts.runtime.localisation import (
+    CSF_VENTRICLES,
+    OUTSIDE_BRAIN,
+    localisation,
+    paired_median_ci,
+    tissue_regions,
+)
 from scripts.runtime.outputs import atomic_write_text, write_csv
 
 __all__ = ["GRIDS", "Candidate", "baselines", "candidate_from_name", "candidate_grid", "localisation_verdict",
@@ -435,6 +441,19 @@ def _gain(rows: dict, name: str, baseline: str, patch: int, subjects) -> float:
     return median_quartiles([c - b for c, b in pairs])[0] / max(scale, 1e-12)
 
 
+def _gain_interval(rows: dict, name: str, baseline: str, patch: int, subjects) -> tuple[float, float]:
+    """The paired 95 % bootstrap interval of ``_gain``: the interval of the median paired ABPC difference
+    (``scripts.runtime.localisation.paired_median_ci``, subjects resampled) over the same |median ABPC baseline|."""
+    key = f"abpc_{patch}"
+    pairs = [(rows[(name, s)][key], rows[(baseline, s)][key]) for s in subjects
+             if key in rows.get((name, s), {}) and key in rows.get((baseline, s), {})]
+    if not pairs:
+        return float("nan"), float("nan")
+    scale = max(abs(median_quartiles([b for _, b in pairs])[0]), 1e-12)
+    _, low, high, _ = paired_median_ci([c for c, _ in pairs], [b for _, b in pairs])
+    return low / scale, high / scale
+
+
 def _nan_low(value: float) -> float:
     return -np.inf if value != value else value
 
@@ -548,6 +567,14 @@ def _paired_median(rows: dict, name: str, other: str, key: str, subjects) -> flo
     return float(np.median(pairs)) if pairs else float("nan")
 
 
+def _paired_interval(rows: dict, name: str, other: str, key: str, subjects) -> tuple[float, float]:
+    """The paired 95 % bootstrap interval of ``_paired_median`` (``paired_median_ci``)."""
+    both = [s for s in subjects if (name, s) in rows and (other, s) in rows]
+    _, low, high, _ = paired_median_ci([rows[(name, s)].get(key, float("nan")) for s in both],
+                                       [rows[(other, s)].get(key, float("nan")) for s in both])
+    return low, high
+
+
 def localisation_verdict(vs_gradient: float, vs_reference: float) -> str:
     """``pass`` when the paired median enrichment differences to gradient x input and to the reference are both >= 0,
     ``FAIL`` when either is below, ``-`` when not measured (no subject with tissue and phenotype maps)."""
@@ -576,6 +603,8 @@ def summarise(rows, candidates, top, base, screen_score, screened, finals, verdi
             row[f"abpc_{patch}"] = "-" if median != median else f"{median:.2f} [{q1:.2f}, {q3:.2f}]"
             row[f"gain_{patch}"] = (float("nan") if candidate.composite is None
                                     else _gain(rows, candidate.name, baseline, patch, subjects))
+            row[f"gain_{patch}_ci"] = ((float("nan"), float("nan")) if candidate.composite is None or not final
+                                       else _gain_interval(rows, candidate.name, baseline, patch, subjects))
         row["score"] = min(row[f"gain_{p}"] for p in PATCHES) if final else float("nan")
         for key in (f"enrichment_{r}" for r in REGIONS):  # the preterm subjects' (the others are NaN)
             row[key] = median_quartiles(r.get(key, float("nan")) for r in mine)[0]
@@ -584,6 +613,11 @@ def summarise(rows, candidates, top, base, screen_score, screened, finals, verdi
                                   if candidate.composite is not None else float("nan"))
         row["loc_vs_reference"] = (_paired_median(rows, candidate.name, REFERENCE, enrichment, subjects)
                                    if candidate.composite is not None and not candidate.reference else float("nan"))
+        for key, other, measured in (("loc_vs_gradient", baseline, candidate.composite is not None),
+                                     ("loc_vs_reference", REFERENCE,
+                                      candidate.composite is not None and not candidate.reference)):
+            row[f"{key}_ci"] = (_paired_interval(rows, candidate.name, other, enrichment, subjects)
+                                if measured and final else (float("nan"), float("nan")))
         row["localisation"] = (localisation_verdict(row["loc_vs_gradient"], row["loc_vs_reference"])
                                if final and not row["baseline"] else "-")
         for check in ("randomisation", "class"):
@@ -605,9 +639,34 @@ def _pct(value) -> str:
     return "-" if value is None or value != value else f"{100 * value:+.0f} %"
 
 
+def _pct_ci(value, interval) -> str:
+    """``+5 % [-3, +12]``: a gain with its paired interval (no interval where it was not measured)."""
+    low, high = interval
+    if value is None or value != value or low != low:
+        return _pct(value)
+    return f"{_pct(value)} [{100 * low:+.0f}, {100 * high:+.0f}]"
+
+
+def _diff_ci(value, interval) -> str:
+    low, high = interval
+    if value != value:
+        return "-"
+    return f"{value:+.2f}" + ("" if low != low else f" [{low:+.2f}, {high:+.2f}]")
+
+
+def _shown(path: str) -> str:
+    """``path`` as the tables show it: relative to the bundle folder when inside it (the config's default datalist
+    is resolved to an absolute path), as given otherwise."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT.resolve()))
+    except ValueError:
+        return str(path)
+
+
 def write_outputs(rows, summary, timing, opened, output: Path, command: str) -> str:
     output.mkdir(parents=True, exist_ok=True)
-    atomic_write_text("".join(f"{p}\n" for p in opened), output / "opened.txt")
+    timing = {**timing, "datalist": _shown(timing["datalist"])}
+    atomic_write_text("".join(f"{_shown(p)}\n" for p in opened), output / "opened.txt")
     write_csv(rows, output / "search.csv", COLUMNS)
     winner = next((s for s in summary if s["winner"]), None)
     one_model, scoring = timing["folds"] == [ONE_MODEL], timing.get("score", False)
@@ -616,23 +675,31 @@ def write_outputs(rows, summary, timing, opened, output: Path, command: str) -> 
     if scoring:
         scored = next(s for s in summary if not s["baseline"])
         both = all(scored[f"gain_{p}"] > 0 for p in PATCHES)
+        surely = all(scored[f"gain_{p}_ci"][0] > 0 for p in PATCHES)
         verdict = (f"**Scored**: `{scored['candidate']}`, gain over gradient x input with the same target "
-                   f"{_pct(scored['gain_8'])} (8^3) and {_pct(scored['gain_16'])} (16^3) {where}, split "
-                   f"{timing['split']}: " + ("better on both block sizes" if both else "**not** better than gradient "
-                                             "x input on both block sizes")
+                   f"{_pct_ci(scored['gain_8'], scored['gain_8_ci'])} (8^3) and "
+                   f"{_pct_ci(scored['gain_16'], scored['gain_16_ci'])} (16^3) [paired 95 % intervals] {where}, "
+                   f"split {timing['split']}: "
+                   + ("better on both block sizes, both intervals above 0" if surely
+                      else "better on both block sizes by the median, **not** by the interval" if both
+                      else "**not** better than gradient x input on both block sizes")
                    + f"; sanity checks {scored['randomisation']} / {scored['class']}, localisation "
-                   f"{scored['localisation']}.")
+                   f"{scored['localisation']} (CSF+V enrichment vs gradient x input "
+                   f"{_diff_ci(scored['loc_vs_gradient'], scored['loc_vs_gradient_ci'])}, vs {REFERENCE_PRESET} "
+                   f"{_diff_ci(scored['loc_vs_reference'], scored['loc_vs_reference_ci'])}).")
     elif winner is None:
         verdict = ("**No winner**: no candidate of the final stage passed both sanity checks and the localisation "
                    "criterion; keep the best sane LRP preset.")
     else:
         both = all(winner[f"gain_{p}"] > 0 for p in PATCHES)
         verdict = (f"**Winner**: `{winner['candidate']}`, gain over gradient x input with the same target "
-                   f"{_pct(winner['gain_8'])} (8^3) and {_pct(winner['gain_16'])} (16^3) {where}: "
+                   f"{_pct_ci(winner['gain_8'], winner['gain_8_ci'])} (8^3) and "
+                   f"{_pct_ci(winner['gain_16'], winner['gain_16_ci'])} (16^3) [paired 95 % intervals] {where}: "
                    + ("better on both block sizes." if both else "**not** better than gradient x input on both "
                       "block sizes."))
-    table = [{**s, "gain_8": _pct(s["gain_8"]), "gain_16": _pct(s["gain_16"]), "screen_gain": _pct(s["screen_gain"]),
-              **{k: "-" if s[k] != s[k] else f"{s[k]:+.2f}" for k in ("loc_vs_gradient", "loc_vs_reference")}}
+    table = [{**s, **{f"gain_{p}": _pct_ci(s[f"gain_{p}"], s[f"gain_{p}_ci"]) for p in PATCHES},
+              "screen_gain": _pct(s["screen_gain"]),
+              **{k: _diff_ci(s[k], s[f"{k}_ci"]) for k in ("loc_vs_gradient", "loc_vs_reference")}}
              for s in summary]
     if one_model:
         subjects = (f"one model (`{timing['model']}`) on split {timing['split']} of `{timing['datalist']}` "
@@ -642,9 +709,14 @@ def write_outputs(rows, summary, timing, opened, output: Path, command: str) -> 
                     "it)")
     lines = [
         f"# LRP composite {'score' if scoring else 'search'} {where}", "",
-        f"Generated by `{command}`: {subjects}; {timing['screen']} subjects screened, {timing['final']} in the final "
-        f"stage, {timing['sanity']} in the sanity checks. The test split was not opened (`opened.txt` lists every "
-        f"subject file read). {timing['candidates']} candidates, top {timing['top']} to the final stage; "
+        f"Generated by `{command}`: {subjects}; " + (
+            f"one candidate chosen before, no screening, {timing['final']} subjects scored, {timing['sanity']} in "
+            f"the sanity checks. Only split {timing['split']} of the datalist was read (`opened.txt` lists every "
+            "subject file read); "
+            if scoring else
+            f"{timing['screen']} subjects screened, {timing['final']} in the final stage, {timing['sanity']} in the "
+            "sanity checks. The test split was not opened (`opened.txt` lists every subject file read). "
+            f"{timing['candidates']} candidates, top {timing['top']} to the final stage; ") +
         f"{timing['seconds'] / 60:.1f} min on this machine = {timing['seconds'] / timing['forward']:.0f} forward "
         f"passes of {timing['forward']:.3f} s (planned: {timing['planned_forwards']:.0f}); one map from a cached "
         f"trace took {timing['map_forwards']:.2f} forward passes (median).", "",
@@ -659,7 +731,8 @@ def write_outputs(rows, summary, timing, opened, output: Path, command: str) -> 
         "ABPC: median [interquartile range] over the subjects (final stage; screened-out candidates: the screening "
         "subjects, 8^3 only) of the area between the region-perturbation curves, on the class logit (target=class) "
         "or on the logit difference (target=diff). Gain: median over subjects of the paired difference to gradient "
-        "x input with the same target, relative to that baseline's median ABPC; the rank (sane candidates only) "
+        "x input with the same target, relative to that baseline's median ABPC, with its paired 95 % bootstrap "
+        "interval in brackets (final stage); the rank (sane candidates only) "
         "is by the smaller of the two gains. Randomisation: pass = median rank correlation of |map| after "
         f"randomising every layer below {RANDOMISATION_THRESHOLD}; class sensitivity: pass = median rho(term map, "
         f"preterm map) below {CLASS_THRESHOLD} (`python -m scripts.evaluation.sanity`). Enrichment: median over the "
@@ -668,7 +741,8 @@ def write_outputs(rows, summary, timing, opened, output: Path, command: str) -> 
         "`scripts/runtime/localisation.py`); `search.csv` has every subject's shares and outside-brain share. "
         "CSF+V vs gradient x input / vs a2b1: paired median over the preterm subjects of the candidate's "
         "CSF+ventricles enrichment minus that of gradient x input with the same target / of the preset a2b1; "
-        "localisation: pass = both >= 0 (a FAIL excludes the candidate; - = not measured).", "",
+        "bracketed: paired 95 % bootstrap interval; localisation: pass = both >= 0 (a FAIL excludes the "
+        "candidate; - = not measured).", "",
         timing["plan"], "",
     ]
     text = "\n".join(lines)
