@@ -177,11 +177,12 @@ def artefact(image: np.ndarray, brain: np.ndarray) -> tuple[float, tuple[int, in
     overlap = np.fft.irfftn(np.abs(mask_spectrum) ** 2, padded)
     count = float(weight.sum())
     valid = overlap > ARTEFACT_MIN_OVERLAP * count
-    lags = np.meshgrid(*[np.fft.fftfreq(n, 1.0 / n) for n in padded], indexing="ij")
-    valid &= np.sqrt(sum(lag**2 for lag in lags)) >= ARTEFACT_MIN_LAG
+    steps = [np.fft.fftfreq(n, 1.0 / n) for n in padded]  # the lag of each FFT index: 0, 1, ..., -1
+    lags = np.meshgrid(*steps, indexing="ij", sparse=True)
+    valid &= sum(lag**2 for lag in lags) >= ARTEFACT_MIN_LAG**2
     normalised = np.where(valid, correlation / np.maximum(overlap, 1.0), 0.0) / (correlation.flat[0] / count)
     index = np.unravel_index(int(np.argmax(np.abs(normalised))), normalised.shape)
-    lag = tuple(int(lag[index]) for lag in lags)
+    lag = tuple(int(step[i]) for step, i in zip(steps, index))
     return float(abs(normalised[index])), lag
 
 
