@@ -430,11 +430,16 @@ def _explainer(candidates: list[Candidate], network: nn.Module, trace: Trace):
     return explain
 
 
+def _abpc_pairs(rows: dict, name: str, baseline: str, patch: int, subjects) -> list[tuple[float, float]]:
+    """(candidate, baseline) ABPC at ``patch``^3 on the ``subjects`` both were measured on."""
+    key = f"abpc_{patch}"
+    return [(rows[(name, s)][key], rows[(baseline, s)][key]) for s in subjects
+            if key in rows.get((name, s), {}) and key in rows.get((baseline, s), {})]
+
+
 def _gain(rows: dict, name: str, baseline: str, patch: int, subjects) -> float:
     """Median over ``subjects`` of (ABPC candidate - ABPC baseline) / |median ABPC baseline|, at ``patch``^3."""
-    key = f"abpc_{patch}"
-    pairs = [(rows[(name, s)][key], rows[(baseline, s)][key]) for s in subjects
-             if key in rows.get((name, s), {}) and key in rows.get((baseline, s), {})]
+    pairs = _abpc_pairs(rows, name, baseline, patch, subjects)
     if not pairs:
         return float("nan")
     scale = abs(median_quartiles([b for _, b in pairs])[0])
@@ -444,9 +449,7 @@ def _gain(rows: dict, name: str, baseline: str, patch: int, subjects) -> float:
 def _gain_interval(rows: dict, name: str, baseline: str, patch: int, subjects) -> tuple[float, float]:
     """The paired 95 % bootstrap interval of ``_gain``: the interval of the median paired ABPC difference
     (``scripts.runtime.localisation.paired_median_ci``, subjects resampled) over the same |median ABPC baseline|."""
-    key = f"abpc_{patch}"
-    pairs = [(rows[(name, s)][key], rows[(baseline, s)][key]) for s in subjects
-             if key in rows.get((name, s), {}) and key in rows.get((baseline, s), {})]
+    pairs = _abpc_pairs(rows, name, baseline, patch, subjects)
     if not pairs:
         return float("nan"), float("nan")
     scale = max(abs(median_quartiles([b for _, b in pairs])[0]), 1e-12)
@@ -559,19 +562,23 @@ def search(args, folds_spec: list[tuple[int, str, dict]]) -> tuple[list[dict], l
     return list(rows.values()), summary, timing, list(opened)
 
 
+def _paired_values(rows: dict, name: str, other: str, key: str, subjects) -> tuple[list[float], list[float]]:
+    """``key`` of ``name`` and of ``other`` on the ``subjects`` both have a row for (NaN where not measured)."""
+    both = [s for s in subjects if (name, s) in rows and (other, s) in rows]
+    return ([rows[(name, s)].get(key, float("nan")) for s in both],
+            [rows[(other, s)].get(key, float("nan")) for s in both])
+
+
 def _paired_median(rows: dict, name: str, other: str, key: str, subjects) -> float:
     """Median over ``subjects`` of ``key`` of ``name`` minus ``other`` on the same subject (NaN pairs left out)."""
-    pairs = [rows[(name, s)].get(key, float("nan")) - rows[(other, s)].get(key, float("nan")) for s in subjects
-             if (name, s) in rows and (other, s) in rows]
-    pairs = [d for d in pairs if d == d]
+    mine, theirs = _paired_values(rows, name, other, key, subjects)
+    pairs = [d for d in (a - b for a, b in zip(mine, theirs)) if d == d]
     return float(np.median(pairs)) if pairs else float("nan")
 
 
 def _paired_interval(rows: dict, name: str, other: str, key: str, subjects) -> tuple[float, float]:
     """The paired 95 % bootstrap interval of ``_paired_median`` (``paired_median_ci``)."""
-    both = [s for s in subjects if (name, s) in rows and (other, s) in rows]
-    _, low, high, _ = paired_median_ci([rows[(name, s)].get(key, float("nan")) for s in both],
-                                       [rows[(other, s)].get(key, float("nan")) for s in both])
+    _, low, high, _ = paired_median_ci(*_paired_values(rows, name, other, key, subjects))
     return low, high
 
 

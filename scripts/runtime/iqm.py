@@ -11,7 +11,7 @@ set up (docs/qc.md, Image-quality measures). So these are this bundle's own code
 - ``cnr``: MRIQC ``cnr`` = |mu_WM - mu_GM| / sqrt(sigma_air^2 + sigma_WM^2 + sigma_GM^2) (Magnotta & Friedman 2006,
   J Digit Imaging 19(2):140) with no air term: the scan is skull-stripped, there is no air to measure.
 - ``cjv``: MRIQC ``cjv`` = (MAD_WM + MAD_GM) / |mu_WM - mu_GM| (Ganzetti et al. 2016, Front Neuroinform 10:10),
-  the MADs scaled by 1 / 0.6745 as MRIQC's (statsmodels') ``mad``.
+  the MADs scaled to a normal SD (scipy's ``median_abs_deviation(scale="normal")``, as MRIQC's statsmodels ``mad``).
 - ``efc``: MRIQC ``efc``, the entropy focus criterion (Atkinson et al. 1997, IEEE TMI 16(6):903) normalised by its
   maximum, over the brain's voxels (MRIQC's is over the whole field of view, which on a skull-stripped scan makes it
   depend on the grid's size).
@@ -21,7 +21,7 @@ set up (docs/qc.md, Image-quality measures). So these are this bundle's own code
   the high-passed brain at lags of at least ``ARTEFACT_MIN_LAG`` voxels, each lag normalised by its overlap; the lag
   of the peak is ``artefact_lag``. Not an MRIQC measure: MRIQC's ghost and artefact measures (GSR, Giannelli et al.
   2010; QI1, Mortamet et al. 2009) read the air around the head, which skull stripping removes. Why this one:
-  docs/qc.md, Image-quality measures.
+  (docs/qc.md, Image-quality measures).
 - ``brain_volume_ml``: the brain's volume (voxel count x voxel volume).
 
 MRIQC computes SNR, CNR, CJV and EFC on the N4-corrected image, and so does ``measure``. The three tissue classes
@@ -42,7 +42,6 @@ __all__ = ["ARTEFACT_MIN_LAG", "MEASURES", "artefact", "cjv", "cnr", "efc", "inu
 
 MEASURES = ("snr_wm", "cnr", "cjv", "efc", "inu", "artefact", "brain_volume_ml")
 CLASSES = ("gm", "wm", "csf")  # neonatal T2w, darkest to brightest
-MAD_SCALE = 0.6744897501960817  # the normal distribution's MAD / sigma (statsmodels' mad, which MRIQC uses)
 ARTEFACT_MIN_LAG = 6  # voxels: shorter lags are the anatomy's and the high-pass filter's own correlation
 ARTEFACT_MIN_OVERLAP = 0.2  # a lag counts where the brain overlaps its shifted copy by this share of its voxels
 ARTEFACT_SIGMA = 2.0  # voxels: the high-pass filter's Gaussian (keeps replicas and stripes, removes shading)
@@ -76,10 +75,6 @@ def snr(values: np.ndarray) -> float:
     return float(np.median(values) / (values.std() * math.sqrt(n / (n - 1))))
 
 
-def _mad(values: np.ndarray) -> float:
-    return float(np.median(np.abs(values - np.median(values))) / MAD_SCALE)
-
-
 def cnr(wm: np.ndarray, gm: np.ndarray) -> float:
     """MRIQC ``cnr`` without the air term: |median_WM - median_GM| / sqrt(std_WM^2 + std_GM^2)."""
     return float(abs(np.median(wm) - np.median(gm)) / math.sqrt(np.var(wm) + np.var(gm)))
@@ -87,7 +82,10 @@ def cnr(wm: np.ndarray, gm: np.ndarray) -> float:
 
 def cjv(wm: np.ndarray, gm: np.ndarray) -> float:
     """MRIQC ``cjv``: (MAD_WM + MAD_GM) / |median_WM - median_GM| (lower is better)."""
-    return float((_mad(wm) + _mad(gm)) / abs(np.median(wm) - np.median(gm)))
+    from scipy.stats import median_abs_deviation  # noqa: PLC0415
+
+    mad_wm, mad_gm = (float(median_abs_deviation(v, scale="normal")) for v in (wm, gm))
+    return float((mad_wm + mad_gm) / abs(np.median(wm) - np.median(gm)))
 
 
 def efc(values: np.ndarray) -> float:
@@ -134,13 +132,12 @@ def n4_log_field(image: np.ndarray, brain: np.ndarray, spacing: Sequence[float] 
     """N4's log bias field (SimpleITK ``N4BiasFieldCorrectionImageFilter``, MRIQC's iterations, the brain as mask,
     estimated on a ``N4_SHRINK``-times coarser grid, one thread: the same field each run) on the image's grid; the
     corrected image is ``image / exp(field)``."""
-    from scripts.runtime.registration import simpleitk  # noqa: PLC0415 (SimpleITK only where N4 runs)
+    from scripts.runtime.registration import from_array, simpleitk  # noqa: PLC0415 (SimpleITK only where N4 runs)
 
     sitk = simpleitk()
-    itk = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(image, (2, 1, 0)), dtype=np.float32))
-    itk.SetSpacing([float(s) for s in spacing])
-    mask = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(brain, (2, 1, 0)), dtype=np.uint8))
-    mask.CopyInformation(itk)
+    affine = np.diag([*(float(s) for s in spacing), 1.0])
+    itk = from_array(image, affine)
+    mask = sitk.Cast(from_array(brain, affine) > 0, sitk.sitkUInt8)
     n4 = sitk.N4BiasFieldCorrectionImageFilter()
     n4.SetMaximumNumberOfIterations(list(N4_ITERATIONS))
     n4.SetNumberOfThreads(1)
