@@ -17,7 +17,6 @@ import re
 import signal
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -159,36 +158,16 @@ def test_cancelled_task_resumes_and_the_final_stage_survives_cancel_and_kill(slu
     print(f"cancel, resubmit, cancel and kill in the final stage, resubmit: {time.monotonic() - start:.0f} s")
 
 
-TEARDOWN_ABORT = "terminate called without an active exception"
-TRAINER_DONE = "SupervisedTrainer - INFO - Engine run finished"
-
-
-def _aborted_after_training(log: str, ranks: int) -> bool:
-    """The known teardown abort (docs/scale.md, DDP training: docs/slurm_train.sh): every rank finished training,
-    then one aborted in the C++ teardown of torch.distributed, and srun ended the job."""
-    return TEARDOWN_ABORT in log and log.count(TRAINER_DONE) == ranks and \
-        log.index(TEARDOWN_ABORT) > log.rindex(TRAINER_DONE) and \
-        re.search(r"srun: error: .*: task \d+: Aborted", log) is not None
-
-
 def test_ddp_training_through_srun_equals_torchrun(slurm, cohort, ddp_trained, tmp_path):
     start = time.monotonic()
-    for attempt in (1, 2):
-        out = tmp_path / f"attempt{attempt}"  # a fresh folder: a retry cannot pass on the first job's files
-        out.mkdir()
-        env = dict(slurm.env, PYTHON=sys.executable, MASTER_PORT=str(free_port()))
-        proc = slurm.run("sbatch", "--export=ALL", "--wait", "--parsable", "--nodes=1", "--ntasks=2",
-                         "--cpus-per-task=1", "--mem=2G", "--time=00:30:00", f"--output={out / 'ddp-%j.log'}",
-                         "docs/slurm_train.sh", *ddp_training_args(cohort, out), env=env, cwd=ROOT, timeout=900,
-                         check=False)
-        job = proc.stdout.strip().split(";")[0]
-        log = (out / f"ddp-{job}.log").read_text(errors="replace")
-        if proc.returncode == 0 or attempt == 2 or not _aborted_after_training(log, ranks=2):
-            break
-        # once, and only for this exact failure after all training was done: resubmitted (it trains again from
-        # scratch in a new folder), and said in pytest's warnings summary; any other failure, or a second abort, fails
-        warnings.warn(f"job {job}: a rank aborted in torch.distributed's teardown after training (known issue, "
-                      "docs/scale.md): resubmitted once", stacklevel=1)
+    out = tmp_path / "ddp"
+    out.mkdir()
+    env = dict(slurm.env, PYTHON=sys.executable, MASTER_PORT=str(free_port()))
+    proc = slurm.run("sbatch", "--export=ALL", "--wait", "--parsable", "--nodes=1", "--ntasks=2", "--cpus-per-task=1",
+                     "--mem=2G", "--time=00:30:00", f"--output={out / 'ddp-%j.log'}", "docs/slurm_train.sh",
+                     *ddp_training_args(cohort, out), env=env, cwd=ROOT, timeout=900, check=False)
+    job = proc.stdout.strip().split(";")[0]
+    log = (out / f"ddp-{job}.log").read_text(errors="replace")
     assert proc.returncode == 0, proc.stderr + log[-6000:]
     seconds = time.monotonic() - start
     assert slurm.job_state(job) == "COMPLETED" and "Epoch[2] Complete" in log

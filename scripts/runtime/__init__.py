@@ -27,8 +27,8 @@ them before it evaluates anything of the config, so before this import can filte
 import warnings
 from importlib import import_module
 
-__all__ = ["checks", "consistency", "datalist", "errors", "explain", "handlers", "monitor", "network", "normalisation",
-           "outputs", "qc", "report", "transforms"]
+__all__ = ["checks", "consistency", "datalist", "distributed", "errors", "explain", "handlers", "monitor", "network",
+           "normalisation", "outputs", "qc", "report", "transforms"]
 
 warnings.filterwarnings("ignore", message=r"parsing config_file .* Only proceed if this config is from a source you "
                         r"trust", category=UserWarning)
