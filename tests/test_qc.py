@@ -304,3 +304,68 @@ def test_a_native_scan_is_refused_with_the_preprocessing_that_makes_it_pass(tmp_
     (passed,) = _rows(again / "predictions.csv").values()
     assert passed["qc_pass"] == "true" and passed["qc_advice"] == "" and not _rows(again / "skipped.csv"), passed
     assert not report_page(out, row["subject"]).exists()  # refused: no page, the index gives the reason
+
+
+def test_a_brain_of_the_wrong_size_is_flagged_with_its_size_and_what_to_check(tmp_path, cohort):
+    """``brain_volume`` (issue 39), with the shipped weights and network (the tiny one's template is a crop of the
+    brain, to which a whole small brain does not register): a brain scaled to 0.6x its size (0.216x its volume) is
+    registered by ``run inference`` with ``preprocess auto``, which scales it to the template's size, and is flagged
+    by the registration's determinant; so is the same scan with a header whose voxel size is 0.6 mm instead of 1 mm.
+    The reason gives the size, the advice says to check the header. The unchanged scan passes that measure."""
+    from scipy import ndimage
+
+    models = ROOT / "models"
+    reference = json.loads((models / REFERENCE).read_text())
+    assert reference["brain_volume_ml"] > 0 and reference["thresholds"]["brain_volume"] > 1
+    source = nib.load(str(cohort / load_split(cohort / "datalist.json", "test")[0]["image"]))
+    image = np.asarray(source.dataobj, dtype=np.float32)
+    small = ndimage.zoom(image, 0.6, order=1)
+    small[small < 0.5 * image[image > 0].min()] = 0  # the interpolated rim outside the brain stays background
+    shrunk = np.zeros_like(image)
+    corner = [(a - b) // 2 for a, b in zip(image.shape, small.shape, strict=True)]
+    shrunk[tuple(slice(c, c + s) for c, s in zip(corner, small.shape, strict=True))] = small
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    nib.save(nib.Nifti1Image(shrunk, source.affine), str(scans / "small_T2w.nii.gz"))
+    header = source.affine.copy()
+    header[:3, :3] *= 0.6
+    nib.save(nib.Nifti1Image(image, header), str(scans / "header_T2w.nii.gz"))
+    nib.save(nib.Nifti1Image(image, source.affine), str(scans / "clean_T2w.nii.gz"))
+    out = tmp_path / "out"
+    proc = run_bundle("inference", "configs/inference.json", "--dataset_dir", str(scans), "--ckpt_dir", str(models),
+                      "--output_dir", str(out), "--lrp_presets", "['a2b1']", "--preprocess", "auto",
+                      "--report", "false")
+    rows = _rows(out / "predictions.csv")
+    log = proc.stdout + proc.stderr
+    for name in ("small_T2w", "header_T2w"):
+        row = rows[name]
+        assert f"{name}.nii.gz: not registered to the template" in log
+        assert row["qc_pass"] == "false" and "brain_volume" in row["qc_failed"].split(";"), row
+        assert 1 / 0.3 < float(row["qc_brain_volume"]) < 1 / 0.15, row  # 1 / 0.216 = 4.6
+        assert "Check the header's voxel size" in row["qc_advice"], row
+        assert re.search(rf"{name}.nii.gz: input QC failed: .*brain volume 0\.[12]\dx the training brains' median "
+                         r"\(allowed 0\.\d+x-1\.\d+x\)", log), log[-3000:]
+    clean = rows["clean_T2w"]
+    assert "not registered" not in log.split("clean_T2w.nii.gz", 1)[-1][:100]
+    assert clean["qc_pass"] == "true" and float(clean["qc_brain_volume"]) < 1.1, clean
+
+
+def test_a_reference_written_before_brain_volume_loads_and_leaves_it_out(tmp_path, trained):
+    """Weights whose QC reference predates ``brain_volume`` keep working: the measure is not applied (no threshold,
+    no score), the others are."""
+    ckpt_dir, _ = trained
+    folder = tmp_path / "old"
+    shutil.copytree(ckpt_dir, folder)
+    content = json.loads((folder / REFERENCE).read_text())
+    for key in ("margins", "training_max", "thresholds"):
+        del content[key]["brain_volume"]
+    del content["brain_volume_ml"]
+    (folder / REFERENCE).write_text(json.dumps(content))
+    old = QCReference.load(folder)
+    assert "brain_volume" not in old.thresholds and old.brain_volume_ml is None
+    network, _ = _network(folder)
+    x = torch.zeros(1, *TINY_OVERRIDES["spatial_shape"])
+    x[0, 16:48, 12:36, 12:36] = 1.0
+    verdict = evaluate_input(old, network, x)
+    assert "brain_volume" not in verdict["scores"] and "brain_volume" not in verdict["failed"]
+    assert set(verdict["scores"]) == set(MEASURES) - {"brain_volume"}

@@ -1,12 +1,18 @@
 """Input quality control: does the network input look like a registered neonatal T2w brain of the training
 population, and do the network's own features say the same?
 
-Five measures on the network input (after the config's preprocessing) and on the penultimate-layer features,
-each a *badness* (larger is worse):
+Six measures on the network input (after the config's preprocessing), the scan's brain volume and the
+penultimate-layer features, each a *badness* (larger is worse):
 
 ``similarity``        1 - normalised cross-correlation with the mean training input (both at 8 mm)
 ``outside_brain``     share of the input's non-zero voxels that lie outside the training brain region (4 mm)
 ``missing_brain``     share of the training brain region the input leaves empty (4 mm)
+``brain_volume``      how many times smaller or larger (>= 1) the scan's brain is than the training brains' median,
+                      in the scan's own world (``reference.brain_ratio`` of what ``CentredGridd`` records: a
+                      skull-stripped scan's voxels times their volume, or, for a scan it registers, the volume scale of
+                      the registration to the template, the training brains' mean). Registration scales every brain
+                      to the template, so the other measures cannot see a brain of the wrong size (not a
+                      term-equivalent neonate) or a header with the wrong voxel size
 ``intensity``         largest |z| of the skewness, 1st and 99th percentile of the brain interior's intensities
                       (``reference.intensity_stats``: the non-zero voxels at least ``INTENSITY_EROSION`` voxels from
                       the background, whose partial-volume edge depends on the grid a scan was resampled to) against
@@ -49,12 +55,15 @@ from ignite.engine import Engine, Events
 
 from scripts.runtime.outputs import SKIPPED_COLUMNS, CrashSafeTable, source_file
 from scripts.runtime.reference import (
+    ADDED_MEASURES,
+    BRAIN_VOLUME,
     MARGINS,
     MEASURES,
     REFERENCE,
     SIMILARITY_REDUCTION,
     UNRECORDED,
     QCReference,
+    brain_ratio,
     fingerprint,
     intensity_stats,
     network_features,
@@ -64,7 +73,8 @@ from scripts.runtime.reference import (
 )
 from scripts.runtime.visual import plural
 
-__all__ = ["COLUMNS", "POLICIES", "QCHandler", "QCReferenceWriter", "advice", "build_reference", "check_policy",
+__all__ = ["COLUMNS", "POLICIES", "QCHandler", "QCReferenceWriter", "advice", "build_reference",
+           "check_policy",
            "evaluate_input", "failure_reason", "load_thresholds", "qc_row", "score_text"]
 
 logger = logging.getLogger(__name__)
@@ -97,9 +107,12 @@ _CONTRAST = ("Check the intensities: a T2w scan (not T1w or another sequence; CS
 _FEATURES = ("The network's own features are unlike every training subject's: check that this is a "
              "term-equivalent neonatal T2w from a scanner and protocol like the training data, and do not trust "
              "its prediction without review.")
+_SIZE = ("Check the header's voxel size (the brain's volume is read through it). A brain of this size is not a "
+         "term-equivalent neonate's (about 36-45 weeks), whom the model was trained on: do not trust its prediction.")
 ADVICE = {"similarity": (_REGISTER, _ORIENTATION, _CONTRAST), "outside_brain": (_REGISTER,),
-          "missing_brain": (_REGISTER, _COVERAGE), "intensity": (_CONTRAST,), "feature_distance": (_FEATURES,)}
-_ORDER = (_REGISTER, _ORIENTATION, _COVERAGE, _CONTRAST, _FEATURES)  # the order pieces of advice are given in
+          "missing_brain": (_REGISTER, _COVERAGE), "brain_volume": (_SIZE,), "intensity": (_CONTRAST,),
+          "feature_distance": (_FEATURES,)}
+_ORDER = (_SIZE, _REGISTER, _ORIENTATION, _COVERAGE, _CONTRAST, _FEATURES)  # the order pieces of advice are given in
 
 
 def advice(failed: Sequence[str], image: str | os.PathLike | None = None) -> str:
@@ -112,24 +125,31 @@ def advice(failed: Sequence[str], image: str | os.PathLike | None = None) -> str
     return text.replace(SCAN_PLACEHOLDER, json.dumps(str(image))[1:-1]) if image else text
 
 
-def score_text(measure: str, score: float, threshold: float | None = None) -> str:
-    """``similarity 0.412 (max 0.571)``: a score beside the threshold it must not exceed."""
+def score_text(measure: str, score: float, threshold: float | None = None, ratio: float | None = None) -> str:
+    """``similarity 0.412 (max 0.571)``: a score beside the threshold it must not exceed; ``brain_volume`` with the
+    ratio of the scan's brain to the training median where known (``ratio``): ``brain volume 0.6x the training
+    brains' median (allowed 0.79x-1.3x)``."""
+    if measure == "brain_volume" and ratio is not None:  # the score is a fold (>= 1); the ratio says which way
+        allowed = f" (allowed {1 / threshold:.2g}x-{threshold:.2g}x)" if threshold is not None else ""
+        return f"brain volume {ratio:.2g}x the training brains' median{allowed}"
     return f"{measure} {score:.3g}" + (f" (max {threshold:.3g})" if threshold is not None else "")
 
 
 def failure_reason(failed: Sequence[str], scores: dict, thresholds: dict,
-                   image: str | os.PathLike | None = None) -> str:
+                   image: str | os.PathLike | None = None, ratio: float | None = None) -> str:
     """The reason a subject fails QC, as the warning and ``skipped.csv`` give it: the failed measures beside their
     thresholds, then what to do."""
-    return ("input QC failed: " + ", ".join(score_text(m, scores[m], thresholds.get(m)) for m in failed) + ". "
-            + advice(failed, image))
+    return ("input QC failed: " + ", ".join(score_text(m, scores[m], thresholds.get(m), ratio) for m in failed)
+            + ". " + advice(failed, image))
+
 
 
 def load_thresholds(folder: str | os.PathLike) -> dict[str, float] | None:
     """The thresholds of the QC reference in ``folder`` (its JSON only); None without a readable one."""
     try:
         content = json.loads((Path(folder) / REFERENCE).read_text())
-        return {m: float(content["thresholds"][m]) for m in MEASURES}
+        return {m: float(content["thresholds"][m]) for m in MEASURES
+                if m not in ADDED_MEASURES or m in content["thresholds"]}
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -149,6 +169,8 @@ def build_reference(network: torch.nn.Module, inputs: Sequence, labels: Sequence
     network.eval()
     device = next(network.parameters()).device
     volumes, feats = [], []
+    brains = [getattr(image, "meta", {}).get(BRAIN_VOLUME) for image in inputs]  # the training scans' volumes (mL)
+    brains = np.asarray(brains, dtype=np.float64) if all(b is not None for b in brains) else None
     try:
         for image in inputs:
             x = torch.as_tensor(image).as_subclass(torch.Tensor)[None].to(device=device, dtype=torch.float32)
@@ -173,7 +195,8 @@ def build_reference(network: torch.nn.Module, inputs: Sequence, labels: Sequence
         return QCReference(reduced[keep].mean(0), occupancy > 0.5, affine, stats[keep].mean(0),
                            stats[keep].std(0) + 1e-6, class_means, np.linalg.inv(cov + shrink * np.eye(len(cov))),
                            training_max={}, margins=dict(margins or MARGINS), fingerprint=weights,
-                           subjects=int(keep.sum()), normalisation=normalisation)
+                           subjects=int(keep.sum()), normalisation=normalisation,
+                           brain_volume_ml=float(np.median(brains[keep])) if brains is not None else None)
 
     everyone = np.ones(len(volumes), dtype=bool)
     reference = fit(everyone)
@@ -183,9 +206,12 @@ def build_reference(network: torch.nn.Module, inputs: Sequence, labels: Sequence
     for i in range(len(volumes)):
         others = everyone.copy()
         others[i] = False
-        scores.append(fit(others).measure(volumes[i], feats[i]))
-    reference.training_max = {m: max(s[m] for s in scores) for m in MEASURES}
-    reference.thresholds = {m: reference.training_max[m] * reference.margins[m] for m in MEASURES}
+        loo = fit(others)
+        ratio = brains[i] / loo.brain_volume_ml if brains is not None else None
+        scores.append(loo.measure(volumes[i], feats[i], ratio))
+    measured = [m for m in MEASURES if m in scores[0]]  # brain_volume needs the inputs' BRAIN_VOLUME
+    reference.training_max = {m: max(s[m] for s in scores) for m in measured}
+    reference.thresholds = {m: reference.training_max[m] * reference.margins[m] for m in measured}
     return reference
 
 
@@ -194,7 +220,7 @@ def qc_row(verdict: dict | None) -> dict:
     if not verdict:
         return dict.fromkeys(COLUMNS, "")
     return {"qc_pass": str(verdict["pass"]).lower(), "qc_failed": ";".join(verdict["failed"]),
-            **{f"qc_{m}": f"{verdict['scores'][m]:.6g}" for m in MEASURES},
+            **{f"qc_{m}": f"{verdict['scores'][m]:.6g}" if m in verdict["scores"] else "" for m in MEASURES},
             "qc_advice": verdict.get("advice") or advice(verdict["failed"])}
 
 
@@ -292,17 +318,16 @@ class QCHandler:
         for i, item in enumerate(items):
             subject, source = source_file(item, self.image_key)
             volume = torch.as_tensor(item[self.image_key])[0].cpu().numpy()
-            scores = self.reference.measure(volume, features[i])
-            passed, failed = self.reference.verdict(scores)
-            verdict = {"pass": passed, "failed": failed, "scores": scores,
-                       "thresholds": dict(self.reference.thresholds), "advice": advice(failed, source),
-                       "refused": not passed and self.policy == "refuse"}
+            ratio = brain_ratio(item[self.image_key], self.reference.brain_volume_ml)
+            verdict = _verdict(self.reference, volume, features[i], ratio, source)
+            verdict["refused"] = not verdict["pass"] and self.policy == "refuse"
+            passed, failed, scores = verdict["pass"], verdict["failed"], verdict["scores"]
             engine.state.qc[subject] = verdict
             if passed:
                 if self.skipped is not None:
                     self.skipped.rows.pop((subject,), None)  # refused by an earlier run, passes now
                 continue
-            reason = failure_reason(failed, scores, self.reference.thresholds, source)
+            reason = failure_reason(failed, scores, self.reference.thresholds, source, verdict["brain_ratio"])
             logger.warning("%s%s: %s", source, " (refused)" if verdict["refused"] else "", reason)
             if verdict["refused"] and self.skipped is not None:
                 self.skipped.add({"subject": subject, "image": source, "reason": reason})
@@ -318,7 +343,14 @@ def evaluate_input(reference: QCReference | None, network: torch.nn.Module, imag
         return None
     x = torch.as_tensor(image).as_subclass(torch.Tensor)[None].to(next(network.parameters()).device, torch.float32)
     features, _ = network_features(network, x)
-    scores = reference.measure(x[0, 0].cpu().numpy(), features[0])
+    return _verdict(reference, x[0, 0].cpu().numpy(), features[0], brain_ratio(image, reference.brain_volume_ml))
+
+
+def _verdict(reference: QCReference, volume: np.ndarray, features: np.ndarray, ratio: float | None,
+             source: str | None = None) -> dict:
+    """One input's verdict: ``pass``, ``failed``, ``scores``, ``thresholds``, ``advice`` and ``brain_ratio`` (its
+    brain's volume over the training brains' median, ``reference.brain_ratio``; None where unknown)."""
+    scores = reference.measure(volume, features, ratio if "brain_volume" in reference.thresholds else None)
     passed, failed = reference.verdict(scores)
     return {"pass": passed, "failed": failed, "scores": scores, "thresholds": dict(reference.thresholds),
-            "advice": advice(failed)}
+            "advice": advice(failed, source), "brain_ratio": ratio}

@@ -1,7 +1,7 @@
 """What training writes beside the weights to check and to register the inputs, and how it is read back.
 
 ``QCReference``    the input QC's picture of the training population (``qc_reference.json``, ``qc_mean_image.nii.gz``,
-                   ``qc_brain_region.nii.gz``) and the five measures against it; the policy, the advice and the
+                   ``qc_brain_region.nii.gz``) and the six measures against it; the policy, the advice and the
                    handlers that apply it are in scripts/runtime/qc.py, which also documents the measures
 ``Template``       the registration target of native scans (``template_T2w.nii.gz``, ``template_mask.nii.gz``,
                    written by ``save_template``) with the QC reference whose ``similarity`` / ``outside_brain``
@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,15 +29,18 @@ from scipy import ndimage
 
 from scripts.runtime.outputs import atomic_write_text, save_nifti
 
-__all__ = ["INTENSITY_EROSION", "MARGINS", "MEASURES", "MEAN_IMAGE", "REDUCTION", "REFERENCE", "REGION",
-           "SIMILARITY_REDUCTION", "TEMPLATE_IMAGE", "TEMPLATE_MASK", "QCReference", "Template", "fingerprint",
-           "intensity_stats", "UNRECORDED", "missing_template", "network_features", "penultimate",
-           "recorded_normalisation", "reduce", "save_template", "weights_normalisation"]
+__all__ = ["ADDED_MEASURES", "BRAIN_VOLUME", "INTENSITY_EROSION", "MARGINS", "MEAN_IMAGE", "MEASURES", "REDUCTION",
+           "REFERENCE", "REGION", "REGISTRATION_SCALE", "SIMILARITY_REDUCTION", "TEMPLATE_IMAGE", "TEMPLATE_MASK",
+           "UNRECORDED", "QCReference", "Template", "brain_ratio", "fingerprint", "intensity_stats",
+           "missing_template", "network_features", "penultimate", "recorded_normalisation", "reduce", "save_template",
+           "volume_fold", "weights_normalisation"]
 
 logger = logging.getLogger(__name__)
-MEASURES = ("similarity", "outside_brain", "missing_brain", "intensity", "feature_distance")
+MEASURES = ("similarity", "outside_brain", "missing_brain", "brain_volume", "intensity", "feature_distance")
+# measures a reference written before them lacks: not applied with it (rebuild it: train.json's run id qc_reference)
+ADDED_MEASURES = ("brain_volume",)
 # threshold = training maximum x margin; documented in (docs/qc.md, thresholds)
-MARGINS = {"similarity": 1.2, "outside_brain": 2.0, "missing_brain": 2.0, "intensity": 1.5,
+MARGINS = {"similarity": 1.2, "outside_brain": 2.0, "missing_brain": 2.0, "brain_volume": 1.2, "intensity": 1.5,
            "feature_distance": 1.5}
 # the intensity measure reads the brain's interior: the non-zero voxels at least this many voxels (6-connected) from the
 # zero background. The edge's partial-volume voxels depend on the grid the scan was resampled to and on the skull
@@ -46,6 +50,10 @@ INTENSITY_EROSION = 2
 REDUCTION = 4  # voxels per side of the grid of the brain-region measures (4 mm at 1 mm)
 SIMILARITY_REDUCTION = 8  # and of the similarity (8 mm: anatomy, not subject-specific detail)
 REFERENCE = "qc_reference.json"
+# meta keys of a network input (CentredGridd), for ``brain_volume``: a skull-stripped scan's brain volume in mL in its
+# own world; a scan registered by the preprocessing: the volume scale of the registration (template -> scan)
+BRAIN_VOLUME = "brain_volume_ml"
+REGISTRATION_SCALE = "registration_volume_scale"
 MEAN_IMAGE = "qc_mean_image.nii.gz"
 REGION = "qc_brain_region.nii.gz"
 TEMPLATE_IMAGE = "template_T2w.nii.gz"
@@ -103,6 +111,24 @@ def network_features(network: torch.nn.Module, images: torch.Tensor) -> tuple[np
     return captured["f"].detach().float().cpu().numpy().reshape(len(images), -1), logits
 
 
+def volume_fold(ratio: float) -> float:
+    """``brain_volume``: how many times larger or smaller a brain is than the reference, from the ratio of their
+    volumes (>= 1: 0.6 and 1 / 0.6 both give 1.67); infinite for an empty brain."""
+    ratio = float(ratio)
+    return max(ratio, 1.0 / ratio) if ratio > 0 else math.inf
+
+
+def brain_ratio(image, reference_ml: float | None) -> float | None:
+    """A network input's brain volume over the training brains' median ``reference_ml``, from the metadata the
+    preprocessing wrote (``REGISTRATION_SCALE`` as it is, or ``BRAIN_VOLUME`` / ``reference_ml``); None where
+    either is unknown."""
+    meta = getattr(image, "meta", None) or {}
+    for key, over in ((REGISTRATION_SCALE, 1.0), (BRAIN_VOLUME, reference_ml)):
+        if meta.get(key) is not None and over:
+            return float(torch.as_tensor(meta[key]).reshape(-1)[0]) / over
+    return None
+
+
 def fingerprint(network: torch.nn.Module) -> str:
     """Short hash of the last layer's weights: tells which trained model a reference belongs to (``model.pt``
     and the ``model.ts`` exported from it share it)."""
@@ -128,6 +154,7 @@ class QCReference:
     subjects: int = 0
     normalisation: str = UNRECORDED  # of the network inputs (scripts/runtime/normalisation.py)
     intensity_erosion: int = INTENSITY_EROSION  # of intensity_stats; a reference without the field: 0 (before 0.9.0)
+    brain_volume_ml: float | None = None  # the training brains' median volume (mL); None: a reference without it
 
     def fits(self, shape) -> bool:
         """Whether a network input of (D, H, W) ``shape`` is on the grid this reference was written for."""
@@ -148,9 +175,12 @@ class QCReference:
         return {"similarity": 1.0 - _ncc(reduced, self.mean_image),
                 "outside_brain": float((occupancy * ~self.region).sum() / filled) if filled else 1.0}
 
-    def measure(self, volume: np.ndarray, features: np.ndarray) -> dict:
-        """Every measure of one (D, H, W) network input and its (F,) features."""
+    def measure(self, volume: np.ndarray, features: np.ndarray, brain_ratio: float | None = None) -> dict:
+        """Every measure of one (D, H, W) network input and its (F,) features; ``brain_volume`` only with
+        ``brain_ratio``, the scan's brain volume over the training brains' median (``brain_ratio``)."""
         scores = self.registration_scores(volume)
+        if brain_ratio is not None:
+            scores["brain_volume"] = volume_fold(brain_ratio)
         occupancy = reduce((volume != 0).astype(np.float32))
         z = np.abs(intensity_stats(volume, self.intensity_erosion) - self.intensity_mean) / self.intensity_std
         diff = features[None, :] - self.class_means
@@ -170,7 +200,8 @@ class QCReference:
         return True
 
     def verdict(self, scores: dict) -> tuple[bool, list[str]]:
-        failed = [m for m in MEASURES if not scores[m] <= self.thresholds[m]]  # NaN fails
+        # NaN fails; a measure without a score (brain_volume without the scan's volume) or threshold is not applied
+        failed = [m for m in MEASURES if m in scores and m in self.thresholds and not scores[m] <= self.thresholds[m]]
         return not failed, failed
 
     # -- files next to the weights ------------------------------------------------------------------------------
@@ -184,7 +215,7 @@ class QCReference:
                            "its measures documented in scripts/runtime/qc.py); a subject fails "
                            "a measure when it exceeds thresholds[measure]; thresholds = training_max x margins",
             "fingerprint": self.fingerprint, "subjects": self.subjects, "normalisation": self.normalisation,
-            "intensity_erosion": self.intensity_erosion,
+            "intensity_erosion": self.intensity_erosion, "brain_volume_ml": self.brain_volume_ml,
             "input_affine": self.affine.tolist(),
             "margins": self.margins, "training_max": self.training_max, "thresholds": self.thresholds,
             "intensity_mean": self.intensity_mean.tolist(), "intensity_std": self.intensity_std.tolist(),
@@ -203,14 +234,17 @@ class QCReference:
             content = json.loads(path.read_text())
             mean = nib.load(str(Path(folder) / content["mean_image"]))
             region = np.asarray(nib.load(str(Path(folder) / content["brain_region"])).dataobj) > 0
-            margins = {m: float(content["margins"][m]) for m in MEASURES}
-            training_max = {m: float(content["training_max"][m]) for m in MEASURES}
-            thresholds = {m: float(content["thresholds"][m]) for m in MEASURES}
+            applied = [m for m in MEASURES if m not in ADDED_MEASURES or m in content["thresholds"]]
+            margins = {m: float(content["margins"][m]) for m in applied}
+            training_max = {m: float(content["training_max"][m]) for m in applied}
+            thresholds = {m: float(content["thresholds"][m]) for m in applied}
+            brain = content.get("brain_volume_ml")
             return cls(np.asarray(mean.dataobj, dtype=np.float32), region, np.asarray(content["input_affine"]),
                        np.asarray(content["intensity_mean"]), np.asarray(content["intensity_std"]),
                        np.asarray(content["class_means"]), np.asarray(content["precision"]), training_max,
                        margins, thresholds, content.get("fingerprint", ""), int(content.get("subjects", 0)),
-                       str(content.get("normalisation", UNRECORDED)), int(content.get("intensity_erosion", 0)))
+                       str(content.get("normalisation", UNRECORDED)), int(content.get("intensity_erosion", 0)),
+                       float(brain) if brain is not None else None)
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{path}: not a readable QC reference ({type(err).__name__}: {err}); recreate it with "
                              "the training command or delete it (QC is then off)") from err

@@ -46,7 +46,7 @@ from monai.data import MetaTensor
 from monai.transforms import GaussianSmooth, InvertibleTransform, MapTransform, RandomizableTransform, SpatialResample
 from scipy import ndimage
 
-from scripts.runtime.reference import Template, missing_template
+from scripts.runtime.reference import BRAIN_VOLUME, REGISTRATION_SCALE, Template, missing_template
 from scripts.runtime.registration import affine_to_template
 
 __all__ = ["PREPROCESS", "REGISTERED", "CentredGridd", "MaskedGaussianSmoothd", "RandAcquiredGridd", "RandMaskJitterd",
@@ -140,8 +140,21 @@ class CentredGridd(MapTransform, InvertibleTransform):
                 # (the input keeps its affine in the scan's world: maps saved with it overlay the native scan)
                 out = out * torch.as_tensor(self._template.mask[None], device=out.device).to(out.dtype)
             out.meta[REGISTERED] = template is not None
+            out.meta[REGISTRATION_SCALE if template is not None else BRAIN_VOLUME] = self._brain_volume(image, template)
             d[key] = out
         return d
+
+    def _brain_volume(self, image: MetaTensor, template: torch.Tensor | None) -> float:
+        """For input QC's ``brain_volume``, how large the scan's brain is in its own world: for a skull-stripped scan,
+        its volume in mL (non-zero voxels times their volume from the header: ``BRAIN_VOLUME``); for a scan
+        registered here, the registration's volume scale, the determinant of its affine (``REGISTRATION_SCALE``: the
+        template is the training brains' mean, so this is the scan's brain over theirs). Registration scales every
+        brain to the template's size, so only this says how large the scan's brain was."""
+        if template is not None:
+            scale = float(np.linalg.det(np.asarray(template, dtype=np.float64)[:3, :3]))
+            return abs(scale / float(np.linalg.det(np.asarray(self._template.affine, dtype=np.float64)[:3, :3])))
+        voxels = float((image.as_tensor()[0] != 0).sum())
+        return voxels * abs(float(np.linalg.det(np.asarray(image.affine, dtype=np.float64)[:3, :3]))) / 1000.0
 
     def _register_to(self, image: MetaTensor, centred: torch.Tensor) -> torch.Tensor | None:
         """The network grid's affine in the scan's world when the scan is to be registered, else None."""
