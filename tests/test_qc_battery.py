@@ -77,7 +77,7 @@ def test_the_battery_writes_its_table_resumes_and_refuses_the_evaluation_cohort(
     out = tmp_path / "battery"
     args = ["--datalist", str(cohort / "datalist.json"), "--split", "test", "--subjects", "2",
             "--corruptions", "noise", "zoom", "--strengths", "1", "--ckpt_dir", str(ckpt_dir),
-            "--override", json.dumps(TINY_OVERRIDES), "--output", str(out)]
+            "--override", json.dumps(TINY_OVERRIDES), "--output", str(out), "--work_dir", str(tmp_path / "work")]
     assert qc_battery.main([*args, "--no-iqm"]) == 0
     rows = list(csv.DictReader((out / "battery.csv").open()))
     assert sorted((r["corruption"], r["strength"]) for r in rows) == sorted(
@@ -89,7 +89,8 @@ def test_the_battery_writes_its_table_resumes_and_refuses_the_evaluation_cohort(
     assert all(float(r["abs_delta"]) == 0 and r["qc_pass"] == "true" for r in clean), clean
     text = (out / "battery.md").read_text()
     assert "python -m scripts.evaluation.qc_battery --datalist" in text and "| zoom | 1.1 | 2 |" in text
-    assert not list((out / "inputs").glob("*.nii.gz"))  # the corrupted scans are not kept
+    assert not list((tmp_path / "work" / "inputs").glob("*.nii.gz"))  # the corrupted scans are not kept
+    assert sorted(p.name for p in out.iterdir()) == ["battery.csv", "battery.md"]
 
     # a rerun with one more corruption measures only what is missing (the rows already there stay as they were)
     before = (out / "battery.csv").read_text()

@@ -185,9 +185,9 @@ def _measure(measurer: Measurer, path: Path, with_iqm: bool) -> dict:
 
 def measure_subject(item: dict, index: int, measurer: Measurer, work: Path, grid: list[tuple[str, float]],
                     with_iqm: bool = True, seed: int = 0) -> list[dict]:
-    """The battery's rows of one subject: the clean scan (``none``) and each (corruption, strength) of ``grid``; the
-    corrupted scans are written under ``work/inputs``. Each corruption and strength draws from its own random
-    stream, so a row does not depend on which others are measured."""
+    """The battery's rows of one subject: the clean scan (``none``) and each (corruption, strength) of ``grid``; each
+    corrupted scan is written under ``work/inputs`` while it is measured. Each corruption and strength draws from its
+    own random stream, so a row does not depend on which others are measured."""
     image = nib.load(item["image"])
     data = np.asarray(image.dataobj, dtype=np.float32)
     subject = item.get("subject") or subject_name(item["image"])
@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m scripts.evaluation.qc_battery", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_output_option(parser, "runs/qc_battery", "battery.csv and battery.md")
+    parser.add_argument("--work_dir", default="runs/qc_battery",
+                        help="the corrupted scans while they are measured (default: %(default)s, from the current "
+                             "folder; each is removed once measured)")
     parser.add_argument("--datalist", required=True,
                         help="a tuning cohort's datalist (python -m scripts.data.cohorts --cohort robustness)")
     parser.add_argument("--split", default="all", help="its split to use (default: %(default)s)")
@@ -277,7 +280,7 @@ def main(argv=None) -> int:
         if not missing and (subject, "none", "0") in table.rows:
             logger.info("%s: in %s already", subject, table.path)
             continue
-        for row in measure_subject(item, index, measurer, output, missing, args.iqm, args.seed):
+        for row in measure_subject(item, index, measurer, Path(args.work_dir), missing, args.iqm, args.seed):
             table.add({**row, "strength": str(row["strength"])})
         table.save()
         logger.info("%s: %d scans measured", subject, len(missing) + 1)
@@ -287,8 +290,11 @@ def main(argv=None) -> int:
     ckpt = measurer.ckpt.resolve()
     shown = ckpt.relative_to(BUNDLE_ROOT) if ckpt.is_relative_to(BUNDLE_ROOT) else ckpt
     weights = f"`{shown}` (sha256 `{measurer.sha256()[:12]}`)"
-    subjects = f"{len(items)} of the {args.split} split of {args.datalist}"
-    command = shlex.join(["python", "-m", "scripts.evaluation.qc_battery", *(sys.argv[1:] if argv is None else argv)])
+    datalist = Path(args.datalist).resolve()
+    shown_list = datalist.relative_to(BUNDLE_ROOT) if datalist.is_relative_to(BUNDLE_ROOT) else datalist
+    subjects = f"{len(items)} of the {args.split} split of `{shown_list}`"
+    given = [str(shown_list) if a == args.datalist else a for a in (sys.argv[1:] if argv is None else argv)]
+    command = shlex.join(["python", "-m", "scripts.evaluation.qc_battery", *given])
     print(write_outputs(rows, output, command, weights, subjects))
     return 0
 
