@@ -63,13 +63,14 @@ def test_each_corruption_does_what_it_says_at_a_known_strength():
 
 
 def test_summary_applies_the_goals_per_strength():
-    def row(corruption, delta, qc_pass, flip=False):
-        return {"corruption": corruption, "strength": "1", "abs_delta": delta, "qc_pass": qc_pass, "flip": str(flip)}
-    rows = [row("a", 0.3, "false"), row("a", 0.2, "false"), row("a", 0.05, "true"),  # moves, 67 % flagged: not met
-            row("b", 0.01, "true"), row("b", 0.6, "true", flip=True), row("b", 0.02, "true"),  # an unflagged flip
-            row("c", 0.01, "true"), row("c", 0.02, "true"), row("c", 0.03, "true")]  # does not move: met
-    goals = {r["corruption"]: (r["goal"], r["unflagged_flips"], r["flagged"]) for r in summary(rows)}
-    assert goals == {"a": ("NOT met", 0, "67 %"), "b": ("NOT met", 1, "0 %"), "c": ("met", 0, "0 %")}
+    def row(corruption, before, after, qc_pass):
+        return {"corruption": corruption, "strength": "1", "prob_before": before, "prob_after": after,
+                "abs_delta": abs(after - before), "qc_pass": qc_pass}
+    rows = [row("a", 0.1, 0.4, "false"), row("a", 0.1, 0.3, "false"), row("a", 0.1, 0.15, "true"),  # moves, 67 %
+            row("b", 0.1, 0.11, "true"), row("b", 0.1, 0.7, "true"), row("b", 0.9, 0.88, "true"),  # unflagged flip
+            row("c", 0.45, 0.55, "true"), row("c", 0.9, 0.92, "true"), row("c", 0.2, 0.23, "true")]  # 0.45: no flip
+    goals = {r["corruption"]: (r["goal"], r["flips"], r["unflagged_flips"], r["flagged"]) for r in summary(rows)}
+    assert goals == {"a": ("NOT met", 0, 0, "67 %"), "b": ("NOT met", 1, 1, "0 %"), "c": ("met", 0, 0, "0 %")}
 
 
 def test_the_battery_writes_its_table_resumes_and_refuses_the_evaluation_cohort(tmp_path, cohort, trained, capsys):

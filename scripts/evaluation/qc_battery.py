@@ -9,9 +9,11 @@ Each subject's scan (a tuning cohort's: the command refuses the evaluation cohor
 is corrupted as a scanner or a pipeline might (``CORRUPTIONS``, each at its strengths, weakest first) and read
 through the deployed path (``scripts.evaluation.robustness.Measurer``: inference.json's preprocessing, ``preprocess``
 as configured, the weights and the QC reference beside them). Per scan: p(preterm) as given and corrupted, |delta p|,
-a decision flip (p on the other side of 0.5), the QC verdict and every QC score (``qc_<measure>``) and the
-image-quality measures of the corrupted scan before any normalisation (``iqm_<measure>``, scripts/runtime/iqm.py;
-``--no-iqm`` leaves them out, about 6 s per scan). The clean scan is measured too (corruption ``none``).
+a decision flip (p on the other side of 0.5, counted where the clean scan's p is more than ``CONFIDENT``, 0.1, from
+it, as in scripts/evaluation/robustness.py: a subject at 0.49 changes side under any change), the QC verdict and
+every QC score (``qc_<measure>``) and the image-quality measures of the corrupted scan before any normalisation
+(``iqm_<measure>``, scripts/runtime/iqm.py; ``--no-iqm`` leaves them out, about 6 s per scan). The clean scan is
+measured too (corruption ``none``).
 
 Writes ``battery.csv`` (one row per subject, corruption and strength; rewritten after every subject, so a killed run
 resumes where it stopped: rows already there are kept and not measured again) and ``battery.md`` (per corruption
@@ -36,7 +38,7 @@ from scipy import ndimage
 
 from scripts import BUNDLE_ROOT
 from scripts.evaluation.cli import add_model_options, add_output_option
-from scripts.evaluation.robustness import Measurer
+from scripts.evaluation.robustness import CONFIDENT, Measurer
 from scripts.evaluation.tables import markdown_table
 from scripts.runtime import iqm
 from scripts.runtime.datalist import load_split
@@ -45,7 +47,7 @@ from scripts.runtime.outputs import CrashSafeTable, atomic_write_text, save_nift
 from scripts.runtime.qc import evaluate_input
 from scripts.runtime.reference import MEASURES
 
-__all__ = ["CORRUPTIONS", "FLAGGED", "MOVES", "corrupt", "measure_subject", "summary"]
+__all__ = ["CORRUPTIONS", "FLAGGED", "MOVES", "corrupt", "flipped", "measure_subject", "summary"]
 
 logger = logging.getLogger(__name__)
 
@@ -201,9 +203,14 @@ def measure_subject(item: dict, index: int, measurer: Measurer, work: Path, grid
         after = _measure(measurer, path, with_iqm)
         rows.append({**base, **after, "corruption": name, "strength": f"{strength:g}",
                      "abs_delta": abs(after["prob_after"] - clean["prob_after"]),
-                     "flip": (after["prob_after"] > 0.5) != (clean["prob_after"] > 0.5)})
+                     "flip": flipped(clean["prob_after"], after["prob_after"])})
         path.unlink()  # the inputs are rewritten from the seed on a rerun; only the table is kept
     return rows
+
+
+def flipped(before: float, after: float) -> bool:
+    """A decision flip: p on the other side of 0.5, for a clean scan more than ``CONFIDENT`` from it."""
+    return abs(float(before) - 0.5) > CONFIDENT and (float(before) > 0.5) != (float(after) > 0.5)
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -215,7 +222,7 @@ def summary(rows: list[dict]) -> list[dict]:
         mine = [r for r in rows if r["corruption"] == name and str(r["strength"]) == strength]
         deltas = np.asarray([float(r["abs_delta"]) for r in mine])
         flagged = [r["qc_pass"] == "false" for r in mine]
-        flips = [str(r["flip"]) == "True" for r in mine]
+        flips = [flipped(r["prob_before"], r["prob_after"]) for r in mine]
         missed = sum(f and not g for f, g in zip(flips, flagged, strict=True))
         rate = float(np.mean(flagged)) if mine else 0.0
         moves = float(np.median(deltas)) > MOVES
@@ -284,6 +291,9 @@ def main(argv=None) -> int:
             table.add({**row, "strength": str(row["strength"])})
         table.save()
         logger.info("%s: %d scans measured", subject, len(missing) + 1)
+    for row in table.rows.values():  # the flip rule as this version counts it, also for rows of an earlier run
+        row["flip"] = str(flipped(row["prob_before"], row["prob_after"]))
+    table.save()
     rows = [table.rows[key] for key in sorted(table.rows)]
     order = {name: i for i, name in enumerate(["none", *CORRUPTIONS])}
     rows.sort(key=lambda r: (order.get(r["corruption"], 99), float(r["strength"] or 0), r["subject"]))
